@@ -1,0 +1,1 @@
+"""slimfx: a graph-rewriting compiler for efficient neural networks in PyTorch."""

@@ -1,0 +1,100 @@
+"""Capture: torch.fx symbolic tracing plus shape propagation into an ``ir.Graph``."""
+from __future__ import annotations
+
+from typing import Any, Iterable, Sequence
+
+import torch
+import torch.fx as fx
+
+from slimfx.errors import CaptureError
+from slimfx.ir.graph import Graph
+from slimfx.ir.source import exception_source_line
+
+LeafSpec = type | str
+
+
+class SlimfxTracer(fx.Tracer):
+    """fx Tracer keeping standard ``torch.nn`` layers whole, plus user-chosen leaf modules.
+
+    ``leaf_modules`` holds module classes or module paths (``"layer1.0"``). The tracer also
+    remembers the innermost module being traced when tracing fails, for the error message.
+    """
+
+    def __init__(self, leaf_modules: Iterable[LeafSpec] = ()):
+        super().__init__()
+        self.record_stack_traces = True
+        leaves = list(leaf_modules)
+        self.leaf_types = tuple(t for t in leaves if isinstance(t, type))
+        self.leaf_paths = frozenset(p for p in leaves if isinstance(p, str))
+        self.failed_module: tuple[str, str] | None = None
+
+    def is_leaf_module(self, m: torch.nn.Module, module_qualified_name: str) -> bool:
+        if module_qualified_name in self.leaf_paths or isinstance(m, self.leaf_types):
+            return True
+        return super().is_leaf_module(m, module_qualified_name)
+
+    def call_module(self, m: torch.nn.Module, forward: Any, args: Any, kwargs: Any) -> Any:
+        try:
+            return super().call_module(m, forward, args, kwargs)
+        except Exception:
+            if self.failed_module is None:  # innermost module: the first handler to run
+                self.failed_module = (self.path_of_module(m), type(m).__name__)
+            raise
+
+
+def capture(
+    model: torch.nn.Module,
+    example_inputs: Sequence[torch.Tensor] | torch.Tensor,
+    *,
+    leaf_modules: Iterable[LeafSpec] = (),
+    concrete_args: dict[str, Any] | None = None,
+) -> Graph:
+    """Trace ``model`` with torch.fx and annotate every node with its output shapes.
+
+    The model is traced in its current mode (call ``.eval()`` first for inference graphs).
+    Raises ``CaptureError`` naming the module path and source line when tracing fails, and
+    ``ShapeError`` naming the node when the example inputs do not fit the model.
+    """
+    if isinstance(example_inputs, torch.Tensor):
+        example_inputs = (example_inputs,)
+    if isinstance(model, fx.GraphModule):
+        module = model
+    else:
+        module = _trace(model, leaf_modules, concrete_args)
+    graph = Graph(module, tuple(example_inputs))
+    graph.ensure_shapes()
+    return graph
+
+
+def _trace(
+    model: torch.nn.Module, leaf_modules: Iterable[LeafSpec], concrete_args: dict[str, Any] | None
+) -> fx.GraphModule:
+    tracer = SlimfxTracer(leaf_modules)
+    try:
+        fx_graph = tracer.trace(model, concrete_args=concrete_args)
+    except Exception as exc:
+        raise CaptureError(_describe_trace_failure(model, tracer, exc)) from exc
+    name = type(model).__name__
+    return fx.GraphModule(tracer.root, fx_graph, name)
+
+
+def _describe_trace_failure(model: torch.nn.Module, tracer: SlimfxTracer, exc: Exception) -> str:
+    if tracer.failed_module is not None:
+        path, cls = tracer.failed_module
+        where = f"module '{path}' ({cls})" if path else f"the top-level module ({cls})"
+    else:
+        where = f"the top-level module ({type(model).__name__})"
+    line = exception_source_line(exc)
+    if line:
+        where += f" at {line}"
+    reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    leaf_hint = (
+        f"leaf_modules=['{tracer.failed_module[0]}'] (CLI: --leaf-module {tracer.failed_module[0]})"
+        if tracer.failed_module and tracer.failed_module[0]
+        else "leaf_modules=[...] (CLI: --leaf-module PATH)"
+    )
+    return (
+        f"cannot trace {where}: {reason}. torch.fx traces symbolically, so Python control flow "
+        f"on tensor values cannot be captured. Keep that module whole with {leaf_hint}, "
+        "or fix the branch with concrete_args."
+    )

@@ -1,0 +1,79 @@
+"""Typed per-node information kept in ``node.meta["slimfx"]``."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+import torch.fx as fx
+
+if TYPE_CHECKING:
+    from slimfx.cost_model.counts import NodeCost
+
+META_KEY = "slimfx"
+
+
+@dataclass(frozen=True)
+class TensorMeta:
+    """Shape and dtype of one tensor a node produces."""
+
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * _itemsize(self.dtype)
+
+    @classmethod
+    def of(cls, tensor: torch.Tensor) -> TensorMeta:
+        return cls(tuple(int(d) for d in tensor.shape), tensor.dtype)
+
+
+def _itemsize(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype, device="meta").element_size()
+
+
+@dataclass(frozen=True)
+class NodeInfo:
+    """What slimfx knows about one fx node.
+
+    ``outputs`` lists every tensor in the node's result (tuples flattened in order);
+    ``value`` keeps a non-tensor result (an int from ``x.size(0)``, say) when it is small.
+    ``kind`` names what the node runs: a module class, a function or a method.
+    ``cost`` is filled by the cost model; ``provenance`` names the pass that created it.
+    """
+
+    kind: str
+    outputs: tuple[TensorMeta, ...] = ()
+    cost: NodeCost | None = None
+    provenance: str | None = None
+
+    @property
+    def out_shape(self) -> tuple[int, ...] | None:
+        """Shape of the first tensor output, the one reports show."""
+        return self.outputs[0].shape if self.outputs else None
+
+
+def node_kind(node: fx.Node, module: torch.nn.Module | None) -> str:
+    """A short readable name for what a node runs."""
+    if node.op == "call_module":
+        return type(module).__name__ if module is not None else "?"
+    if node.op == "call_function":
+        return function_name(node.target)
+    if node.op == "call_method":
+        return f".{node.target}"
+    return {"placeholder": "input", "output": "output", "get_attr": "attribute"}[node.op]
+
+
+def function_name(fn: object) -> str:
+    """``torch.cat``, ``operator.add``, ``F.relu``: module-qualified but short."""
+    module = getattr(fn, "__module__", None) or ""
+    name = getattr(fn, "__name__", repr(fn))
+    module = module.replace("_operator", "operator").replace("torch.nn.functional", "F")
+    module = module.replace("torch._C._nn", "F").replace("torch.functional", "torch")
+    return f"{module}.{name}" if module else name

@@ -1,0 +1,99 @@
+"""Shape propagation on meta tensors: every node gets a NodeInfo with its output shapes.
+
+Running on the meta device computes shapes without touching data, so it costs a fraction of
+a real forward pass. Parameters are swapped for meta copies per module call.
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.fx as fx
+from torch.func import functional_call
+from torch.utils._pytree import tree_flatten, tree_map
+
+from slimfx.errors import ShapeError
+from slimfx.ir.source import node_source_line
+from slimfx.ir.nodeinfo import META_KEY, NodeInfo, TensorMeta, node_kind
+
+if TYPE_CHECKING:
+    from slimfx.ir.graph import Graph
+
+
+def _to_meta(value: Any) -> Any:
+    return value.to("meta") if isinstance(value, torch.Tensor) else value
+
+
+class _RealShapeProp(fx.Interpreter):
+    """An fx Interpreter that records a NodeInfo for every node it runs."""
+
+    current: fx.Node | None = None
+
+    def run_node(self, node: fx.Node) -> Any:
+        self.current = node
+        result = super().run_node(node)
+        module = self.module.get_submodule(str(node.target)) if node.op == "call_module" else None
+        old = node.meta.get(META_KEY)
+        tensors = [t for t in tree_flatten(result)[0] if isinstance(t, torch.Tensor)]
+        node.meta[META_KEY] = NodeInfo(
+            kind=node_kind(node, module),
+            outputs=tuple(TensorMeta.of(t) for t in tensors),
+            provenance=old.provenance if isinstance(old, NodeInfo) else None,
+        )
+        return result
+
+
+
+class _MetaShapeProp(_RealShapeProp):
+    """Runs every node on meta tensors, swapping module state for meta copies."""
+
+    def call_module(self, target: Any, args: Any, kwargs: Any) -> Any:
+        module = self.fetch_attr(target)
+        state = {k: _to_meta(v) for k, v in module.state_dict(keep_vars=True).items()}
+        if not state:
+            return module(*args, **kwargs)
+        return functional_call(module, state, args, kwargs)
+
+    def get_attr(self, target: Any, args: Any, kwargs: Any) -> Any:
+        return _to_meta(super().get_attr(target, args, kwargs))
+
+
+def propagate_shapes(graph: Graph) -> None:
+    """Annotate every node of ``graph`` with its output shapes (``NodeInfo.outputs``).
+
+    Meta tensors first (fast); if a node cannot run on meta tensors (data-dependent code in
+    a leaf module, say), the graph is run again on the real example inputs.
+    """
+    try:
+        _run(_MetaShapeProp(graph.module), tree_map(_to_meta, graph.example_inputs))
+    except Exception:
+        interpreter = _RealShapeProp(graph.module)
+        try:
+            _run(interpreter, graph.example_inputs)
+        except Exception as exc:  # any failure of a node: report which one and where
+            raise ShapeError(_describe_failure(graph, interpreter.current, exc)) from exc
+
+
+def _run(interpreter: fx.Interpreter, inputs: Any) -> None:
+    with torch.no_grad():
+        interpreter.run(*inputs)
+
+
+def _describe_failure(graph: Graph, node: fx.Node | None, exc: Exception) -> str:
+    shapes = ", ".join(str(tuple(t.shape)) for t in graph.example_inputs if isinstance(t, torch.Tensor))
+    first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    if node is None:
+        return f"shape propagation failed for inputs of shape {shapes}: {first_line}"
+    where = f"node '{node.name}'"
+    if node.op == "call_module":
+        module = graph.module.get_submodule(str(node.target))
+        where += f" (module '{node.target}', {type(module).__name__})"
+    else:
+        where += f" ({node_kind(node, None)})"
+    source = node_source_line(node)
+    if source:
+        where += f" at {source}"
+    return (
+        f"shape propagation failed at {where} for inputs of shape {shapes}: {first_line}. "
+        "Check that the input shape matches what the model expects (--input-shape)."
+    )

@@ -1,0 +1,89 @@
+"""The one way to mutate a graph.
+
+Passes open a ``Rewriter`` on a graph; every change goes through its methods, which stamp
+the pass's name as provenance on what they create or replace. Leaving the ``with`` block
+cleans up (dead code, unused submodules), lints, recompiles and invalidates cached analyses.
+"""
+from __future__ import annotations
+
+from dataclasses import replace
+from types import TracebackType
+from typing import Any
+
+import torch.fx as fx
+import torch.nn as nn
+
+from slimfx.ir.graph import Graph
+from slimfx.ir.nodeinfo import META_KEY, NodeInfo, node_kind
+
+
+class Rewriter:
+    """Batches changes to ``graph`` made on behalf of the pass named ``provenance``."""
+
+    def __init__(self, graph: Graph, provenance: str):
+        self.graph = graph
+        self.provenance = provenance
+        self.changed = False
+
+    def __enter__(self) -> Rewriter:
+        return self
+
+    def __exit__(self, exc_type: type | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+        if self.changed:
+            self.finish()
+
+    # -- changes ---------------------------------------------------------------------------
+    def replace_module(self, node: fx.Node, new_module: nn.Module) -> None:
+        """Make ``node`` (a call_module) run ``new_module`` instead of its current module."""
+        assert node.op == "call_module", f"{node.name} is a {node.op} node"
+        self.graph.module.set_submodule(str(node.target), new_module)
+        self._stamp(node, new_module)
+
+    def bypass(self, node: fx.Node, replacement: fx.Node | None = None) -> None:
+        """Remove ``node``: its users read ``replacement`` (default: its first input)."""
+        source = replacement if replacement is not None else node.all_input_nodes[0]
+        node.replace_all_uses_with(source)
+        self.graph.fx_graph.erase_node(node)
+        self.changed = True
+
+    def insert_module_after(self, anchor: fx.Node, name: str, module: nn.Module, args: tuple[Any, ...]) -> fx.Node:
+        """Add ``module`` as submodule ``name`` and a call to it right after ``anchor``."""
+        name = self._unique_module_name(name)
+        self.graph.module.add_submodule(name, module)
+        with self.graph.fx_graph.inserting_after(anchor):
+            node = self.graph.fx_graph.call_module(name, args)
+        self._stamp(node, module)
+        return node
+
+    def replace_uses(self, old: fx.Node, new: fx.Node) -> None:
+        """Every user of ``old`` except ``new`` itself reads ``new`` instead."""
+        old.replace_all_uses_with(new, delete_user_cb=lambda user: user is not new)
+        self.changed = True
+
+    # -- bookkeeping -----------------------------------------------------------------------
+    def finish(self) -> None:
+        """Clean up, lint, recompile and invalidate cached analyses."""
+        from slimfx.ir.verify import lint
+
+        gm = self.graph.module
+        gm.graph.eliminate_dead_code()
+        gm.delete_all_unused_submodules()
+        gm.recompile()
+        self.graph.invalidate()
+        lint(self.graph)
+        self.changed = False
+
+    def _stamp(self, node: fx.Node, module: nn.Module | None) -> None:
+        old = node.meta.get(META_KEY)
+        if isinstance(old, NodeInfo):
+            node.meta[META_KEY] = replace(old, kind=node_kind(node, module), provenance=self.provenance)
+        else:
+            node.meta[META_KEY] = NodeInfo(kind=node_kind(node, module), provenance=self.provenance)
+        self.changed = True
+
+    def _unique_module_name(self, name: str) -> str:
+        existing = dict(self.graph.module.named_modules())
+        candidate, i = name, 1
+        while candidate in existing:
+            candidate, i = f"{name}_{i}", i + 1
+        return candidate

@@ -1,0 +1,77 @@
+"""Graph lint and numerical comparison of two graphs on the same inputs."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+import torch.nn as nn
+from torch.utils._pytree import tree_flatten
+
+from slimfx.errors import VerificationError
+from slimfx.ir.graph import Graph
+
+
+def lint(graph: Graph) -> None:
+    """fx's own lint plus: every module and attribute a node names exists."""
+    try:
+        graph.module.graph.lint()
+    except Exception as exc:
+        raise VerificationError(f"graph lint failed: {exc}") from exc
+    for node in graph.nodes():
+        if node.op in ("call_module", "get_attr"):
+            try:
+                graph.module.get_submodule(str(node.target)) if node.op == "call_module" else _attr(graph, str(node.target))
+            except AttributeError as exc:
+                raise VerificationError(
+                    f"node '{node.name}' ({node.op}) refers to '{node.target}', which the module does not have"
+                ) from exc
+
+
+def _attr(graph: Graph, path: str) -> Any:
+    obj: Any = graph.module
+    for part in path.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def relative_error(reference: torch.Tensor, candidate: torch.Tensor) -> float:
+    """||candidate - reference|| / ||reference|| (Frobenius; absolute when the reference is 0)."""
+    ref = reference.detach().double()
+    diff = (candidate.detach().double() - ref).norm().item()
+    scale = ref.norm().item()
+    return diff / scale if scale > 0 else diff
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """How two modules' outputs compare on the same inputs."""
+
+    relative_error: float
+    reference_shapes: tuple[tuple[int, ...], ...]
+    candidate_shapes: tuple[tuple[int, ...], ...]
+
+    @property
+    def shapes_match(self) -> bool:
+        return self.reference_shapes == self.candidate_shapes
+
+
+def run_outputs(module: nn.Module, inputs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """Every tensor ``module`` returns for ``inputs``, flattened in order."""
+    with torch.no_grad():
+        return [t for t in tree_flatten(module(*inputs))[0] if isinstance(t, torch.Tensor)]
+
+
+def compare_outputs(reference: Sequence[torch.Tensor], candidate: Sequence[torch.Tensor]) -> Comparison:
+    """Shapes of both output lists and the worst relative error over their tensors."""
+    ref_shapes = tuple(tuple(t.shape) for t in reference)
+    new_shapes = tuple(tuple(t.shape) for t in candidate)
+    if ref_shapes != new_shapes:
+        return Comparison(float("inf"), ref_shapes, new_shapes)
+    error = max((relative_error(r, c) for r, c in zip(reference, candidate)), default=0.0)
+    return Comparison(error, ref_shapes, new_shapes)
+
+
+def compare(reference: nn.Module, candidate: nn.Module, inputs: Sequence[torch.Tensor]) -> Comparison:
+    """Run both modules on ``inputs`` and compare their outputs."""
+    return compare_outputs(run_outputs(reference, inputs), run_outputs(candidate, inputs))

@@ -1,0 +1,308 @@
+"""A model file format that loads without running code hidden in it.
+
+``torch.save(graph_module)`` pickles a GraphModule, and unpickling runs whatever code the
+file names. slimfx instead writes the graph as data (nodes, argument trees, function names),
+the module tree as data (class names from an allowlist and their plain attributes) and the
+tensors, and loads it with ``torch.load(weights_only=True)``. On load every class and
+function name is checked against the allowlist, so a crafted file cannot call ``os.system``.
+"""
+from __future__ import annotations
+
+import builtins
+import importlib
+import json
+import math
+import operator
+import os
+import tempfile
+import types
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+
+from slimfx.errors import ModelSpecError, OutputError, UnsafeModelFileError
+
+FORMAT = "slimfx.module/1"
+_MODULE_INIT_ATTRS = frozenset(vars(nn.Module()))
+_PLAIN = (type(None), bool, int, float, str)
+# Modules whose functions a graph may call. torch's own namespace is limited to C ops.
+_FUNCTION_MODULES = {"torch.nn.functional", "operator", "_operator", "math", "torchvision.ops.stochastic_depth",
+                     "torchvision.models.swin_transformer"}
+_TORCH_FUNCTION_MODULES = {"torch", "torch.functional", "torch._C._nn", "torch._C._VariableFunctions"}
+_DENIED_TORCH_FUNCTIONS = {"from_file", "load", "save", "set_num_threads", "manual_seed", "set_default_device"}
+_ALLOWED_PY_TORCH_FUNCTIONS = {"_assert", "einsum", "split", "chunk", "flatten"}
+
+
+class UnsafeToSave(Exception):
+    """The module holds something the safe format cannot represent."""
+
+
+# -- encoding ---------------------------------------------------------------------------------
+def _encode_arg(value: Any) -> Any:
+    if isinstance(value, fx.Node):
+        return {"$node": value.name}
+    if isinstance(value, _PLAIN):
+        if isinstance(value, float) and not math.isfinite(value):
+            return {"$float": repr(value)}
+        return value
+    if isinstance(value, tuple):
+        return {"$tuple": [_encode_arg(v) for v in value]}
+    if isinstance(value, list):
+        return [_encode_arg(v) for v in value]
+    if isinstance(value, dict):
+        return {"$dict": [[_encode_arg(k), _encode_arg(v)] for k, v in value.items()]}
+    if isinstance(value, slice):
+        return {"$slice": [_encode_arg(value.start), _encode_arg(value.stop), _encode_arg(value.step)]}
+    if isinstance(value, torch.dtype):
+        return {"$dtype": str(value).removeprefix("torch.")}
+    if isinstance(value, torch.device):
+        return {"$device": str(value)}
+    if isinstance(value, torch.memory_format):
+        return {"$memory_format": str(value).removeprefix("torch.")}
+    if value is Ellipsis:
+        return {"$ellipsis": True}
+    raise UnsafeToSave(f"argument of type {type(value).__name__} ({value!r})")
+
+
+def _function_name(fn: Any) -> str:
+    module = getattr(fn, "__module__", None)
+    name = getattr(fn, "__name__", None)
+    if fn is getattr:
+        return "builtins:getattr"
+    if module is None or name is None:
+        raise UnsafeToSave(f"function {fn!r} has no importable name")
+    return f"{module}:{name}"
+
+
+def _encode_graph(graph: fx.Graph) -> list[dict[str, Any]]:
+    nodes = []
+    for node in graph.nodes:
+        target = _function_name(node.target) if node.op == "call_function" else str(node.target)
+        nodes.append({"name": node.name, "op": node.op, "target": target,
+                      "args": _encode_arg(node.args), "kwargs": _encode_arg(node.kwargs)})
+    return nodes
+
+
+def _encode_modules(root: nn.Module) -> tuple[list[dict[str, Any]], dict[str, torch.Tensor]]:
+    modules, tensors = [], {}
+    for path, module in root.named_modules():
+        cls = type(module)
+        if path == "":
+            cls = nn.Module  # the GraphModule root is rebuilt from the graph
+        elif not _is_allowed_class(f"{cls.__module__}:{cls.__qualname__}"):
+            raise UnsafeToSave(f"module '{path}' is a {cls.__module__}.{cls.__qualname__}, not a torch.nn class")
+        attrs = {}
+        if path:
+            for key, value in vars(module).items():
+                if key in _MODULE_INIT_ATTRS or key in ("_parameters", "_buffers", "_modules"):
+                    continue
+                attrs[key] = _encode_attr(path, key, value)
+        params = {n: p.requires_grad for n, p in module._parameters.items() if p is not None}
+        buffers = [n for n, b in module._buffers.items() if b is not None]
+        for n in params:
+            tensors[_join(path, n)] = module._parameters[n].detach()
+        for n in buffers:
+            tensors[_join(path, n)] = module._buffers[n]
+        modules.append({"path": path, "class": f"{cls.__module__}:{cls.__qualname__}", "attrs": attrs,
+                        "params": params, "buffers": buffers,
+                        "non_persistent": sorted(module._non_persistent_buffers_set),
+                        "training": module.training})
+    return modules, tensors
+
+
+def _encode_attr(path: str, key: str, value: Any) -> Any:
+    try:
+        return _encode_arg(value)
+    except UnsafeToSave as exc:
+        raise UnsafeToSave(f"attribute '{key}' of module '{path}': {exc}") from None
+
+
+def _join(path: str, name: str) -> str:
+    return f"{path}.{name}" if path else name
+
+
+def save_module(
+    module: fx.GraphModule, path: str | Path, example_inputs: Sequence[torch.Tensor], model_name: str = "model"
+) -> None:
+    """Write ``module`` atomically: nothing is left at ``path`` if writing fails."""
+    try:
+        modules, tensors = _encode_modules(module)
+        graph = _encode_graph(module.graph)
+    except UnsafeToSave as exc:
+        raise OutputError(
+            f"cannot save the compiled model in slimfx's safe format: {exc}. "
+            "Save it yourself with torch.save (loading that needs trust)."
+        ) from None
+    payload = {
+        "format": FORMAT,
+        "model": model_name,
+        "input_shapes": [list(t.shape) for t in example_inputs],
+        "graph": json.dumps(graph),
+        "modules": json.dumps(modules),
+        "tensors": tensors,
+    }
+    atomic_write(path, lambda f: torch.save(payload, f))
+
+
+def atomic_write(path: str | Path, write: Any) -> None:
+    """Write through a temporary file in the same folder, renamed into place on success."""
+    target = Path(path)
+    folder = target.parent if str(target.parent) else Path(".")
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", dir=folder)
+    except OSError as exc:
+        raise OutputError(f"cannot write {path}: {exc.strerror or exc}") from None
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+        os.replace(tmp, target)
+    except BaseException as exc:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        if isinstance(exc, OSError):
+            raise OutputError(f"cannot write {path}: {exc.strerror or exc}") from None
+        raise
+
+
+# -- decoding ---------------------------------------------------------------------------------
+def _is_allowed_class(name: str) -> bool:
+    module, _, qualname = name.partition(":")
+    return (module.startswith("torch.nn.modules.") or module.startswith("slimfx.")) and "." not in qualname or (
+        name == "torch.nn.modules.module:Module"
+    )
+
+
+def _resolve_class(name: str) -> type[nn.Module]:
+    if not _is_allowed_class(name):
+        raise UnsafeModelFileError(f"model file names class {name!r}, which is not a torch.nn layer; refusing to load it")
+    module, _, qualname = name.partition(":")
+    cls = getattr(importlib.import_module(module), qualname, None)
+    if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
+        raise ModelSpecError(f"model file names class {name!r}, which this torch does not have")
+    return cls
+
+
+def _resolve_function(name: str) -> Any:
+    module, _, qualname = name.partition(":")
+    refused = UnsafeModelFileError(f"model file calls function {name!r}, which is not allowed; refusing to load it")
+    if "." in qualname or qualname.startswith("__"):
+        raise refused
+    if name == "builtins:getattr":
+        return getattr
+    if module in _TORCH_FUNCTION_MODULES:
+        if qualname in _DENIED_TORCH_FUNCTIONS:
+            raise refused
+        fn = getattr(importlib.import_module(module), qualname, None)
+        if isinstance(fn, types.BuiltinFunctionType) or qualname in _ALLOWED_PY_TORCH_FUNCTIONS:
+            return fn
+        raise refused
+    if module in _FUNCTION_MODULES:
+        try:
+            fn = getattr(importlib.import_module(module), qualname)
+        except (ImportError, AttributeError):
+            raise ModelSpecError(f"model file calls {name!r}, which is not installed here") from None
+        if callable(fn) and not isinstance(fn, type):
+            return fn
+    raise refused
+
+
+def _decode_arg(value: Any, nodes: dict[str, fx.Node]) -> Any:
+    if isinstance(value, list):
+        return [_decode_arg(v, nodes) for v in value]
+    if not isinstance(value, dict):
+        return value
+    (tag, inner), = value.items()
+    if tag == "$node":
+        return nodes[inner]
+    if tag == "$tuple":
+        return tuple(_decode_arg(v, nodes) for v in inner)
+    if tag == "$dict":
+        return {_decode_arg(k, nodes): _decode_arg(v, nodes) for k, v in inner}
+    if tag == "$slice":
+        return slice(*(_decode_arg(v, nodes) for v in inner))
+    if tag == "$float":
+        return float(inner)
+    if tag == "$dtype":
+        return _torch_constant(inner, torch.dtype)
+    if tag == "$device":
+        return torch.device(inner)
+    if tag == "$memory_format":
+        return _torch_constant(inner, torch.memory_format)
+    if tag == "$ellipsis":
+        return Ellipsis
+    raise ModelSpecError(f"model file has an unknown value tag {tag!r}")
+
+
+def _torch_constant(name: str, kind: type) -> Any:
+    value = getattr(torch, name, None)
+    if not isinstance(value, kind):
+        raise ModelSpecError(f"model file names {name!r}, which is not a torch {kind.__name__}")
+    return value
+
+
+def _build_modules(specs: list[dict[str, Any]], tensors: dict[str, torch.Tensor]) -> nn.Module:
+    root = nn.Module()
+    for spec in specs:
+        path = spec["path"]
+        module = root if path == "" else _build_module(spec, tensors)
+        if path:
+            parent_path, _, leaf = path.rpartition(".")
+            root.get_submodule(parent_path).add_module(leaf, module)
+        else:
+            _load_state(module, spec, tensors)
+    return root
+
+
+def _build_module(spec: dict[str, Any], tensors: dict[str, torch.Tensor]) -> nn.Module:
+    cls = _resolve_class(spec["class"])
+    module = cls.__new__(cls)
+    nn.Module.__init__(module)
+    for key, value in spec["attrs"].items():
+        object.__setattr__(module, key, _decode_arg(value, {}))
+    _load_state(module, spec, tensors)
+    return module
+
+
+def _load_state(module: nn.Module, spec: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
+    path = spec["path"]
+    for name, requires_grad in spec["params"].items():
+        module.register_parameter(name, nn.Parameter(tensors[_join(path, name)], requires_grad=requires_grad))
+    for name in spec["buffers"]:
+        module.register_buffer(name, tensors[_join(path, name)], persistent=name not in spec["non_persistent"])
+    module.train(spec["training"])
+
+
+def _build_graph(specs: list[dict[str, Any]]) -> fx.Graph:
+    graph = fx.Graph()
+    nodes: dict[str, fx.Node] = {}
+    for spec in specs:
+        op, target = spec["op"], spec["target"]
+        if op == "call_function":
+            target = _resolve_function(target)
+        elif op == "call_method" and (target.startswith("_") or not hasattr(torch.Tensor, target)):
+            raise UnsafeModelFileError(f"model file calls tensor method {target!r}, which is not allowed")
+        args = _decode_arg(spec["args"], nodes)
+        kwargs = _decode_arg(spec["kwargs"], nodes)
+        if target is getattr and (len(args) < 2 or not isinstance(args[1], str) or args[1].startswith("_")):
+            raise UnsafeModelFileError("model file reads a private attribute through getattr; refusing to load it")
+        node = graph.create_node(op, target, tuple(args), dict(kwargs), name=spec["name"])
+        nodes[spec["name"]] = node
+    return graph
+
+
+def is_slimfx_file(payload: Any) -> bool:
+    return isinstance(payload, dict) and payload.get("format") == FORMAT
+
+
+def module_from_payload(payload: dict[str, Any]) -> tuple[fx.GraphModule, list[list[int]], str]:
+    """Rebuild (module, input shapes, model name) from a loaded slimfx payload."""
+    try:
+        root = _build_modules(json.loads(payload["modules"]), payload["tensors"])
+        graph = _build_graph(json.loads(payload["graph"]))
+    except (KeyError, ValueError, TypeError) as exc:
+        raise ModelSpecError(f"model file is damaged or from another slimfx version: {exc}") from None
+    module = fx.GraphModule(root, graph, class_name=str(payload.get("model", "model")))
+    return module, payload.get("input_shapes", []), str(payload.get("model", "model"))

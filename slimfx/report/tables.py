@@ -1,0 +1,136 @@
+"""Render reports as text tables (tabulate), Markdown, CSV and JSON."""
+from __future__ import annotations
+
+import csv
+import io
+import json
+from typing import Any
+
+from tabulate import tabulate
+
+from slimfx.cost_model.counts import Cost
+from slimfx.report.analysis import CompileReport, Report, totals_dict
+
+TABLE_FORMATS = {"table": "simple", "md": "github"}
+
+
+def si(value: float, unit: str = "") -> str:
+    """A number with an SI prefix and its unit: (4089184256, 'MACs') -> '4.089G MACs'."""
+    for factor, prefix in ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(value) >= factor:
+            scaled = f"{value / factor:.3f}"
+            return f"{scaled} {prefix}B" if unit == "B" else f"{scaled}{prefix} {unit}".rstrip()
+    return f"{value:g} {unit}".rstrip()
+
+
+def totals_line(cost: Cost) -> str:
+    return (
+        f"{si(cost.macs, 'MACs')} ({si(cost.flops, 'FLOPs')}), {si(cost.elem_ops, 'element ops')}, "
+        f"{si(cost.params, 'params')}, {si(cost.bytes_read, 'B')} read, {si(cost.bytes_written, 'B')} written"
+    )
+
+
+_TOTAL_LABELS = {
+    "macs": "MACs",
+    "flops": "FLOPs",
+    "elem_ops": "element ops",
+    "params": "params",
+    "bytes_read": "bytes read",
+    "bytes_written": "bytes written",
+}
+_NODE_COLUMNS = ["node", "op", "module type / function", "output shape", "MACs", "share of MACs", "element ops", "params"]
+_KIND_COLUMNS = ["module type / function", "nodes", "MACs", "share of MACs", "element ops", "params"]
+
+
+def _node_values(row: Any) -> list[Any]:
+    shape = "x".join(map(str, row.out_shape)) if row.out_shape else "-"
+    return [row.name, row.op, row.kind, shape, row.cost.macs, f"{100 * row.share:.1f}%", row.cost.elem_ops, row.cost.params]
+
+
+def _kind_values(group: dict[str, Any]) -> list[Any]:
+    c = group["cost"]
+    return [group["kind"], group["count"], c.macs, f"{100 * group['share']:.1f}%", c.elem_ops, c.params]
+
+
+def render_report(report: Report, fmt: str = "table", top: int | None = None, by: str = "node") -> str:
+    """The report in ``fmt`` (table, md, csv, json); ``by`` is ``node`` or ``module-type``."""
+    if fmt == "json":
+        return json.dumps(report.to_dict(top), indent=2)
+    if by == "module-type":
+        groups = report.by_kind()[:top] if top else report.by_kind()
+        header, rows = _KIND_COLUMNS, [_kind_values(g) for g in groups]
+    else:
+        header, rows = _NODE_COLUMNS, [_node_values(r) for r in report.top(top)]
+    if fmt == "csv":
+        return _csv(header, rows)
+    lines = [
+        f"{report.model}: input {', '.join('x'.join(map(str, s)) for s in report.input_shapes)}",
+        f"total: {totals_line(report.totals)}",
+        "",
+        tabulate(rows, headers=header, tablefmt=TABLE_FORMATS[fmt], intfmt=",", disable_numparse=False),
+        "",
+        _uncounted_text(report),
+    ]
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def _uncounted_text(report: Report) -> str:
+    if not report.uncounted:
+        return "uncounted ops: none (every node has a cost rule)"
+    items = "\n".join(f"  {r.name} ({r.kind}): {r.rule}" for r in report.uncounted)
+    return f"uncounted ops ({len(report.uncounted)}; their cost is missing from the totals):\n{items}"
+
+
+def _csv(header: list[str], rows: list[list[Any]]) -> str:
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(header)
+    writer.writerows(rows)
+    return buffer.getvalue()
+
+
+def render_compile(result: CompileReport, fmt: str = "table") -> str:
+    """Before/after totals, each pass's decisions, the output error and measured latency."""
+    if fmt == "json":
+        return result.to_json()
+    tablefmt = TABLE_FORMATS.get(fmt, "simple")
+    before, after = totals_dict(result.before.totals), totals_dict(result.after.totals)
+    rows = [[_TOTAL_LABELS[k], before[k], after[k], _ratio(after[k], before[k])] for k in before]
+    parts = [
+        f"{result.before.model}: {len(result.passes)} pass(es)",
+        "",
+        tabulate(rows, headers=["total", "before", "after", "after / before"], tablefmt=tablefmt, intfmt=","),
+        "",
+    ]
+    for record in result.passes:
+        parts.append(_pass_text(record, tablefmt))
+    parts.append(f"output error vs the original model: {result.output_error:.3g} (relative, on the example inputs)")
+    if result.latency:
+        lat = result.latency
+        parts.append(
+            f"measured latency ({lat.baseline}): before {lat.before_ms:.2f} ms, after {lat.after_ms:.2f} ms, "
+            f"speedup {lat.before_ms / lat.after_ms:.2f}x"
+        )
+    parts.extend(result.notes)
+    return "\n".join(parts).rstrip() + "\n"
+
+
+def _pass_text(record: Any, tablefmt: str) -> str:
+    touched = sum(not d.declined for d in record.decisions)
+    declined = len(record.decisions) - touched
+    error = "not measured (graph unchanged)" if record.output_error is None else f"{record.output_error:.3g}"
+    exactness = "exact, verified" if record.exact else "lossy"
+    head = (
+        f"pass {record.spec} ({exactness}): {'changed' if record.changed else 'no change'}, "
+        f"{touched} layer(s) changed, {declined} declined, {record.seconds * 1000:.1f} ms, output error {error}"
+    )
+    if not record.decisions:
+        return head + "\n"
+    rows = [[d.target, d.action, d.reason] for d in record.decisions]
+    table = tabulate(rows, headers=["layer", "decision", "why"], tablefmt=tablefmt)
+    warnings = "".join(f"\nwarning: {w}" for w in record.warnings)
+    return f"{head}\n{table}{warnings}\n"
+
+
+def _ratio(after: int, before: int) -> str:
+    return f"{after / before:.3f}" if before else "-"

@@ -1,0 +1,1 @@
+"""Running compiled models: timing helpers (and, later, exits and ONNX sessions)."""

@@ -1,0 +1,186 @@
+"""The ``slimfx`` command: report, compile, demo.
+
+Bad input prints one line on stderr and exits with status 2, with no traceback and no
+partial output file.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import warnings
+from pathlib import Path
+from typing import NoReturn, Sequence
+
+import torch
+
+from slimfx.errors import OutputError, ShapeError, SlimfxError
+
+EXIT_BAD_INPUT = 2
+DEMO_MODEL = "torchvision:resnet18"
+DEMO_PASSES = "fold-bn"
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports a usage error on one line."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_BAD_INPUT, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def parse_input_shapes(text: str) -> list[tuple[int, ...]]:
+    """``"1,3,224,224"`` -> [(1, 3, 224, 224)]; several inputs are separated by ``;``."""
+    shapes = []
+    for part in text.split(";"):
+        try:
+            shape = tuple(int(d) for d in part.split(","))
+        except ValueError:
+            shape = ()
+        if not shape or any(d <= 0 for d in shape):
+            raise ShapeError(
+                f"invalid --input-shape {text!r}: expected comma-separated positive integers such as 1,3,224,224 "
+                "(several inputs separated by ';')"
+            )
+        shapes.append(shape)
+    return shapes
+
+
+def check_writable(path: str) -> None:
+    """Fail before any work when ``path`` cannot be written."""
+    target = Path(path)
+    folder = target.parent if str(target.parent) else Path(".")
+    if target.is_dir():
+        raise OutputError(f"cannot write {path}: it is a directory")
+    if not folder.is_dir():
+        raise OutputError(f"cannot write {path}: folder {folder} does not exist")
+    if not os.access(folder, os.W_OK):
+        raise OutputError(f"cannot write {path}: folder {folder} is not writable")
+
+
+def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("model", help="torchvision:NAME, package.module:factory, file.py:factory, or a slimfx model file")
+    parser.add_argument("--input-shape", help="example input shape, e.g. 1,3,224,224 (';' between several inputs)")
+    parser.add_argument("--leaf-module", action="append", default=[], metavar="PATH",
+                        help="module path to keep whole when tracing (repeatable)")
+    parser.add_argument("--trust-model-file", action="store_true",
+                        help="allow loading a pickled model file, which can run code: only for files you trust")
+    parser.add_argument("--seed", type=int, default=0, help="seed for the random example inputs (default 0)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="slimfx", description="Graph-rewriting compiler for efficient PyTorch models.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    report = sub.add_parser("report", help="where the cost goes, node by node")
+    _add_model_arguments(report)
+    report.add_argument("--format", choices=["table", "md", "csv", "json", "dot"], default="table")
+    report.add_argument("--top", type=int, help="only the N nodes with most MACs")
+    report.add_argument("--by", choices=["node", "module-type"], default="node")
+    report.add_argument("-o", "--output", help="write the report to this file instead of stdout")
+
+    comp = sub.add_parser("compile", help="run a pass pipeline; print before/after and every decision")
+    _add_model_arguments(comp)
+    comp.add_argument("--passes", default=DEMO_PASSES, help="pipeline spec, e.g. 'fold-bn' (default: fold-bn)")
+    comp.add_argument("--format", choices=["table", "md", "json"], default="table")
+    comp.add_argument("-o", "--output", help="save the compiled model here (slimfx format; 'slimfx report' loads it)")
+    comp.add_argument("--repeats", type=int, default=20,
+                      help="timed runs for measured latency before/after (median; 0 skips timing)")
+
+    demo = sub.add_parser("demo", help=f"compile {DEMO_MODEL} with '{DEMO_PASSES}' and show what changed")
+    demo.add_argument("--model", default=DEMO_MODEL, help=f"model to show (default {DEMO_MODEL})")
+    demo.add_argument("--repeats", type=int, default=20, help="timed runs for measured latency (median)")
+    return parser
+
+
+def _example_inputs(args: argparse.Namespace, default: tuple[int, ...] | None) -> tuple[torch.Tensor, ...]:
+    if args.input_shape:
+        shapes = parse_input_shapes(args.input_shape)
+    elif default:
+        shapes = [default]
+    else:
+        raise ShapeError(f"model {args.model!r} has no default input shape; pass --input-shape, e.g. 1,3,224,224")
+    generator = torch.Generator().manual_seed(args.seed)
+    return tuple(torch.randn(s, generator=generator) for s in shapes)
+
+
+def _emit(text: str, output: str | None) -> None:
+    if output is None:
+        sys.stdout.write(text)
+        return
+    from slimfx.ir.serialize import atomic_write
+
+    atomic_write(output, lambda f: f.write(text.encode()))
+    print(f"wrote {output}", file=sys.stderr)
+
+
+def cmd_report(args: argparse.Namespace) -> None:
+    from slimfx.api import analyze
+    from slimfx.models import load_model
+    from slimfx.report.graphviz import to_dot
+    from slimfx.report.tables import render_report
+
+    if args.top is not None and args.top < 1:
+        raise OutputError(f"--top must be at least 1, got {args.top}")
+    if args.output:
+        check_writable(args.output)
+    loaded = load_model(args.model, trust=args.trust_model_file)
+    inputs = _example_inputs(args, loaded.input_shape)
+    report = analyze(loaded.module, inputs, name=loaded.name, leaf_modules=args.leaf_module)
+    text = to_dot(report) if args.format == "dot" else render_report(report, args.format, args.top, args.by)
+    _emit(text, args.output)
+
+
+def cmd_compile(args: argparse.Namespace) -> None:
+    from slimfx.api import compile
+    from slimfx.models import load_model
+    from slimfx.passes.registry import resolve_passes
+    from slimfx.report.tables import render_compile
+
+    resolve_passes(args.passes)  # reject a bad spec before loading anything
+    if args.output:
+        check_writable(args.output)
+    loaded = load_model(args.model, trust=args.trust_model_file)
+    inputs = _example_inputs(args, loaded.input_shape)
+    result = compile(loaded.module, inputs, args.passes, seed=args.seed, name=loaded.name,
+                     leaf_modules=args.leaf_module, latency_repeats=max(args.repeats, 0))
+    if args.output:
+        result.save(args.output)
+    sys.stdout.write(render_compile(result.report, args.format))
+    if args.output:
+        print(f"saved the compiled model to {args.output}", file=sys.stderr)
+
+
+def cmd_demo(args: argparse.Namespace) -> None:
+    from slimfx.api import analyze, compile
+    from slimfx.models import load_model
+    from slimfx.report.tables import render_compile, render_report
+
+    loaded = load_model(args.model)
+    inputs = (torch.randn(loaded.input_shape, generator=torch.Generator().manual_seed(0)),)
+    print(f"== slimfx report {args.model} --top 10  (where the cost goes)\n")
+    sys.stdout.write(render_report(analyze(loaded.module, inputs, name=loaded.name), "table", top=10))
+    print(f"\n== slimfx report {args.model} --by module-type --top 8\n")
+    sys.stdout.write(render_report(analyze(loaded.module, inputs, name=loaded.name), "table", top=8, by="module-type"))
+    print(f"\n== slimfx compile {args.model} --passes {DEMO_PASSES}  (before/after, decisions, measured speed)\n")
+    result = compile(loaded.module, inputs, DEMO_PASSES, name=loaded.name, latency_repeats=max(args.repeats, 0))
+    sys.stdout.write(render_compile(result.report))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    warnings.filterwarnings("ignore", category=FutureWarning, module="torchvision")
+    warnings.filterwarnings("ignore", category=UserWarning, module="torchvision")
+    args = build_parser().parse_args(argv)
+    command = {"report": cmd_report, "compile": cmd_compile, "demo": cmd_demo}[args.command]
+    try:
+        command(args)
+    except SlimfxError as exc:
+        print(f"slimfx: error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        print("slimfx: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

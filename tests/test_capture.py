@@ -1,0 +1,98 @@
+"""Capture, shape propagation, the IR's caches and rewrite invalidation."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+
+from slimfx.errors import CaptureError, ShapeError, VerificationError
+from slimfx.ir.capture import capture
+from slimfx.ir.nodeinfo import META_KEY, NodeInfo
+from slimfx.ir.rewrite import Rewriter
+from slimfx.ir.verify import compare, lint, relative_error
+
+
+class Branchy(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.conv(x)
+        if y.sum() > 0:  # data-dependent: cannot be traced symbolically
+            return y
+        return -y
+
+
+class Net(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 3, 1), nn.ReLU())
+        self.block = Branchy()
+        self.head = nn.Linear(4 * 6 * 6, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.block(self.stem(x)).flatten(1))
+
+
+def test_every_node_gets_typed_shapes() -> None:
+    graph = capture(Net().eval(), torch.randn(2, 3, 8, 8), leaf_modules=["block"])
+    infos = {node.name: graph.info(node) for node in graph.nodes()}
+    assert all(isinstance(info, NodeInfo) for info in infos.values())
+    assert infos["block"].out_shape == (2, 4, 6, 6)
+    assert infos["flatten"].out_shape == (2, 144)
+    assert infos["head"].out_shape == (2, 10) and infos["head"].kind == "Linear"
+    assert infos["block"].outputs[0].dtype == torch.float32
+
+
+def test_untraceable_model_names_module_and_source_line() -> None:
+    with pytest.raises(CaptureError) as err:
+        capture(Net().eval(), torch.randn(1, 3, 8, 8))
+    message = str(err.value)
+    assert "module 'block' (Branchy)" in message
+    assert "test_capture.py" in message and "if y.sum() > 0" in message
+    assert "leaf_modules=['block']" in message and "concrete_args" in message
+
+
+def test_leaf_module_by_class_keeps_it_whole() -> None:
+    graph = capture(Net().eval(), torch.randn(1, 3, 8, 8), leaf_modules=[Branchy])
+    assert [n.target for n in graph.nodes() if n.op == "call_module"] == ["stem.0", "stem.1", "block", "head"]
+
+
+def test_wrong_input_shape_names_the_node() -> None:
+    with pytest.raises(ShapeError) as err:
+        capture(Net().eval(), torch.randn(1, 5, 8, 8), leaf_modules=["block"])
+    assert "node 'stem_0' (module 'stem.0', Conv2d)" in str(err.value)
+    assert "(1, 5, 8, 8)" in str(err.value)
+
+
+def test_networkx_view_and_cache_invalidation() -> None:
+    graph = capture(nn.Sequential(nn.Conv2d(3, 3, 1), nn.ReLU(), nn.ReLU()).eval(), torch.randn(1, 3, 4, 4))
+    g1 = graph.to_networkx()
+    assert list(g1.successors("_0")) == ["_1"]
+    assert graph.to_networkx() is g1  # cached while the graph is unchanged
+    relu = graph.node("_2")
+    with Rewriter(graph, "test") as rewriter:
+        rewriter.bypass(relu)
+    g2 = graph.to_networkx()
+    assert g2 is not g1 and "_2" not in g2
+    assert graph.node("_1").meta[META_KEY].outputs  # shapes recomputed lazily, still there
+
+
+def test_rewrite_stamps_provenance_and_lint_catches_dangling_modules() -> None:
+    graph = capture(nn.Sequential(nn.Conv2d(3, 3, 1), nn.ReLU()).eval(), torch.randn(1, 3, 4, 4))
+    conv = graph.node("_0")
+    with Rewriter(graph, "my-pass") as rewriter:
+        rewriter.replace_module(conv, nn.Conv2d(3, 3, 1))
+    assert graph.info(conv).provenance == "my-pass"
+    delattr(graph.module, "1")
+    with pytest.raises(VerificationError, match="_1"):
+        lint(graph)
+
+
+def test_compare_reports_relative_error_and_shape_changes() -> None:
+    a = torch.tensor([3.0, 4.0])
+    assert relative_error(a, a + torch.tensor([0.3, 0.4])) == pytest.approx(0.1)
+    same = compare(nn.Identity(), nn.Identity(), [a])
+    assert same.relative_error == 0 and same.shapes_match
+    assert not compare(nn.Identity(), nn.Flatten(0), [torch.ones(2, 2)]).shapes_match

@@ -169,7 +169,10 @@ def cmd_demo(args: argparse.Namespace) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     warnings.filterwarnings("ignore", category=FutureWarning, module="torchvision")
     warnings.filterwarnings("ignore", category=UserWarning, module="torchvision")
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as stop:  # usage errors (status 2) and --help (status 0)
+        return int(stop.code or 0)
     command = {"report": cmd_report, "compile": cmd_compile, "demo": cmd_demo}[args.command]
     try:
         command(args)

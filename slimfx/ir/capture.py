@@ -6,7 +6,7 @@ from typing import Any, Iterable, Sequence
 import torch
 import torch.fx as fx
 
-from slimfx.errors import CaptureError
+from slimfx.errors import CaptureError, ShapeError
 from slimfx.ir.graph import Graph
 from slimfx.ir.source import exception_source_line
 
@@ -20,9 +20,9 @@ class SlimfxTracer(fx.Tracer):
     remembers the innermost module being traced when tracing fails, for the error message.
     """
 
-    def __init__(self, leaf_modules: Iterable[LeafSpec] = ()):
+    def __init__(self, leaf_modules: Iterable[LeafSpec] = (), record_stack_traces: bool = False):
         super().__init__()
-        self.record_stack_traces = True
+        self.record_stack_traces = record_stack_traces
         leaves = list(leaf_modules)
         self.leaf_types = tuple(t for t in leaves if isinstance(t, type))
         self.leaf_paths = frozenset(p for p in leaves if isinstance(p, str))
@@ -58,18 +58,27 @@ def capture(
     if isinstance(example_inputs, torch.Tensor):
         example_inputs = (example_inputs,)
     if isinstance(model, fx.GraphModule):
-        module = model
-    else:
-        module = _trace(model, leaf_modules, concrete_args)
-    graph = Graph(module, tuple(example_inputs))
-    graph.ensure_shapes()
+        graph = Graph(model, tuple(example_inputs))
+        graph.ensure_shapes()
+        return graph
+    graph = Graph(_trace(model, leaf_modules, concrete_args), tuple(example_inputs))
+    try:
+        graph.ensure_shapes()
+    except ShapeError:
+        # Recording source lines makes tracing ~3x slower, so it is done only to explain a failure.
+        traced = _trace(model, leaf_modules, concrete_args, record_stack_traces=True)
+        Graph(traced, tuple(example_inputs)).ensure_shapes()
+        raise
     return graph
 
 
 def _trace(
-    model: torch.nn.Module, leaf_modules: Iterable[LeafSpec], concrete_args: dict[str, Any] | None
+    model: torch.nn.Module,
+    leaf_modules: Iterable[LeafSpec],
+    concrete_args: dict[str, Any] | None,
+    record_stack_traces: bool = False,
 ) -> fx.GraphModule:
-    tracer = SlimfxTracer(leaf_modules)
+    tracer = SlimfxTracer(leaf_modules, record_stack_traces)
     try:
         fx_graph = tracer.trace(model, concrete_args=concrete_args)
     except Exception as exc:

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.fx as fx
+import torch.nn as nn
 from torch.func import functional_call
 from torch.utils._pytree import tree_flatten, tree_map
 
@@ -18,6 +19,15 @@ from slimfx.ir.nodeinfo import META_KEY, NodeInfo, TensorMeta, node_kind
 
 if TYPE_CHECKING:
     from slimfx.ir.graph import Graph
+
+
+# Modules whose output has exactly their input's shape and dtype: computed without running
+# them, because several (hardtanh, hardswish, ...) have slow Python meta implementations.
+_SHAPE_PRESERVING = (
+    nn.ReLU, nn.ReLU6, nn.SiLU, nn.GELU, nn.Hardswish, nn.Hardsigmoid, nn.Sigmoid, nn.Tanh,
+    nn.LeakyReLU, nn.ELU, nn.Mish, nn.Hardtanh, nn.Softplus, nn.Softmax, nn.LogSoftmax,
+    nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm, nn.modules.dropout._DropoutNd, nn.Identity,
+)
 
 
 def _to_meta(value: Any) -> Any:
@@ -49,6 +59,8 @@ class _MetaShapeProp(_RealShapeProp):
 
     def call_module(self, target: Any, args: Any, kwargs: Any) -> Any:
         module = self.fetch_attr(target)
+        if isinstance(module, _SHAPE_PRESERVING) and len(args) == 1 and not kwargs:
+            return torch.empty_like(args[0])
         state = {k: _to_meta(v) for k, v in module.state_dict(keep_vars=True).items()}
         if not state:
             return module(*args, **kwargs)

@@ -1,0 +1,45 @@
+"""Every torchvision classification model captures, gets shapes on every node and a report."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from slimfx import analyze
+from slimfx.ir.capture import capture
+from slimfx.ir.nodeinfo import META_KEY, NodeInfo
+
+torchvision = pytest.importorskip("torchvision")
+CLASSIFIERS = torchvision.models.list_models(module=torchvision.models)
+# Shape propagation runs on meta tensors, so the input size costs nothing; only models that
+# accept any size get a small one, to keep the numbers modest.
+FIXED_SIZE = {"inception_v3": 299}
+NEEDS_224 = ("vit_", "maxvit", "swin")
+
+
+def input_for(name: str) -> torch.Tensor:
+    size = FIXED_SIZE.get(name, 224 if name.startswith(NEEDS_224) else 64)
+    return torch.randn(1, 3, size, size)
+
+
+def test_corpus_has_80_models() -> None:
+    assert len(CLASSIFIERS) == 80
+
+
+@pytest.mark.corpus
+@pytest.mark.parametrize("name", CLASSIFIERS)
+def test_captures_and_reports(name: str) -> None:
+    model = torchvision.models.get_model(name, weights=None).eval()
+    x = input_for(name)
+    graph = capture(model, (x,))
+    for node in graph.nodes():
+        info = node.meta[META_KEY]
+        assert isinstance(info, NodeInfo), node.name
+        if node.op in ("call_module", "placeholder"):
+            assert info.outputs and all(d > 0 for d in info.out_shape), f"{node.name} has no shape"
+    out_node = next(n for n in graph.nodes() if n.op == "output")
+    assert graph.info(out_node).out_shape == (1, 1000)
+    report = analyze(graph.module, x, name=name)
+    assert report.totals.macs > 0
+    assert report.uncounted == ()  # every op of the corpus has a cost rule
+    used = {id(p) for p in graph.module.parameters()}
+    assert report.totals.params == sum(p.numel() for p in model.parameters() if id(p) in used)

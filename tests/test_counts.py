@@ -7,7 +7,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
-from slimfx.cost_model.counts import attention_macs, conv_macs, einsum_macs, matmul_macs, total_cost
+from slimfx.cost_model.counts import (
+    attention_macs,
+    conv_macs,
+    einsum_macs,
+    matmul_macs,
+    total_cost,
+)
 from slimfx.ir.capture import capture
 
 

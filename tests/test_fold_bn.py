@@ -4,8 +4,8 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn as nn
-
 from conftest import randomize_batchnorm
+
 from slimfx import compile
 from slimfx.passes.fold_bn import fold_bn_weights
 

@@ -8,11 +8,9 @@ function name is checked against the allowlist, so a crafted file cannot call ``
 """
 from __future__ import annotations
 
-import builtins
 import importlib
 import json
 import math
-import operator
 import os
 import tempfile
 import types

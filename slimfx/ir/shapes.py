@@ -14,8 +14,8 @@ from torch.func import functional_call
 from torch.utils._pytree import tree_flatten, tree_map
 
 from slimfx.errors import ShapeError
-from slimfx.ir.source import node_source_line
 from slimfx.ir.nodeinfo import META_KEY, NodeInfo, TensorMeta, node_kind
+from slimfx.ir.source import node_source_line
 
 if TYPE_CHECKING:
     from slimfx.ir.graph import Graph

@@ -57,7 +57,7 @@ class Crashes(Pass):
 
 
 @pytest.fixture(autouse=True)
-def test_passes() -> Iterator[None]:
+def registered_test_passes() -> Iterator[None]:
     added = {cls.name: cls for cls in (Scale, ClaimsExact, Crashes)}
     PASSES.update(added)
     yield

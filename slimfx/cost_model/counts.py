@@ -9,9 +9,10 @@ silence.
 """
 from __future__ import annotations
 
+import functools
 import math
 import operator
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from typing import TYPE_CHECKING, Any, Callable
 
 import torch
@@ -339,6 +340,7 @@ _WINDOW_POOL_FUNCTIONS = [
 ]
 
 
+@functools.cache
 def _function_rules() -> dict[Any, tuple[str, Rule]]:
     rules: dict[Any, tuple[str, Rule]] = {}
     for fns, name, rule in [
@@ -396,10 +398,6 @@ _STRUCTURAL_OPS = {"placeholder", "output", "get_attr"}
 
 
 # -- applying the rules -----------------------------------------------------------------------
-class _Rules:
-    functions: dict[Any, tuple[str, Rule]] | None = None
-
-
 def _lookup(node: fx.Node, module: nn.Module | None) -> tuple[str, Rule] | str:
     """The (rule name, rule) for a node, or a sentence saying why none applies."""
     if node.op == "call_module":
@@ -408,9 +406,7 @@ def _lookup(node: fx.Node, module: nn.Module | None) -> tuple[str, Rule] | str:
                 return name, rule
         return f"no cost rule for module type {type(module).__module__}.{type(module).__name__}"
     if node.op == "call_function":
-        if _Rules.functions is None:
-            _Rules.functions = _function_rules()
-        found = _Rules.functions.get(node.target)
+        found = _function_rules().get(node.target)
         return found or f"no cost rule for function {function_name(node.target)}"
     if node.op == "call_method":
         return _METHOD_RULES.get(str(node.target)) or f"no cost rule for tensor method .{node.target}()"
@@ -443,8 +439,6 @@ def _attribute_cost(node: fx.Node, attribute: Any) -> Cost:
 
 def annotate_costs(graph: Graph) -> None:
     """Store a ``NodeCost`` in every node's NodeInfo (shapes must be current)."""
-    from dataclasses import replace
-
     for node in graph.nodes():
         if node.op == "call_module":
             target = graph.submodule(node)

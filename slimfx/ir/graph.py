@@ -45,9 +45,6 @@ class Graph:
         assert node.op == "call_module", f"{node.name} is a {node.op} node, not call_module"
         return self.module.get_submodule(str(node.target))
 
-    def users_of(self, node: fx.Node) -> list[fx.Node]:
-        return list(node.users)
-
     # -- cached analyses -------------------------------------------------------------------
     def invalidate(self) -> None:
         """Mark every cached analysis stale; called by ``ir.rewrite`` after a change."""

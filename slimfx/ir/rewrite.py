@@ -29,7 +29,7 @@ class Rewriter:
         return self
 
     def __exit__(self, exc_type: type | None, exc: BaseException | None, tb: TracebackType | None) -> None:
-        if self.changed:
+        if self.changed and exc_type is None:  # a failing pass is reported as is, not linted
             self.finish()
 
     # -- changes ---------------------------------------------------------------------------

@@ -57,8 +57,8 @@ class FoldBatchNorm(Pass):
         with Rewriter(graph, self.name) as rewriter:
             for bn_node in [n for n in graph.nodes() if self._is_batchnorm(graph, n)]:
                 decisions.append(self._fold_one(graph, rewriter, bn_node))
-            changed = rewriter.changed
-        return PassResult(changed=changed or any(d.action == "folded" for d in decisions), decisions=tuple(decisions))
+        folded = any(d.action == "folded" for d in decisions)
+        return PassResult(changed=folded, decisions=tuple(decisions))
 
     @staticmethod
     def _is_batchnorm(graph: Graph, node: fx.Node) -> bool:

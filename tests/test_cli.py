@@ -224,3 +224,10 @@ def test_console_script_exit_code_and_single_line() -> None:
         [sys.executable, "-m", "slimfx.cli", "report", "torchvision:nope"], capture_output=True, text=True
     )
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and proc.stdout == ""
+
+
+def test_demo_shows_report_and_compile(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = run(capsys, "demo", "--repeats", "1")
+    assert code == 0
+    assert "1.814G MACs" in out and "pass fold-bn (exact, verified): changed, 20 layer(s) changed" in out
+    assert "measured latency (torch eager fp32" in out

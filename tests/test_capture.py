@@ -96,3 +96,17 @@ def test_compare_reports_relative_error_and_shape_changes() -> None:
     same = compare(nn.Identity(), nn.Identity(), [a])
     assert same.relative_error == 0 and same.shapes_match
     assert not compare(nn.Identity(), nn.Flatten(0), [torch.ones(2, 2)]).shapes_match
+
+
+def test_inserted_module_takes_over_the_uses_and_is_stamped() -> None:
+    model = nn.Sequential(nn.Conv2d(3, 3, 1), nn.ReLU()).eval()
+    x = torch.randn(1, 3, 4, 4)
+    graph = capture(model, x)
+    conv = graph.node("_0")
+    with Rewriter(graph, "my-pass") as rewriter:
+        scale = rewriter.insert_module_after(conv, "0", nn.Identity(), (conv,))
+        rewriter.replace_uses(conv, scale)
+    assert scale.target == "0_1"  # a unique name next to the module it follows
+    assert [u.name for u in conv.users] == [scale.name]
+    assert graph.info(scale).provenance == "my-pass" and graph.info(scale).out_shape == (1, 3, 4, 4)
+    torch.testing.assert_close(graph.run(x), model(x))

@@ -53,7 +53,6 @@ class _RealShapeProp(fx.Interpreter):
         return result
 
 
-
 class _MetaShapeProp(_RealShapeProp):
     """Runs every node on meta tensors, swapping module state for meta copies."""
 

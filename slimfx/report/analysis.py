@@ -175,9 +175,3 @@ class CompileReport:
 
     def to_json(self, top: int | None = None) -> str:
         return json.dumps(self.to_dict(top), indent=2)
-
-
-def reports_json(report: Report, top: int | None = None) -> str:
-    return json.dumps(report.to_dict(top), indent=2)
-
-

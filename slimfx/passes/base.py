@@ -82,17 +82,25 @@ class Pass:
 
     def options(self) -> dict[str, Any]:
         """Option values keyed by the names users type (kebab-case)."""
-        return {f.name.replace("_", "-"): getattr(self, f.name) for f in dataclasses.fields(self)}
+        return {option_name(f.name): getattr(self, f.name) for f in dataclasses.fields(self)}
 
     def spec(self) -> str:
         """The pipeline spec that recreates this pass, e.g. ``prune-channels:ratio=0.5``."""
-        defaults = {f.name.replace("_", "-"): f.default for f in dataclasses.fields(self)}
+        defaults = {option_name(f.name): f.default for f in dataclasses.fields(self)}
         changed = [f"{k}={_format(v)}" for k, v in self.options().items() if v != defaults[k]]
         return self.name + (":" + ",".join(changed) if changed else "")
 
     def invalid(self, option: str, value: Any, expected: str) -> PassSpecError:
         """The error for an option value out of range, to raise from ``__post_init__``."""
         return PassSpecError(f"{self.name}: invalid value {value!r} for option '{option}': expected {expected}")
+
+
+def option_name(field_name: str) -> str:
+    """The name users type for an option field: ``min_channels`` -> ``min-channels``.
+
+    A trailing underscore lets an option be a Python keyword: field ``global_`` is ``global``.
+    """
+    return field_name.rstrip("_").replace("_", "-")
 
 
 def _format(value: Any) -> str:

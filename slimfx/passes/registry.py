@@ -13,7 +13,7 @@ import typing
 from typing import Any, Literal, Sequence, Union
 
 from slimfx.errors import PassSpecError
-from slimfx.passes.base import Pass
+from slimfx.passes.base import Pass, option_name
 
 PASSES: dict[str, type[Pass]] = {}
 
@@ -40,7 +40,7 @@ def pass_class(name: str) -> type[Pass]:
 def option_types(cls: type[Pass]) -> dict[str, Any]:
     """Option name as typed (kebab-case) -> its annotated type."""
     hints = typing.get_type_hints(cls)
-    return {f.name.replace("_", "-"): hints[f.name] for f in dataclasses.fields(cls)}
+    return {option_name(f.name): hints[f.name] for f in dataclasses.fields(cls)}
 
 
 def parse_pipeline(spec: str) -> list[Pass]:
@@ -90,12 +90,13 @@ def make_pass(name: str, options: dict[str, str]) -> Pass:
     """Build pass ``name`` from string option values, converting each to its field's type."""
     cls = pass_class(name)
     types_ = option_types(cls)
+    fields = {option_name(f.name): f.name for f in dataclasses.fields(cls)}
     values: dict[str, Any] = {}
     for key, raw in options.items():
         if key not in types_:
             valid = ", ".join(types_) or "none"
             raise PassSpecError(f"{name}: unknown option '{key}'; valid options: {valid}")
-        values[key.replace("-", "_")] = convert(name, key, raw, types_[key])
+        values[fields[key]] = convert(name, key, raw, types_[key])
     return cls(**values)
 
 

@@ -82,6 +82,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_arguments(comp)
     comp.add_argument("--passes", default=DEMO_PASSES, help="pipeline spec, e.g. 'fold-bn' (default: fold-bn)")
     comp.add_argument("--format", choices=["table", "md", "json"], default="table")
+    comp.add_argument("--calib-random", type=int, default=0, metavar="N",
+                      help="calibrate on N batches of random inputs shaped like the example inputs "
+                           "(a stand-in: from Python, pass real data as calib_data)")
     comp.add_argument("-o", "--output", help="save the compiled model here (slimfx format; 'slimfx report' loads it)")
     comp.add_argument("--repeats", type=int, default=20,
                       help="timed runs for measured latency before/after (median; 0 skips timing)")
@@ -141,8 +144,13 @@ def cmd_compile(args: argparse.Namespace) -> None:
         check_writable(args.output)
     loaded = load_model(args.model, trust=args.trust_model_file)
     inputs = _example_inputs(args, loaded.input_shape)
+    if args.calib_random < 0:
+        raise OutputError(f"--calib-random must be 0 or more batches, got {args.calib_random}")
+    generator = torch.Generator().manual_seed(args.seed + 1)
+    calib = [tuple(torch.randn(x.shape, generator=generator) for x in inputs) for _ in range(args.calib_random)]
     result = compile(loaded.module, inputs, args.passes, seed=args.seed, name=loaded.name,
-                     leaf_modules=args.leaf_module, latency_repeats=max(args.repeats, 0))
+                     leaf_modules=args.leaf_module, latency_repeats=max(args.repeats, 0),
+                     calib_data=calib or None)
     if args.output:
         result.save(args.output)
     sys.stdout.write(render_compile(result.report, args.format))

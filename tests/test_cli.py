@@ -68,6 +68,33 @@ def test_compile_saves_a_model_that_loads_back_without_batchnorm(tmp_path: Path,
     assert code == 0 and json.loads(out)["totals"]["macs"] == data["after"]["totals"]["macs"]
 
 
+def test_compile_prunes_and_saves_a_smaller_model(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out_file = tmp_path / "pruned.pt"
+    code, out, _ = run(capsys, "compile", "torchvision:resnet18", *SMALL, "--passes",
+                       "prune-channels:ratio=0.5,criterion=bn-scale", "--format", "json", "-o", str(out_file), "--repeats", "0")
+    assert code == 0
+    data = json.loads(out)
+    assert data["after"]["totals"]["macs"] <= 0.3 * data["before"]["totals"]["macs"]
+    (record,) = data["passes"]
+    pruned = [d for d in record["decisions"] if d["action"] == "pruned"]
+    assert pruned and {"members", "channels_before", "channels_after", "importance", "macs_saved_alone"} <= set(pruned[0]["details"])
+
+    from slimfx import load_model
+
+    loaded = load_model(str(out_file))  # convs without bias survive the round trip
+    assert loaded.module.get_submodule("conv1").out_channels == 32
+    assert loaded.module(torch.randn(1, 3, 64, 64)).shape == (1, 1000)
+
+
+def test_compile_table_shows_channels_and_thinet_calibrates_on_random_batches(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = run(capsys, "compile", "torchvision:resnet18", *SMALL, "--passes",
+                       "prune-channels:ratio=0.25,criterion=thinet", "--calib-random", "2", "--repeats", "0")
+    assert code == 0
+    assert "64 -> 48" in out and "thinet: removed 16 of 64 channels" in out
+    code, _, err = run(capsys, "compile", "torchvision:resnet18", *SMALL, "--passes", "prune-channels:criterion=thinet")
+    assert code == 2 and "criterion=thinet needs calibration data" in err and "Traceback" not in err
+
+
 def test_saved_model_matches_compiled_output(tmp_path: Path) -> None:
     import slimfx
 
@@ -87,6 +114,8 @@ BAD_INPUTS = [
     (["report", "torchvision:resnet18", "--input-shape", "1,1,64,64"], "node 'conv1' (module 'conv1', Conv2d)"),
     (["compile", "torchvision:resnet18", "--passes", "fold-bm"], "unknown pass 'fold-bm'; valid passes"),
     (["compile", "torchvision:resnet18", "--passes", "fold-bn:ratio=0.5"], "unknown option 'ratio'"),
+    (["compile", "torchvision:resnet18", "--passes", "prune-channels:ratio=1.5"], "expected a number in [0, 1)"),
+    (["compile", "torchvision:resnet18", "--passes", "prune-channels:criterion=magic"], "choose one of: l1, bn-scale, thinet"),
     (["report", "torchvision:resnet18", "--format", "xml"], "invalid choice"),
     (["report", "torchvision:resnet18", "--top", "0"], "--top must be at least 1"),
 ]

@@ -1,10 +1,14 @@
-"""Every torchvision classification model captures, gets shapes on every node and a report."""
+"""Every torchvision classification model captures, gets shapes on every node and a report,
+and prunes at ratio 0.3 (or declines each group with a reason) and still runs.
+
+One test per model builds it once and checks both, to keep the corpus lean in CI.
+"""
 from __future__ import annotations
 
 import pytest
 import torch
 
-from slimfx import analyze
+from slimfx import analyze, compile
 from slimfx.ir.capture import capture
 from slimfx.ir.nodeinfo import META_KEY, NodeInfo
 
@@ -43,3 +47,19 @@ def test_captures_and_reports(name: str) -> None:
     assert report.uncounted == ()  # every op of the corpus has a cost rule
     used = {id(p) for p in graph.module.parameters()}
     assert report.totals.params == sum(p.numel() for p in model.parameters() if id(p) in used)
+
+    check_prunes(name, model, x)
+
+
+def check_prunes(name: str, model: torch.nn.Module, x: torch.Tensor) -> None:
+    result = compile(model, x, passes="prune-channels:ratio=0.3")
+    with torch.no_grad():
+        assert result.module(x).shape == (1, 1000)
+    (record,) = result.report.passes
+    assert record.decisions, f"{name}: no decision recorded"
+    for decision in record.decisions:
+        assert decision.action in ("pruned", "declined") and decision.reason, decision
+    pruned = [d for d in record.decisions if d.action == "pruned"]
+    assert all(d.details["channels_after"] < d.details["channels_before"] for d in pruned)
+    if pruned:
+        assert result.report.after.totals.macs < result.report.before.totals.macs

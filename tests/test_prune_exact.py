@@ -17,7 +17,11 @@ from slimfx import compile
 from slimfx.ir.capture import capture
 from slimfx.ir.channels import analyze_channels
 from slimfx.passes.channel_importance import bn_scale_scores
-from slimfx.passes.channel_selection import choose_removed, common_partition, removal_count
+from slimfx.passes.channel_selection import (
+    choose_removed,
+    common_partition,
+    removal_count,
+)
 
 RATIO = 0.25
 

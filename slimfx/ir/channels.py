@@ -65,6 +65,13 @@ _SOFTMAX = {F.softmax, torch.softmax, F.log_softmax}
 _APPLY_FUNCTIONS = {torch.flatten, torch.transpose, torch.permute, torch.squeeze, torch.unsqueeze, operator.getitem}
 _APPLY_METHODS = {"flatten", "transpose", "permute", "squeeze", "unsqueeze", "t"}
 _SIZE_METHODS = {"size", "dim", "numel"}
+_MIXING_MODULES = {  # each output channel depends on all channels: removing one changes the rest
+    nn.LayerNorm: "normalizes across channels, so removing one changes the others",
+    nn.GroupNorm: "normalizes across channels, so removing one changes the others",
+    nn.MultiheadAttention: "attention projections mix all channels and are not sliced",
+}
+_MIXING_FUNCTIONS = {F.layer_norm: "normalizes across channels, so removing one changes the others",
+                     F.group_norm: "normalizes across channels, so removing one changes the others"}
 
 
 @dataclass(frozen=True)
@@ -295,6 +302,8 @@ class _CouplingBuilder:
             return self._split(node, str(getattr(target, "__name__", "")), node.args[1], _arg(node, 2, "dim", 0))
         if target in _APPLY_FUNCTIONS:
             return self._apply(node, target, node.args, node.kwargs)
+        if target in _MIXING_FUNCTIONS:
+            raise _Unsupported(_MIXING_FUNCTIONS[target])
         return NotImplemented
 
     def _method(self, node: fx.Node, name: str) -> Any:
@@ -346,6 +355,9 @@ class _CouplingBuilder:
             return self._spatial(node)
         if isinstance(module, (nn.Softmax, nn.LogSoftmax)):
             return self._softmax(node, module.dim)
+        for kind, why in _MIXING_MODULES.items():
+            if isinstance(module, kind):
+                raise _Unsupported(why)
         if isinstance(module, nn.Flatten):
             return self._apply(node, lambda t: torch.flatten(t, module.start_dim, module.end_dim), node.args, {})
         return NotImplemented

@@ -106,6 +106,8 @@ def _encode_modules(root: nn.Module) -> tuple[list[dict[str, Any]], dict[str, to
             tensors[_join(path, n)] = module._buffers[n]
         modules.append({"path": path, "class": f"{cls.__module__}:{cls.__qualname__}", "attrs": attrs,
                         "params": params, "buffers": buffers,
+                        "empty_params": [n for n, p in module._parameters.items() if p is None],
+                        "empty_buffers": [n for n, b in module._buffers.items() if b is None],
                         "non_persistent": sorted(module._non_persistent_buffers_set),
                         "training": module.training})
     return modules, tensors
@@ -270,6 +272,10 @@ def _load_state(module: nn.Module, spec: dict[str, Any], tensors: dict[str, torc
         module.register_parameter(name, nn.Parameter(tensors[_join(path, name)], requires_grad=requires_grad))
     for name in spec["buffers"]:
         module.register_buffer(name, tensors[_join(path, name)], persistent=name not in spec["non_persistent"])
+    for name in spec.get("empty_params", ()):  # declared but None, like a conv's bias=False
+        module.register_parameter(name, None)
+    for name in spec.get("empty_buffers", ()):
+        module.register_buffer(name, None)
     module.train(spec["training"])
 
 

@@ -236,7 +236,11 @@ class PruneChannels(Pass):
         if cut == 0:
             reason = f"keeps all {total} channels (ratio, min-channels={self.min_channels} and round-to={self.round_to})"
             return Decision(group.name, "declined", reason, before, after, details=details)
-        reason = f"{self.criterion}: removed {cut} of {total} channels with the lowest importance"
+        importance = details["importance"]
+        reason = (
+            f"{self.criterion}: removed {cut} of {total} channels with the lowest importance "
+            f"(removed <= {importance['removed_max']:.3g} < kept >= {importance['kept_min']:.3g})"
+        )
         if plan.rows is not None:
             reason += f", {cut // plan.rows.shape[0]} from each of {plan.rows.shape[0]} conv groups"
         return Decision(group.name, "pruned", reason, before, after, details=details)

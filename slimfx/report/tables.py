@@ -126,10 +126,25 @@ def _pass_text(record: Any, tablefmt: str) -> str:
     )
     if not record.decisions:
         return head + "\n"
-    rows = [[d.target, d.action, d.reason] for d in record.decisions]
-    table = tabulate(rows, headers=["layer", "decision", "why"], tablefmt=tablefmt)
+    headers, columns = ["layer", "decision"], [lambda d: d.target, lambda d: d.action]
+    if any("channels_before" in d.details for d in record.decisions):
+        headers.append("channels")
+        columns.append(lambda d: _arrow(d.details.get("channels_before"), d.details.get("channels_after")))
+    if any(d.macs_before is not None for d in record.decisions):
+        headers.append("MACs of its layers")
+        columns.append(lambda d: _arrow(d.macs_before, d.macs_after, si))
+    headers.append("why")
+    columns.append(lambda d: d.reason)
+    rows = [[column(d) for column in columns] for d in record.decisions]
+    table = tabulate(rows, headers=headers, tablefmt=tablefmt, disable_numparse=True)
     warnings = "".join(f"\nwarning: {w}" for w in record.warnings)
     return f"{head}\n{table}{warnings}\n"
+
+
+def _arrow(before: Any, after: Any, fmt: Any = str) -> str:
+    if before is None:
+        return ""
+    return fmt(before) if after == before else f"{fmt(before)} -> {fmt(after)}"
 
 
 def _ratio(after: int, before: int) -> str:

@@ -1,0 +1,4 @@
+"""Training helpers that prepare a model for slimfx's passes."""
+from slimfx.train.sparsity import bn_sparsity_penalty
+
+__all__ = ["bn_sparsity_penalty"]

@@ -12,7 +12,7 @@ import torch.nn as nn
 
 from slimfx.ir.capture import LeafSpec, capture
 from slimfx.ir.graph import Graph
-from slimfx.ir.verify import compare
+from slimfx.ir.verify import compare_outputs
 from slimfx.passes.base import Pass, PassContext
 from slimfx.passes.manager import EXACT_TOLERANCE, PassManager
 from slimfx.passes.registry import resolve_passes
@@ -82,7 +82,7 @@ def compile(
     torch.manual_seed(seed)
     records = manager.run(graph, PassContext(calib_data=calib_data, seed=seed, progress=progress))
     after = Report.from_graph(graph, label)
-    error = compare(model, graph.module, inputs).relative_error
+    error = compare_outputs(manager.outputs_before, manager.outputs_after).relative_error
     latency = None
     if latency_repeats > 0:
         latency = Latency(

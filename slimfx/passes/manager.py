@@ -5,6 +5,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
+import torch
+
 from slimfx.errors import PassError, PassOrderError, SlimfxError
 from slimfx.ir.graph import Graph
 from slimfx.ir.verify import compare_outputs, lint, run_outputs
@@ -62,17 +64,22 @@ class PassManager:
     def __init__(self, passes: Sequence[Pass], tolerance: float = EXACT_TOLERANCE):
         self.passes = list(passes)
         self.tolerance = tolerance
+        self.outputs_before: list[torch.Tensor] = []
+        self.outputs_after: list[torch.Tensor] = []
         check_order(self.passes)
 
     def run(self, graph: Graph, ctx: PassContext | None = None) -> list[PassRecord]:
+        """Run every pass in order; afterwards ``outputs_before`` / ``outputs_after`` hold the
+        graph's outputs on its example inputs before the first pass and after the last."""
         ctx = ctx or PassContext()
         history: list[PassRecord] = []
+        self.outputs_before = self.outputs_after = run_outputs(graph.module, graph.example_inputs)
         for index, p in enumerate(self.passes):
             history.append(self._run_one(index, p, graph, ctx, history))
         return history
 
     def _run_one(self, index: int, p: Pass, graph: Graph, ctx: PassContext, history: list[PassRecord]) -> PassRecord:
-        reference = run_outputs(graph.module, graph.example_inputs)
+        reference = self.outputs_after  # each pass is checked against the graph just before it
         version = graph.version
         start = time.perf_counter()
         try:
@@ -91,7 +98,8 @@ class PassManager:
         try:
             lint(graph)
             graph.ensure_shapes()
-            comparison = compare_outputs(reference, run_outputs(graph.module, graph.example_inputs))
+            outputs = run_outputs(graph.module, graph.example_inputs)
+            comparison = compare_outputs(reference, outputs)
         except SlimfxError as exc:
             raise self._failure(index, p, history, f"the graph it produced is broken: {exc}") from exc
         except Exception as exc:
@@ -107,6 +115,7 @@ class PassManager:
                 f"it claims to be exact but changed the outputs by {comparison.relative_error:.3g} relative "
                 f"(tolerance {self.tolerance:g})",
             )
+        self.outputs_after = outputs
         return comparison.relative_error
 
     def _failure(self, index: int, p: Pass, history: list[PassRecord], what: str) -> PassError:

@@ -347,7 +347,7 @@ def sliced_layer(
     in_scale: torch.Tensor | None = None,
 ) -> nn.Module:
     """A copy of ``module`` with only the kept channels (weights, bias, running stats sliced)."""
-    new = copy.deepcopy(module)
+    new = _shallow_copy(module)
     if layer.kind == "batchnorm":
         for name in ("weight", "bias", "running_mean", "running_var"):
             value = getattr(module, name)
@@ -371,6 +371,13 @@ def sliced_layer(
     if module.bias is not None:
         keep_bias = keep_in if layer.kind == "depthwise" else keep_out
         new.bias = nn.Parameter(module.bias.detach()[keep_bias].clone())
+    return new
+
+
+def _shallow_copy(module: nn.Module) -> nn.Module:
+    """A new module object with the same settings whose tensors can be replaced independently."""
+    new = copy.copy(module)
+    new._parameters, new._buffers, new._modules = dict(module._parameters), dict(module._buffers), dict(module._modules)
     return new
 
 

@@ -494,8 +494,7 @@ class _CouplingBuilder:
     def _resolve(self) -> ChannelAnalysis:
         unit_of = _connected_labels(self.next_id, self.pairs)  # id -> unit
         num_units = int(unit_of.max()) + 1 if len(unit_of) else 0
-        links = [torch.stack([unit_of[s.first].expand(s.count - 1), unit_of[s.first + 1 : s.first + s.count]])
-                 for s in self.sources if s.count > 1]
+        links = [torch.unique(unit_of[s.first : s.first + s.count]).unsqueeze(1) for s in self.sources]
         group_of_unit = _connected_labels(num_units, links)
         num_groups = int(group_of_unit.max()) + 1 if num_units else 0
 
@@ -536,16 +535,22 @@ class _Unsupported(Exception):
     """Raised inside a handler: the node's channel behaviour is not supported (with why)."""
 
 
-def _connected_labels(count: int, pairs: Iterable[torch.Tensor]) -> torch.Tensor:
-    """Label of each of ``count`` items after joining the pairs, numbered by first item."""
-    g = nx.Graph()
-    for p in pairs:
-        g.add_edges_from(zip(p[0].tolist(), p[1].tolist()))
-    root = torch.arange(count)  # items in no pair are their own root
-    for component in nx.connected_components(g):
-        members = torch.tensor(sorted(component))
-        root[members] = members[0]
-    _, labels = torch.unique(root, return_inverse=True)  # roots ascend with ids: stable numbering
+def _connected_labels(count: int, groups: Iterable[torch.Tensor]) -> torch.Tensor:
+    """Label of each of ``count`` items once the items in each row of ``groups`` are joined.
+
+    Each element of ``groups`` is a (k, n) tensor: column j joins its k items. Labels are
+    numbered in the order of each component's smallest item, so they are stable.
+    """
+    joined = nx.utils.UnionFind()
+    for block in groups:
+        for column in block.T.tolist():
+            joined.union(*column)
+    root = torch.arange(count)
+    items = list(joined.parents)
+    if items:
+        root[torch.tensor(items)] = torch.tensor([joined[i] for i in items])
+    smallest = torch.full((count,), count, dtype=torch.long).scatter_reduce(0, root, torch.arange(count), "amin")
+    _, labels = torch.unique(smallest[root], return_inverse=True)
     return labels
 
 

@@ -239,8 +239,10 @@ class PruneChannels(Pass):
         importance = details["importance"]
         reason = (
             f"{self.criterion}: removed {cut} of {total} channels with the lowest importance "
-            f"(removed <= {importance['removed_max']:.3g} < kept >= {importance['kept_min']:.3g})"
+            f"(largest removed {importance['removed_max']:.4g}, smallest kept {importance['kept_min']:.4g}"
         )
+        tied = importance["kept_min"] is not None and importance["removed_max"] >= importance["kept_min"]
+        reason += "; ties broken by channel order)" if tied else ")"
         if plan.rows is not None:
             reason += f", {cut // plan.rows.shape[0]} from each of {plan.rows.shape[0]} conv groups"
         return Decision(group.name, "pruned", reason, before, after, details=details)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 from types import TracebackType
-from typing import Any
+from typing import Any, Sequence
 
 import torch.fx as fx
 import torch.nn as nn
@@ -54,6 +54,29 @@ class Rewriter:
             node = self.graph.fx_graph.call_module(name, args)
         self._stamp(node, module)
         return node
+
+    def replace_with_sequence(self, node: fx.Node, parts: Sequence[tuple[str, nn.Module]]) -> list[fx.Node]:
+        """Replace call_module ``node`` by a chain of ``parts`` run one after the other.
+
+        The parts become submodules ``<target>.<name>`` (``layer1.0.conv1.v``), so reports
+        keep showing where they came from; the old module's path holds them as a container.
+        """
+        assert node.op == "call_module" and len(node.args) == 1 and not node.kwargs, f"{node.name} is not a one-input call"
+        target = str(node.target)
+        container = nn.Module()
+        for name, module in parts:
+            container.add_module(name, module)
+        self.graph.module.set_submodule(target, container)
+        chain, previous = [], node.args[0]
+        for name, module in parts:
+            with self.graph.fx_graph.inserting_after(chain[-1] if chain else node):
+                step = self.graph.fx_graph.call_module(f"{target}.{name}", (previous,))
+            self._stamp(step, module)
+            chain.append(step)
+            previous = step
+        node.replace_all_uses_with(chain[-1])
+        self.graph.fx_graph.erase_node(node)
+        return chain
 
     def replace_uses(self, old: fx.Node, new: fx.Node) -> None:
         """Every user of ``old`` except ``new`` itself reads ``new`` instead."""

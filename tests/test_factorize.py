@@ -88,7 +88,7 @@ def test_error_does_not_grow_with_rank() -> None:
     spatial = [lowrank.relative_error(lowrank.compose_spatial(*lowrank.spatial_svd(w2, r)), w2) for r in range(1, 19)]
     tucker = [lowrank.relative_error(lowrank.compose_tucker2(lowrank.tucker2(w2, min(r, 6), r)), w2) for r in range(1, 9)]
     linear = [lowrank.relative_error(torch.mm(*reversed(lowrank.linear_svd(wl, r))), wl) for r in range(1, 8)]
-    full_width = len(lowrank.separable_3d_singular_values(w3)[0])
+    full_width = len(lowrank.separable_first_svd(w3)[1])
     separable = [lowrank.relative_error(lowrank.compose_separable_3d(lowrank.separable_3d(w3, r, 3 * r)), w3)
                  for r in range(1, full_width + 1)]
     for errors in (spatial, tucker, linear, separable):

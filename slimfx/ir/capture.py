@@ -16,8 +16,11 @@ LeafSpec = type | str
 class SlimfxTracer(fx.Tracer):
     """fx Tracer keeping standard ``torch.nn`` layers whole, plus user-chosen leaf modules.
 
-    ``leaf_modules`` holds module classes or module paths (``"layer1.0"``). The tracer also
-    remembers the innermost module being traced when tracing fails, for the error message.
+    ``leaf_modules`` holds module classes or module paths (``"layer1.0"``). A subclass of a
+    standard layer that keeps its parent's ``forward`` (torchvision's ``Conv3DSimple`` is a
+    ``Conv3d``) stays whole too, so passes see the layer rather than a bare ``conv3d`` call.
+    The tracer also remembers the innermost module being traced when tracing fails, for the
+    error message.
     """
 
     def __init__(self, leaf_modules: Iterable[LeafSpec] = (), record_stack_traces: bool = False):
@@ -31,7 +34,7 @@ class SlimfxTracer(fx.Tracer):
     def is_leaf_module(self, m: torch.nn.Module, module_qualified_name: str) -> bool:
         if module_qualified_name in self.leaf_paths or isinstance(m, self.leaf_types):
             return True
-        return super().is_leaf_module(m, module_qualified_name)
+        return super().is_leaf_module(m, module_qualified_name) or _inherits_standard_forward(m)
 
     def call_module(self, m: torch.nn.Module, forward: Any, args: Any, kwargs: Any) -> Any:
         try:
@@ -40,6 +43,17 @@ class SlimfxTracer(fx.Tracer):
             if self.failed_module is None:  # innermost module: the first handler to run
                 self.failed_module = (self.path_of_module(m), type(m).__name__)
             raise
+
+
+def _inherits_standard_forward(m: torch.nn.Module) -> bool:
+    """True when ``m``'s forward is a standard torch.nn layer's (not a container's)."""
+    owner = next((c for c in type(m).__mro__ if "forward" in vars(c)), None)
+    return (
+        owner is not None
+        and owner.__module__.startswith("torch.nn.modules")
+        and owner is not torch.nn.Module
+        and not issubclass(owner, (torch.nn.Sequential, torch.nn.ModuleList, torch.nn.ModuleDict))
+    )
 
 
 def capture(

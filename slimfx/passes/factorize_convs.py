@@ -88,7 +88,8 @@ def _out_size(size: int, kernel: int, stride: int, padding: int, dilation: int) 
 
 def _conv(weight: torch.Tensor, bias: torch.Tensor | None, like: nn.Module, **geometry: Any) -> nn.Module:
     """A conv of ``like``'s class and dtype with ``weight`` (and ``bias``) and the given geometry."""
-    conv = type(like)(weight.shape[1] * geometry.get("groups", 1), weight.shape[0], weight.shape[2:],
+    standard = nn.Conv3d if isinstance(like, nn.Conv3d) else nn.Conv2d  # subclasses may take other arguments
+    conv = standard(weight.shape[1] * geometry.get("groups", 1), weight.shape[0], weight.shape[2:],
                       bias=bias is not None, device=weight.device, dtype=like.weight.dtype, **geometry)
     conv.weight = nn.Parameter(weight.to(like.weight.dtype))
     if bias is not None:
@@ -213,16 +214,17 @@ class _Separable3d(_Factorizer):
         return reason.replace("1x1 kernel", "1x1x1 kernel") if reason else None
 
     def spectra(self, weight):
-        first, _ = lowrank.separable_3d_singular_values(weight)
-        _, second = lowrank.separable_3d_singular_values(weight, len(first))
-        return {"width": first, "height": second}
+        first = lowrank.separable_first_svd(weight.float())
+        _, second, _ = lowrank.separable_second_svd(weight.float(), len(first[1]), first)
+        return {"first": first, "width": first[1], "height": second}
 
     def full(self, layer):
         return (len(layer.spectra["width"]), len(layer.spectra["height"]))
 
     def energy_ranks(self, layer, energy):
         r1 = lowrank.energy_rank(layer.spectra["width"], energy)
-        _, second = lowrank.separable_3d_singular_values(layer.module.weight.detach(), r1)
+        weight = layer.module.weight.detach().float()
+        _, second, _ = lowrank.separable_second_svd(weight, r1, layer.spectra["first"])
         return (r1, lowrank.energy_rank(second, energy))
 
     def feasible(self, layer, ranks):
@@ -243,7 +245,7 @@ class _Separable3d(_Factorizer):
 
     def build(self, layer, ranks, iterations, seed):
         m, weight = layer.module, layer.module.weight.detach()
-        s = lowrank.separable_3d(weight, *ranks)
+        s = lowrank.separable_3d(weight, *ranks, first=layer.spectra["first"])
         (sd, sh, sw), (pd, ph, pw), (dd, dh, dw) = m.stride, m.padding, m.dilation
         parts = [
             ("w", _conv(s.width, None, m, stride=(1, 1, sw), padding=(0, 0, pw), dilation=(1, 1, dw))),

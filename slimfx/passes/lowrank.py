@@ -200,35 +200,36 @@ class Separable3d:
     depth: torch.Tensor  # (Cout, r2, kd, 1, 1)
 
 
-def separable_3d_singular_values(weight: torch.Tensor, rank_width: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Singular values of the first split, and of the second given ``rank_width``."""
+def separable_first_svd(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """SVD of the (Cin*kw) x (Cout*kd*kh) matrix whose rank the width kernel cuts."""
     cout, cin, kd, kh, kw = weight.shape
-    first = torch.linalg.svdvals(weight.double().permute(1, 4, 0, 2, 3).reshape(cin * kw, -1))
-    if rank_width is None:
-        return first, None
-    return first, torch.linalg.svdvals(_separable_remainder(weight.double(), rank_width)[1])
+    return thin_svd(weight.permute(1, 4, 0, 2, 3).reshape(cin * kw, cout * kd * kh))
 
 
-def separable_3d(weight: torch.Tensor, rank_width: int, rank_height: int) -> Separable3d:
+def separable_second_svd(
+    weight: torch.Tensor, rank_width: int, first: tuple[torch.Tensor, ...]
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """SVD of the (r1*kh) x (Cout*kd) matrix left once the width kernel is split off."""
+    cout, cin, kd, kh, kw = weight.shape
+    _, s1, vh1 = first
+    rest = (s1[:rank_width, None] * vh1[:rank_width]).reshape(rank_width, cout, kd, kh)
+    return thin_svd(rest.permute(0, 3, 1, 2).reshape(rank_width * kh, cout * kd))
+
+
+def separable_3d(
+    weight: torch.Tensor, rank_width: int, rank_height: int, first: tuple[torch.Tensor, ...] | None = None
+) -> Separable3d:
     """Successive SVDs: split off the width kernel, then the height kernel from the rest."""
     cout, cin, kd, kh, kw = weight.shape
-    u1, second = _separable_remainder(weight.double(), rank_width)
-    u2, s2, vh2 = torch.linalg.svd(second, full_matrices=False)
+    first = first or separable_first_svd(weight)
+    u2, s2, vh2 = separable_second_svd(weight, rank_width, first)
     rank_height = min(rank_height, len(s2))
-    width = u1.T.reshape(rank_width, cin, 1, 1, kw)
-    height = u2[:, :rank_height].T.reshape(rank_height, rank_width, kh).reshape(rank_height, rank_width, 1, kh, 1)
+    width = first[0][:, :rank_width].T.reshape(rank_width, cin, 1, 1, kw)
+    height = u2[:, :rank_height].T.reshape(rank_height, rank_width, 1, kh, 1)
     depth = (s2[:rank_height, None] * vh2[:rank_height]).reshape(rank_height, cout, kd).permute(1, 0, 2)
     dtype = weight.dtype
     return Separable3d(width.to(dtype).contiguous(), height.to(dtype).contiguous(),
                        depth.reshape(cout, rank_height, kd, 1, 1).to(dtype).contiguous())
-
-
-def _separable_remainder(w: torch.Tensor, rank_width: int) -> tuple[torch.Tensor, torch.Tensor]:
-    cout, cin, kd, kh, kw = w.shape
-    u1, s1, vh1 = torch.linalg.svd(w.permute(1, 4, 0, 2, 3).reshape(cin * kw, cout * kd * kh), full_matrices=False)
-    rest = (s1[:rank_width, None] * vh1[:rank_width]).reshape(rank_width, cout, kd, kh)  # (r1, Cout, kd, kh)
-    second = rest.permute(0, 3, 1, 2).reshape(rank_width * kh, cout * kd)  # rows (r1, kh), cols (Cout, kd)
-    return u1[:, :rank_width], second
 
 
 def compose_separable_3d(s: Separable3d) -> torch.Tensor:

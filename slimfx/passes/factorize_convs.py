@@ -435,7 +435,8 @@ class FactorizeConvs(Pass):
     def _ranks_for_target(
         self, graph: Graph, factorizer: _Factorizer, layers: list[_Layer], decisions: dict[str, Decision], warnings: list[str]
     ) -> dict[str, Ranks]:
-        """Greedy: repeatedly take the rank cut with the least added error per MAC saved."""
+        """Greedy: repeatedly take the rank cut with the least added error per MAC saved; once
+        one cut reaches the goal, take the one that reaches it with the least added error."""
         total = sum(graph.info(n).cost.cost.macs for n in graph.nodes() if graph.info(n).cost is not None)
         goal = self.target_macs * total
         options: dict[str, list[tuple[Ranks, int, float]]] = {}
@@ -449,13 +450,16 @@ class FactorizeConvs(Pass):
                                                       f"{self.method} saves no MACs at any rank", layer.macs, layer.macs)
         state = {layer.node.name: (None, layer.macs, 0.0) for layer in layers}
         while total > goal:
-            best = None
+            best = finishing = None
             for name, (_, macs_now, error_now) in state.items():
                 for ranks, macs, error in options[name]:
                     if macs < macs_now:
                         price = (error - error_now) / (macs_now - macs)
                         if best is None or price < best[0]:
                             best = (price, name, (ranks, macs, error))
+                        if total - (macs_now - macs) <= goal and (finishing is None or error - error_now < finishing[0]):
+                            finishing = (error - error_now, name, (ranks, macs, error))
+            best = finishing or best  # the last cut: the least added error that reaches the goal
             if best is None:
                 warnings.append(f"factorize-convs: target-macs={self.target_macs:g} cannot be reached with {self.method}; "
                                 f"best reachable is {int(total):,} MACs ({total / (goal / self.target_macs):.3f} of the original)")

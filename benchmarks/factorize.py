@@ -1,0 +1,72 @@
+"""factorize-convs at target-macs=0.5: what fewer MACs buy in measured time, per method.
+
+    python benchmarks/factorize.py [--target 0.5] [--repeats 7] [--threads 2] [--models ...]
+
+For each model and 2-D method: MACs and params after (slimfx's counter), compile time,
+relative output error on fresh random inputs, and CPU latency (torch eager fp32) at batch 1
+and 8, the original and every factorized variant timed in interleaved rounds (median). The
+last columns set the measured speedup next to the MAC reduction: extra depth and depthwise
+kernels make some methods much slower than their MAC count suggests.
+"""
+from __future__ import annotations
+
+import argparse
+import time
+import warnings
+
+import torch
+import torchvision
+from tabulate import tabulate
+
+import slimfx
+
+from prune import interleaved_latency_ms  # noqa: E402  (benchmarks/ is the script's folder)
+
+MODELS = ["resnet18", "vgg16"]
+METHODS = ["spatial-svd", "tucker2", "cp"]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--target", type=float, default=0.5)
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--models", nargs="*", default=MODELS)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    warnings.filterwarnings("ignore")
+    rows = []
+    for name in args.models:
+        model = torchvision.models.get_model(name, weights=None).eval()
+        x = torch.randn(1, 3, 224, 224)
+        before = slimfx.analyze(model, x).totals
+        variants, info = {"original": model}, {}
+        for method in METHODS:
+            start = time.perf_counter()
+            result = slimfx.compile(model, x, f"factorize-convs:method={method},target-macs={args.target}")
+            seconds = time.perf_counter() - start
+            test = torch.randn(4, 3, 224, 224)
+            with torch.no_grad():
+                expected = model(test)
+                error = float((result.module(test) - expected).norm() / expected.norm())
+            variants[method] = result.module
+            info[method] = (seconds, result.report.after.totals, error)
+            print(f"compiled {name} {method} in {seconds:.1f} s", flush=True)
+        latency = {b: interleaved_latency_ms(variants, torch.randn(b, 3, 224, 224), args.repeats) for b in (1, 8)}
+        for method in METHODS:
+            seconds, after, error = info[method]
+            mac_reduction = before.macs / after.macs
+            rows.append([
+                name, method, f"{after.macs / before.macs:.3f}", f"{after.params / before.params:.3f}", f"{seconds:.1f}",
+                f"{error:.3f}", f"{mac_reduction:.2f}x",
+                f"{latency[1]['original'] / latency[1][method]:.2f}x ({latency[1]['original']:.1f} -> {latency[1][method]:.1f} ms)",
+                f"{latency[8]['original'] / latency[8][method]:.2f}x ({latency[8]['original']:.1f} -> {latency[8][method]:.1f} ms)",
+            ])
+    print(f"\ntarget-macs={args.target}; latency: torch eager fp32, {args.threads} threads, median of {args.repeats} "
+          "interleaved rounds; output error: relative, 4 random inputs (random-init weights)\n")
+    print(tabulate(rows, headers=["model", "method", "MACs after/before", "params after/before", "compile s",
+                                  "output error", "MAC reduction", "speedup batch 1", "speedup batch 8"], tablefmt="github"))
+
+
+if __name__ == "__main__":
+    main()

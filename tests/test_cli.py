@@ -95,6 +95,23 @@ def test_compile_table_shows_channels_and_thinet_calibrates_on_random_batches(ca
     assert code == 2 and "criterion=thinet needs calibration data" in err and "Traceback" not in err
 
 
+def test_compile_factorizes_vgg16_to_half_the_macs(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out_file = tmp_path / "vgg.pt"
+    code, out, _ = run(capsys, "compile", "torchvision:vgg16", *SMALL, "--passes",
+                       "factorize-convs:method=spatial-svd,target-macs=0.5", "--format", "json", "-o", str(out_file),
+                       "--repeats", "0")
+    assert code == 0
+    data = json.loads(out)
+    assert data["after"]["totals"]["macs"] <= 0.55 * data["before"]["totals"]["macs"]
+    factorized = [d for d in data["passes"][0]["decisions"] if d["action"] == "factorized"]
+    assert factorized and all(d["details"]["layers"][0].endswith(".v") for d in factorized)
+
+    from slimfx import load_model
+
+    loaded = load_model(str(out_file))
+    assert loaded.module(torch.randn(1, 3, 64, 64)).shape == (1, 1000)
+
+
 def test_saved_model_matches_compiled_output(tmp_path: Path) -> None:
     import slimfx
 

@@ -2,7 +2,8 @@
 
     python benchmarks/factorize.py [--target 0.5] [--repeats 7] [--threads 2] [--models ...]
 
-For each model and 2-D method: MACs and params after (slimfx's counter), compile time,
+For each image model and method (spatial-svd, tucker2, cp, linear-svd), and for a video
+model with separable-3d: MACs and params after (slimfx's counter), compile time,
 relative output error on fresh random inputs, and CPU latency (torch eager fp32) at batch 1
 and 8, the original and every factorized variant timed in interleaved rounds (median). The
 last columns set the measured speedup next to the MAC reduction: extra depth and depthwise
@@ -22,8 +23,17 @@ import slimfx
 
 from prune import interleaved_latency_ms  # noqa: E402  (benchmarks/ is the script's folder)
 
-MODELS = ["resnet18", "vgg16"]
-METHODS = ["spatial-svd", "tucker2", "cp"]
+MODELS = ["resnet18", "vgg16", "r3d_18"]
+METHODS = ["spatial-svd", "tucker2", "cp", "linear-svd"]  # for image models
+VIDEO = {"r3d_18": (3, 8, 112, 112)}  # Conv3d models: separable-3d, on 8-frame 112x112 clips
+
+
+def model_and_methods(name: str) -> tuple[torch.nn.Module, tuple[int, ...], list[str]]:
+    if name in VIDEO:
+        from torchvision.models import video
+
+        return getattr(video, name)(weights=None).eval(), VIDEO[name], ["separable-3d"]
+    return torchvision.models.get_model(name, weights=None).eval(), (3, 224, 224), METHODS
 
 
 def main() -> None:
@@ -37,24 +47,26 @@ def main() -> None:
     warnings.filterwarnings("ignore")
     rows = []
     for name in args.models:
-        model = torchvision.models.get_model(name, weights=None).eval()
-        x = torch.randn(1, 3, 224, 224)
+        model, shape, methods = model_and_methods(name)
+        x = torch.randn(1, *shape)
         before = slimfx.analyze(model, x).totals
         variants, info = {"original": model}, {}
-        for method in METHODS:
+        for method in methods:
             start = time.perf_counter()
             result = slimfx.compile(model, x, f"factorize-convs:method={method},target-macs={args.target}")
             seconds = time.perf_counter() - start
-            test = torch.randn(4, 3, 224, 224)
+            test = torch.randn(4, *shape)
             with torch.no_grad():
                 expected = model(test)
                 error = float((result.module(test) - expected).norm() / expected.norm())
             variants[method] = result.module
-            info[method] = (seconds, result.report.after.totals, error)
+            info[method] = (seconds, result.report.after.totals, error, result.report.passes[0].warnings)
             print(f"compiled {name} {method} in {seconds:.1f} s", flush=True)
-        latency = {b: interleaved_latency_ms(variants, torch.randn(b, 3, 224, 224), args.repeats) for b in (1, 8)}
-        for method in METHODS:
-            seconds, after, error = info[method]
+        latency = {b: interleaved_latency_ms(variants, torch.randn(b, *shape), args.repeats) for b in (1, 8)}
+        for method in methods:
+            seconds, after, error, warnings_ = info[method]
+            for warning in warnings_:
+                print(f"{name} {method}: {warning}")
             mac_reduction = before.macs / after.macs
             rows.append([
                 name, method, f"{after.macs / before.macs:.3f}", f"{after.params / before.params:.3f}", f"{seconds:.1f}",

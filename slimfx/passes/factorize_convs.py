@@ -263,7 +263,8 @@ class _LinearSvd(_Factorizer):
         return None
 
     def spectra(self, weight):
-        return {"s": torch.linalg.svdvals(weight.double())}
+        u, s, vh = lowrank.thin_svd(weight.float())
+        return {"s": s, "u": u, "vh": vh}
 
     def full(self, layer):
         return (len(layer.spectra["s"]),)
@@ -280,7 +281,7 @@ class _LinearSvd(_Factorizer):
 
     def build(self, layer, ranks, iterations, seed):
         m, weight = layer.module, layer.module.weight.detach()
-        first, second = lowrank.linear_svd(weight, ranks[0])
+        first, second = lowrank.linear_svd(weight, ranks[0], (layer.spectra["u"], layer.spectra["s"], layer.spectra["vh"]))
         reduce, restore = nn.Linear(m.in_features, ranks[0], bias=False), nn.Linear(ranks[0], m.out_features, bias=m.bias is not None)
         reduce.weight = nn.Parameter(first)
         restore.weight = nn.Parameter(second)

@@ -237,8 +237,10 @@ def compose_separable_3d(s: Separable3d) -> torch.Tensor:
 
 
 # -- linear SVD ------------------------------------------------------------------------------------
-def linear_svd(weight: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+def linear_svd(
+    weight: torch.Tensor, rank: int, decomposition: tuple[torch.Tensor, ...] | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(rank, in) and (out, rank) weights whose product is the best rank-``rank`` ``weight``."""
-    u, s, vh = torch.linalg.svd(weight.double(), full_matrices=False)
+    u, s, vh = decomposition or thin_svd(weight.double())
     root = s[:rank].sqrt()
     return (root[:, None] * vh[:rank]).to(weight.dtype), (u[:, :rank] * root).to(weight.dtype)

@@ -47,6 +47,7 @@ def main() -> None:
     warnings.filterwarnings("ignore")
     rows = []
     for name in args.models:
+        torch.manual_seed(0)  # the same random-init weights on every run
         model, shape, methods = model_and_methods(name)
         x = torch.randn(1, *shape)
         before = slimfx.analyze(model, x).totals

@@ -17,11 +17,10 @@ import warnings
 
 import torch
 import torchvision
+from prune import interleaved_latency_ms  # noqa: E402  (benchmarks/ is the script's folder)
 from tabulate import tabulate
 
 import slimfx
-
-from prune import interleaved_latency_ms  # noqa: E402  (benchmarks/ is the script's folder)
 
 MODELS = ["resnet18", "vgg16", "r3d_18"]
 METHODS = ["spatial-svd", "tucker2", "cp", "linear-svd"]  # for image models

@@ -43,14 +43,18 @@ def analyze(
 class CompileResult:
     """The compiled module (a runnable fx GraphModule), its graph and the report."""
 
-    module: fx.GraphModule
+    module: nn.Module
     graph: Graph
     report: CompileReport
 
     def save(self, path: str | Path) -> None:
         """Write the module in slimfx's safe format (``slimfx report PATH`` loads it back)."""
+        from slimfx.errors import OutputError
         from slimfx.ir.serialize import save_module
 
+        if not isinstance(self.module, fx.GraphModule):
+            raise OutputError(f"saving a {type(self.module).__name__} is not supported yet; save result.graph.module "
+                              "(the model without exits) or torch.save the module if you trust the file's readers")
         save_module(self.module, path, self.graph.example_inputs, model_name=self.report.before.model)
 
 
@@ -82,13 +86,41 @@ def compile(
     torch.manual_seed(seed)
     records = manager.run(graph, PassContext(calib_data=calib_data, seed=seed, progress=progress))
     after = Report.from_graph(graph, label)
-    error = compare_outputs(manager.outputs_before, manager.outputs_after).relative_error
+    module, exits = _with_exits(graph)
+    with torch.no_grad():
+        error = compare_outputs(manager.outputs_before, [module(*inputs)]).relative_error if exits else \
+            compare_outputs(manager.outputs_before, manager.outputs_after).relative_error
     latency = None
     if latency_repeats > 0:
+        timed = _latency_inputs(inputs, calib_data) if exits else inputs
         latency = Latency(
-            module_latency_ms(model, inputs, latency_repeats),
-            module_latency_ms(graph.module, inputs, latency_repeats),
-            baseline_name(inputs),
+            module_latency_ms(model, timed, latency_repeats),
+            module_latency_ms(module, timed, latency_repeats),
+            baseline_name(timed),
         )
-    report = CompileReport(before, after, tuple(records), error, latency)
-    return CompileResult(graph.module, graph, report)
+    notes = ()
+    if exits:
+        head_macs = sum(e.get("head_macs_per_sample", 0) for e in exits["exits"])
+        notes = (f"the after totals count the model without its exit heads; the heads add {head_macs:,} MACs per "
+                 "sample in all, included in the early-exit costs above",)
+    report = CompileReport(before, after, tuple(records), error, latency, notes=notes, exits=exits)
+    return CompileResult(module, graph, report)
+
+
+def _with_exits(graph: Graph) -> tuple[nn.Module, dict[str, Any] | None]:
+    """The early-exit runtime when ``add-exits`` ran, else the graph's module."""
+    from slimfx.passes.early_exit import PLAN_KEY
+    from slimfx.runtime.early_exit import EarlyExitModel, split_at
+
+    plan = graph.attachments.get(PLAN_KEY)
+    if plan is None:
+        return graph.module, None
+    return EarlyExitModel(split_at(graph.module, plan.cuts), plan.heads, plan.thresholds), plan.to_dict()
+
+
+def _latency_inputs(inputs: tuple[torch.Tensor, ...], calib_data: Iterable[Any] | None) -> tuple[torch.Tensor, ...]:
+    """Early exits pay off on real data: time them on the first calibration batch."""
+    for item in calib_data or ():
+        x = item[0] if isinstance(item, (tuple, list)) else item
+        return (x,)
+    return inputs

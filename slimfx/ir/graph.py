@@ -25,6 +25,7 @@ class Graph:
         self.example_inputs = tuple(example_inputs)
         self.version = 0
         self._cache: dict[str, tuple[int, Any]] = {}
+        self.attachments: dict[str, Any] = {}  # what passes hand to the API beside the graph (exit heads)
 
     # -- structure -------------------------------------------------------------------------
     @property

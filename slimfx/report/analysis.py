@@ -160,6 +160,7 @@ class CompileReport:
     output_error: float
     latency: Latency | None = None
     notes: tuple[str, ...] = field(default_factory=tuple)
+    exits: dict[str, Any] | None = None  # early exits: per-exit share and threshold, expected MACs
 
     def to_dict(self, top: int | None = None) -> dict[str, Any]:
         return {
@@ -171,6 +172,7 @@ class CompileReport:
             "output_error": self.output_error,
             "latency": self.latency.to_dict() if self.latency else None,
             "notes": list(self.notes),
+            "exits": self.exits,
         }
 
     def to_json(self, top: int | None = None) -> str:

@@ -104,6 +104,8 @@ def render_compile(result: CompileReport, fmt: str = "table") -> str:
     ]
     for record in result.passes:
         parts.append(_pass_text(record, tablefmt))
+    if result.exits:
+        parts.append(_exits_text(result.exits, tablefmt))
     parts.append(f"output error vs the original model: {result.output_error:.3g} (relative, on the example inputs)")
     if result.latency:
         lat = result.latency
@@ -113,6 +115,19 @@ def render_compile(result: CompileReport, fmt: str = "table") -> str:
         )
     parts.extend(result.notes)
     return "\n".join(parts).rstrip() + "\n"
+
+
+def _exits_text(exits: dict[str, Any], tablefmt: str) -> str:
+    rows = [[e["exit"], e.get("node", ""), "" if "threshold" not in e else f"{e['threshold']:.4g}", f"{e['share']:.1%}",
+             si(e["macs_to_exit_per_sample"], "MACs")] for e in exits["exits"]]
+    table = tabulate(rows, headers=["exit", "after node", "entropy threshold", "share of held-out rows", "cost to answer there"],
+                     tablefmt=tablefmt, disable_numparse=True)
+    return (
+        f"early exits: expected {si(exits['expected_macs_per_sample'], 'MACs')} per sample vs "
+        f"{si(exits['full_macs_per_sample'], 'MACs')} for the full model "
+        f"({exits['expected_mac_speedup']:.2f}x); agreement with the full model {exits['agreement']:.4f} on held-out rows\n"
+        f"{table}\n"
+    )
 
 
 def _pass_text(record: Any, tablefmt: str) -> str:

@@ -1,0 +1,187 @@
+"""add-exits and the early-exit runtime: cut points, exactness of the runtime, a trained case."""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn as nn
+from digits import split, trained_cnn
+
+import slimfx
+from slimfx import compile
+from slimfx.errors import PassError, PassOrderError, PassSpecError
+from slimfx.ir.capture import capture
+from slimfx.ir.dominators import output_dominators
+from slimfx.passes.early_exit import choose_thresholds
+from slimfx.passes.registry import parse_pipeline
+from slimfx.runtime.early_exit import EarlyExitModel, prediction_entropy, split_at
+
+torchvision = pytest.importorskip("torchvision")
+
+
+def calibration(rows: int = 600, labels: bool = False) -> list:
+    x, y = split()["calib"]
+    return [(x[i : i + 50], y[i : i + 50]) if labels else x[i : i + 50] for i in range(0, min(rows, len(x)), 50)]
+
+
+# -- where exits can go ------------------------------------------------------------------------
+def test_resnet18_cut_points_lie_between_residual_blocks() -> None:
+    graph = capture(torchvision.models.resnet18(weights=None).eval(), (torch.randn(1, 3, 64, 64),))
+    names = [n.name for n in output_dominators(graph)]
+    assert "layer1_1_relu_1" in names and "layer3_0_relu_1" in names  # the end of a block
+    inside = [n for n in names if n.startswith("layer") and ("conv" in n or "bn" in n or n.endswith("_relu"))]
+    assert inside == [], f"cut points inside a residual block: {inside}"
+
+
+def test_densenet121_cut_points_lie_at_transitions() -> None:
+    graph = capture(torchvision.models.densenet121(weights=None).eval(), (torch.randn(1, 3, 64, 64),))
+    names = [n.name for n in output_dominators(graph)]
+    assert "features_transition2_pool" in names
+    assert not [n for n in names if "denselayer" in n]
+
+
+class AllBranches(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 3), nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.a(x) + self.b(x)
+
+
+def test_a_model_whose_every_path_branches_is_declined() -> None:
+    x = torch.randn(32, 4)
+    result = compile(AllBranches().eval(), x[:2], "add-exits", calib_data=[x])
+    (record,) = result.report.passes
+    assert not record.changed and "every path branches" in record.decisions[-1].reason
+    assert result.report.exits is None
+
+
+# -- the runtime ----------------------------------------------------------------------------------
+def runtime_for(model: nn.Module, x: torch.Tensor, thresholds: list[float]) -> tuple[EarlyExitModel, list[nn.Module]]:
+    graph = capture(model, (x,))
+    heads = [nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(c, 10)) for c in (32, 64)]
+    return EarlyExitModel(split_at(graph.module, ["block2_3", "block3_3"]), heads, thresholds), heads
+
+
+def test_runtime_equals_the_original_when_no_exit_fires() -> None:
+    model = trained_cnn()
+    x = split()["test"][0][:40]
+    runtime, _ = runtime_for(model, x, [-math.inf, -math.inf])
+    with torch.no_grad():
+        out, exits = runtime(x, return_exits=True)
+        assert torch.equal(out, model(x))
+    assert exits.tolist() == [2] * 40
+
+
+def test_runtime_equals_head_one_when_it_always_fires() -> None:
+    model = trained_cnn()
+    x = split()["test"][0][:40]
+    runtime, heads = runtime_for(model, x, [math.inf, math.inf])
+    with torch.no_grad():
+        out, exits = runtime(x, return_exits=True)
+        expected = heads[0](model.block2(model.block1(x)))
+    assert torch.allclose(out, expected, atol=1e-6) and exits.tolist() == [0] * 40
+
+
+def test_thresholds_can_be_changed_after_compiling() -> None:
+    model = trained_cnn()
+    x = split()["test"][0][:40]
+    runtime, _ = runtime_for(model, x, [-math.inf, -math.inf])
+    runtime.thresholds[1] = math.inf
+    with torch.no_grad():
+        _, exits = runtime(x, return_exits=True)
+    assert exits.tolist() == [1] * 40
+
+
+def test_prediction_entropy() -> None:
+    assert float(prediction_entropy(torch.zeros(1, 4))) == pytest.approx(math.log(4))
+    assert float(prediction_entropy(torch.tensor([[100.0, 0.0]]))) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_choose_thresholds_keeps_the_agreement_greedily() -> None:
+    entropy = [torch.tensor([0.1, 0.2, 0.3, 0.4]), torch.tensor([0.1, 0.1, 0.1, 0.1])]
+    correct = [torch.tensor([True, True, False, True]), torch.tensor([True, True, True, False])]
+    final = torch.ones(4, dtype=torch.bool)
+    # exit 1 may take the two surest rows (both right); the third is wrong, so it stops there
+    thresholds = choose_thresholds(entropy, correct, final, required=4)
+    assert thresholds[0] == pytest.approx(0.2)
+    # exit 2 would answer rows 3 and 4; row 4 is wrong there, so nothing leaves at exit 2
+    assert thresholds[1] == -math.inf
+    assert choose_thresholds(entropy, correct, final, required=3)[0] == pytest.approx(0.4)
+
+
+# -- a trained model: the acceptance case ---------------------------------------------------------
+def test_digits_cnn_agrees_while_a_third_exits_early() -> None:
+    model = trained_cnn()
+    x_test, _ = split()["test"]
+    result = compile(model, x_test[:2], "add-exits:exits=2", calib_data=calibration())
+    with torch.no_grad():
+        outputs, exits = result.module(x_test, return_exits=True)
+        reference = model(x_test)
+    agreement = float((outputs.argmax(-1) == reference.argmax(-1)).float().mean())
+    early = float((exits < 2).float().mean())
+    assert agreement >= 0.99, f"agreement {agreement:.4f} on held-out digits"
+    assert early >= 0.3, f"only {early:.1%} left early"
+    report = result.report.exits
+    assert report["expected_macs_per_sample"] < report["full_macs_per_sample"]
+    assert sum(e["share"] for e in report["exits"]) == pytest.approx(1.0)
+    assert all(e["head_macs_per_sample"] > 0 for e in report["exits"][:-1])
+
+
+def test_joint_training_with_labels_and_named_exits() -> None:
+    model = trained_cnn()
+    result = compile(model, split()["test"][0][:2], "add-exits:at=block2,block3,joint=true,epochs=3",
+                     calib_data=calibration(300, labels=True))
+    assert [e["node"] for e in result.report.exits["exits"][:-1]] == ["block2_3", "block3_3"]
+    with torch.no_grad():
+        assert result.module(split()["test"][0][:8]).shape == (8, 10)
+
+
+def test_an_exit_inside_a_residual_block_is_declined() -> None:
+    model = torchvision.models.resnet18(weights=None).eval()
+    x = torch.randn(16, 3, 32, 32)
+    result = compile(model, x[:2], "add-exits:at=layer1.0.conv1,layer2,epochs=1,agreement=0.5", calib_data=[x])
+    decisions = {d.target: d for d in result.report.passes[0].decisions}
+    assert decisions["layer1.0.conv1"].declined and "does not dominate" in decisions["layer1.0.conv1"].reason
+    assert [e["node"] for e in result.report.exits["exits"][:-1]] == ["layer2_1_relu_1"]
+
+
+# -- bad input ------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [("add-exits:exits=0", "option 'exits'"), ("add-exits:agreement=0", r"option 'agreement': expected a share in \(0, 1\]"),
+     ("add-exits:agreement=1.5", "option 'agreement'"), ("add-exits:head=mlp", "choose one of: pool-linear, conv-pool-linear")],
+)
+def test_bad_options_are_clear_errors(spec: str, message: str) -> None:
+    with pytest.raises(PassSpecError, match=message):
+        parse_pipeline(spec)
+
+
+def test_bad_calibration_and_names_are_clear_errors() -> None:
+    model, x = trained_cnn(), split()["test"][0][:2]
+    with pytest.raises(PassError, match="joint=true trains on labels"):
+        compile(model, x, "add-exits:joint=true", calib_data=calibration(100))
+    with pytest.raises(PassError, match="needs calibration data"):
+        compile(model, x, "add-exits")
+    with pytest.raises(PassError, match="at='block9' is not a module"):
+        compile(model, x, "add-exits:at=block9", calib_data=calibration(100))
+    with pytest.raises(PassOrderError, match="'fold-bn' must run before 'add-exits'"):
+        compile(model, x, "add-exits,fold-bn", calib_data=calibration(100))
+
+
+def test_cli_reports_exit_shares_and_expected_macs(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import json
+
+    from slimfx.cli import main
+
+    code = main(["compile", "torchvision:resnet18", "--input-shape", "8,3,32,32", "--passes", "add-exits:exits=1,epochs=1",
+                 "--calib-random", "3", "--format", "json", "--repeats", "0"])
+    out, _ = capsys.readouterr()
+    assert code == 0
+    exits = json.loads(out)["exits"]
+    assert len(exits["exits"]) == 2 and exits["expected_macs_per_sample"] > 0 and "share" in exits["exits"][0]
+    with pytest.raises(slimfx.SlimfxError, match="not supported yet"):
+        compile(trained_cnn(), split()["test"][0][:2], "add-exits:epochs=1", calib_data=calibration(100)).save(tmp_path / "x.pt")

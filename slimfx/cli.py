@@ -10,7 +10,7 @@ import os
 import sys
 import warnings
 from pathlib import Path
-from typing import NoReturn, Sequence
+from typing import Callable, NoReturn, Sequence
 
 import torch
 
@@ -150,12 +150,26 @@ def cmd_compile(args: argparse.Namespace) -> None:
     calib = [tuple(torch.randn(x.shape, generator=generator) for x in inputs) for _ in range(args.calib_random)]
     result = compile(loaded.module, inputs, args.passes, seed=args.seed, name=loaded.name,
                      leaf_modules=args.leaf_module, latency_repeats=max(args.repeats, 0),
-                     calib_data=calib or None)
+                     calib_data=calib or None, progress=_terminal_progress())
+    if sys.stderr.isatty():
+        sys.stderr.write("\r" + " " * 110 + "\r")  # clear the progress line
     if args.output:
         result.save(args.output)
     sys.stdout.write(render_compile(result.report, args.format))
     if args.output:
         print(f"saved the compiled model to {args.output}", file=sys.stderr)
+
+
+def _terminal_progress() -> Callable[[str], None] | None:
+    """A one-line progress display on stderr when it is a terminal; nothing otherwise."""
+    if not sys.stderr.isatty():
+        return None
+
+    def show(message: str) -> None:
+        sys.stderr.write("\r" + message[:110].ljust(110))
+        sys.stderr.flush()
+
+    return show
 
 
 def cmd_demo(args: argparse.Namespace) -> None:

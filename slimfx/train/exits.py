@@ -8,6 +8,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 
+def progress_bar(done: int, total: int, width: int = 24) -> str:
+    """``[#########---------------] 9/24``: a text bar for a progress line."""
+    filled = round(width * done / max(total, 1))
+    return f"[{'#' * filled}{'-' * (width - filled)}] {done}/{total}"
+
+
 def distill_heads(
     extractor: nn.Module, heads: Sequence[nn.Module], batches: Sequence[torch.Tensor], *,
     temperature: float, epochs: int, lr: float, progress: Callable[[str], None] | None = None,
@@ -36,7 +42,7 @@ def distill_heads(
             total += float(loss.detach())
         history.append(total / max(len(batches), 1))
         if progress:
-            progress(f"add-exits: distilling heads, epoch {epoch + 1}/{epochs}, loss {history[-1]:.4f}")
+            progress(f"add-exits: distilling heads {progress_bar(epoch + 1, epochs)} loss {history[-1]:.4f}")
     return history
 
 
@@ -61,7 +67,7 @@ def train_branchynet(
                 total += float(loss.detach())
             history.append(total / max(len(batches), 1))
             if progress:
-                progress(f"add-exits: joint training, epoch {epoch + 1}/{epochs}, loss {history[-1]:.4f}")
+                progress(f"add-exits: joint training {progress_bar(epoch + 1, epochs)} loss {history[-1]:.4f}")
     finally:
         extractor.eval()
     return history

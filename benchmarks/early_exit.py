@@ -1,0 +1,129 @@
+"""add-exits on models trained on scikit-learn's digits: do early exits really save time?
+
+    python benchmarks/early_exit.py [--repeats 7] [--threads 2]
+
+Models: the digits CNN of the tests (8x8 inputs) and torchvision's resnet18 trained briefly
+on the digits upsampled to 32x32 (3 channels). For each: exit distribution on the test
+digits, agreement with the full model, accuracy of both, expected MAC speedup (counted, heads
+included) and measured latency speedup of the early-exit runtime over the original model
+(torch eager fp32) at batch 1 (every test digit on its own, runtime and original interleaved)
+and batch 64 (median of interleaved rounds per batch, summed over the test set).
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+import torchvision
+from tabulate import tabulate
+
+import slimfx
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+from digits import split, trained_cnn  # noqa: E402  (the tests' digits data and CNN)
+
+
+def resnet18_on_digits(epochs: int = 4) -> tuple[torch.nn.Module, dict]:
+    """resnet18 (10 classes) trained on digits upsampled to 32x32 with 3 channels."""
+    def prepare(x: torch.Tensor) -> torch.Tensor:
+        return F.interpolate(x, size=32, mode="bilinear", align_corners=False).expand(-1, 3, -1, -1).contiguous()
+
+    data = {k: (prepare(x), y) for k, (x, y) in split().items()}
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(weights=None, num_classes=10)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    x, y = data["train"]
+    for _ in range(epochs):
+        for i in range(0, len(y), 50):
+            loss = F.cross_entropy(model(x[i : i + 50]), y[i : i + 50])
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+    return model.eval(), data
+
+
+def batch_one_ms(a: torch.nn.Module, b: torch.nn.Module, x: torch.Tensor) -> tuple[float, float]:
+    """Mean ms per single-row call over every row of ``x`` (a and b interleaved)."""
+    times = {"a": [], "b": []}
+    with torch.no_grad():
+        a(x[:1]), b(x[:1])
+        for row in x.split(1):
+            for key, m in (("a", a), ("b", b)):
+                start = time.perf_counter()
+                m(row)
+                times[key].append((time.perf_counter() - start) * 1000)
+    return statistics.mean(times["a"]), statistics.mean(times["b"])
+
+
+def batch_64_ms(a: torch.nn.Module, b: torch.nn.Module, x: torch.Tensor, repeats: int) -> tuple[float, float]:
+    """Per 64-row batch: the median of interleaved rounds; summed over the batches of ``x``."""
+    total = {"a": 0.0, "b": 0.0}
+    with torch.no_grad():
+        for batch in x.split(64):
+            samples = {"a": [], "b": []}
+            a(batch), b(batch)
+            for _ in range(repeats):
+                for key, m in (("a", a), ("b", b)):
+                    start = time.perf_counter()
+                    m(batch)
+                    samples[key].append((time.perf_counter() - start) * 1000)
+            for key in total:
+                total[key] += statistics.median(samples[key])
+    return total["a"], total["b"]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    warnings.filterwarnings("ignore")
+    cnn_data = split()
+    cases = [("digits CNN (8x8)", trained_cnn(), cnn_data, "add-exits:exits=2")]
+    model, data = resnet18_on_digits()
+    cases.append(("resnet18 (digits 32x32)", model, data, "add-exits:exits=3"))
+    rows = []
+    for label, model, data, spec in cases:
+        x_calib, _ = data["calib"]
+        x_test, y_test = data["test"]
+        start = time.perf_counter()
+        result = slimfx.compile(model, x_calib[:2], spec, calib_data=list(x_calib.split(50)))
+        seconds = time.perf_counter() - start
+        runtime = result.module
+        with torch.no_grad():
+            outputs, exits = runtime(x_test, return_exits=True)
+            reference = model(x_test)
+        heads = len(result.report.exits["exits"]) - 1
+        shares = torch.bincount(exits, minlength=heads + 1).float() / len(exits)
+        plan = result.report.exits
+        # expected MACs on the test digits, from the counted per-exit costs
+        costs = torch.tensor([e["macs_to_exit_per_sample"] for e in plan["exits"]])
+        expected = float((shares * costs).sum())
+        mac_speedup = plan["full_macs_per_sample"] / expected
+        one_orig, one_exit = batch_one_ms(model, runtime, x_test)
+        big_orig, big_exit = batch_64_ms(model, runtime, x_test, args.repeats)
+        speedup64 = big_orig / big_exit
+        rows.append([
+            label, spec.split(":")[1], " / ".join(f"{s:.1%}" for s in shares.tolist()),
+            f"{float((outputs.argmax(-1) == reference.argmax(-1)).float().mean()):.4f}",
+            f"{float((reference.argmax(-1) == y_test).float().mean()):.4f} -> {float((outputs.argmax(-1) == y_test).float().mean()):.4f}",
+            f"{mac_speedup:.2f}x", f"{one_orig / one_exit:.2f}x ({one_orig:.2f} -> {one_exit:.2f} ms)",
+            f"{speedup64:.2f}x ({big_orig:.1f} -> {big_exit:.1f} ms)", f"{speedup64 / mac_speedup:.2f}", f"{seconds:.1f}",
+        ])
+        print(f"done {label}", flush=True)
+    print(f"\n{len(x_test)} test digits; latency: torch eager fp32, {args.threads} threads; "
+          f"batch 64: median of {args.repeats} interleaved rounds per batch, summed\n")
+    print(tabulate(rows, headers=["model", "exits", "share per exit (last = full model)", "agreement", "accuracy (orig -> exits)",
+                                  "expected MAC speedup", "batch 1 speedup", "batch 64 speedup (test set)",
+                                  "batch-64 speedup / MAC speedup", "compile s"], tablefmt="github"))
+
+
+if __name__ == "__main__":
+    main()

@@ -92,11 +92,11 @@ def compile(
             compare_outputs(manager.outputs_before, manager.outputs_after).relative_error
     latency = None
     if latency_repeats > 0:
-        timed = _latency_inputs(inputs, calib_data) if exits else inputs
+        batches = _latency_batches(inputs, calib_data) if exits else [inputs]
         latency = Latency(
-            module_latency_ms(model, timed, latency_repeats),
-            module_latency_ms(module, timed, latency_repeats),
-            baseline_name(timed),
+            sum(module_latency_ms(model, b, latency_repeats) for b in batches) / len(batches),
+            sum(module_latency_ms(module, b, latency_repeats) for b in batches) / len(batches),
+            baseline_name(batches[0]) + (f", mean over {len(batches)} calibration batches" if exits else ""),
         )
     notes = ()
     if exits:
@@ -118,9 +118,11 @@ def _with_exits(graph: Graph) -> tuple[nn.Module, dict[str, Any] | None]:
     return EarlyExitModel(split_at(graph.module, plan.cuts), plan.heads, plan.thresholds), plan.to_dict()
 
 
-def _latency_inputs(inputs: tuple[torch.Tensor, ...], calib_data: Iterable[Any] | None) -> tuple[torch.Tensor, ...]:
-    """Early exits pay off on real data: time them on the first calibration batch."""
+def _latency_batches(inputs: tuple[torch.Tensor, ...], calib_data: Iterable[Any] | None, limit: int = 8) -> list[tuple[torch.Tensor, ...]]:
+    """Early exits pay off on real data: time them on (up to ``limit``) calibration batches."""
+    batches = []
     for item in calib_data or ():
-        x = item[0] if isinstance(item, (tuple, list)) else item
-        return (x,)
-    return inputs
+        batches.append((item[0] if isinstance(item, (tuple, list)) else item,))
+        if len(batches) == limit:
+            break
+    return batches or [inputs]

@@ -21,6 +21,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from slimfx.ir.nodeinfo import META_KEY, NodeInfo, TensorMeta, function_name
+from slimfx.quant.modules import QuantizedLayer
 
 if TYPE_CHECKING:
     from slimfx.ir.graph import Graph
@@ -280,9 +281,16 @@ class _NoRule(Exception):
     """A rule saw an op it cannot count; the message says why."""
 
 
+def _quantized_layer(op: Op) -> Cost:
+    """A fake-quantized conv or linear costs what the layer inside it costs."""
+    inner = Op(op.node, op.module.layer, op.outputs)
+    return _linear(inner) if isinstance(op.module.layer, nn.Linear) else _conv(inner)
+
+
 # -- rule tables ------------------------------------------------------------------------------
 _MODULE_RULES: list[tuple[tuple[type, ...], str, Rule]] = [
     ((nn.modules.conv._ConvNd,), "conv", _conv),
+    ((QuantizedLayer,), "quantized layer", _quantized_layer),
     ((nn.Linear,), "linear", _linear),
     ((nn.Bilinear,), "bilinear", _bilinear),
     ((nn.MultiheadAttention,), "attention", _multihead_attention),

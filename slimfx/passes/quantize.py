@@ -1,0 +1,148 @@
+"""quantize: calibrated int8 quantize/dequantize on the inputs and weights of convs and linears.
+
+Calibration streams ``calib_data`` through the model once, keeping one |x| histogram per
+layer input (``quant.calibrate``); a threshold rule (``calib=minmax|percentile|entropy|mse``)
+turns each histogram into a uint8 scale. Weights get per-channel symmetric int8 scales. Each
+layer becomes a ``quant.modules.QuantizedLayer`` (still a runnable fx graph), which exports to
+ONNX as QuantizeLinear/DequantizeLinear pairs that onnxruntime runs with int8 kernels.
+"""
+from __future__ import annotations
+
+import fnmatch
+import math
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+
+from slimfx.errors import PassSpecError
+from slimfx.ir.graph import Graph
+from slimfx.ir.rewrite import Rewriter
+from slimfx.passes.base import Decision, Pass, PassContext, PassResult
+from slimfx.passes.registry import register
+from slimfx.quant.calibrate import AbsHistogram, threshold
+from slimfx.quant.modules import QuantizedLayer, activation_qparams
+
+_LAYERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
+
+
+def sqnr_db(reference: torch.Tensor, approximation: torch.Tensor) -> float:
+    """Signal-to-quantization-noise ratio in dB (inf when equal)."""
+    noise = float((reference - approximation).double().pow(2).sum())
+    signal = float(reference.double().pow(2).sum())
+    if noise == 0:
+        return math.inf
+    return 10 * math.log10(signal / noise) if signal else -math.inf
+
+
+@register
+@dataclass(frozen=True)
+class Quantize(Pass):
+    """Calibrated int8 quantization of conv and linear layers (weights per channel, inputs per tensor)."""
+
+    name = "quantize"
+    exact = False
+    summary = "calibrated int8 quantize/dequantize on conv/linear inputs and weights"
+    runs_after = {
+        "prune-channels": "quantize the final structure",
+        "factorize-convs": "quantize the final structure",
+        "fold-bn": "fold BatchNorm first so the folded weights are the ones quantized",
+    }
+
+    calib: Literal["minmax", "percentile", "entropy", "mse"] = "entropy"
+    percentile: float = 99.99
+    weights: Literal["int8"] = "int8"
+    exclude: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if not 0 < self.percentile <= 100:
+            raise self.invalid("percentile", self.percentile, "a percentile in (0, 100]")
+
+    def run(self, graph: Graph, ctx: PassContext) -> PassResult:
+        if ctx.calib_data is None:
+            raise PassSpecError("quantize needs calibration data: pass calib_data=[batch, ...] to slimfx.compile "
+                                "(or --calib-random N on the command line)")
+        graph.ensure_costs()
+        targets, decisions = self._targets(graph)
+        histograms, samples = self._calibrate(graph, targets, ctx)
+        with Rewriter(graph, self.name) as rewriter:
+            for node in targets:
+                decisions[node.name] = self._quantize_one(graph, rewriter, node, histograms[node.name], samples.get(node.name))
+        order = [n for n in decisions]
+        return PassResult(changed=bool(targets), decisions=tuple(decisions[n] for n in order))
+
+    def _targets(self, graph: Graph) -> tuple[list[fx.Node], dict[str, Decision]]:
+        calls: dict[str, int] = {}
+        for node in graph.nodes():
+            if node.op == "call_module":
+                calls[str(node.target)] = calls.get(str(node.target), 0) + 1
+        targets, decisions = [], {}
+        for node in graph.nodes():
+            if node.op != "call_module" or not isinstance(graph.submodule(node), _LAYERS):
+                continue
+            module, target = graph.submodule(node), str(node.target)
+            if not bool(torch.isfinite(module.weight).all()):
+                raise PassSpecError(f"quantize: layer '{target}' has non-finite weights (inf or nan); fix the model first")
+            why = None
+            if calls[target] > 1:
+                why = f"module called {calls[target]} times"
+            elif len(node.args) != 1 or node.kwargs or not isinstance(node.args[0], fx.Node):
+                why = "called with extra arguments"
+            elif any(fnmatch.fnmatchcase(target, p) for p in self.exclude):
+                why = "excluded by pattern"
+            decisions[node.name] = Decision(target, "declined", why) if why else None
+            if not why:
+                targets.append(node)
+        return targets, decisions
+
+    def _calibrate(self, graph: Graph, targets: list[fx.Node], ctx: PassContext) -> tuple[dict[str, AbsHistogram], dict[str, Any]]:
+        """One streaming pass: a histogram per layer input, plus the first batch's inputs for SQNR."""
+        histograms = {n.name: AbsHistogram() for n in targets}
+        samples: dict[str, torch.Tensor] = {}
+        handles = []
+        for node in targets:
+            def hook(_m: nn.Module, args: tuple, name: str = node.name) -> None:
+                try:
+                    histograms[name].update(args[0])
+                except ValueError as exc:
+                    raise PassSpecError(f"quantize: input of '{name}': {exc}") from None
+                samples.setdefault(name, args[0].detach())
+            handles.append(graph.submodule(node).register_forward_pre_hook(hook))
+        batches = 0
+        try:
+            with torch.no_grad():
+                for batch in ctx.calib_data:
+                    graph.module(*(batch if isinstance(batch, (tuple, list)) else (batch,)))
+                    batches += 1
+                    ctx.report_progress(f"quantize: calibrating, batch {batches}")
+        finally:
+            for handle in handles:
+                handle.remove()
+        if batches == 0:
+            raise PassSpecError("quantize: calib_data is empty")
+        return histograms, samples
+
+    def _quantize_one(self, graph: Graph, rewriter: Rewriter, node: fx.Node, hist: AbsHistogram, sample: torch.Tensor | None) -> Decision:
+        layer = graph.submodule(node)
+        t = threshold(hist, self.calib, self.percentile)
+        scale, zero_point = activation_qparams(t, hist.non_negative)
+        quantized = QuantizedLayer(layer, scale, zero_point)
+        error = None
+        if sample is not None:
+            with torch.no_grad():
+                error = sqnr_db(layer(sample), quantized(sample))
+        macs = graph.info(node).cost.cost.macs
+        rewriter.replace_module(node, quantized)
+        ws = quantized.weight_scale
+        details = {
+            "scheme": "int8 weights (per channel, symmetric) x uint8 input (per tensor)",
+            "bits": 8, "calibration": self.calib, "threshold": t, "observed_max": hist.upper,
+            "input_range": "non-negative" if hist.non_negative else "signed",
+            "input_scale": scale, "input_zero_point": zero_point,
+            "weight_scale_min": float(ws.min()), "weight_scale_max": float(ws.max()), "output_sqnr_db": error,
+        }
+        sqnr = "not measured" if error is None else f"{error:.1f} dB"
+        reason = f"int8/uint8, {self.calib} threshold {t:.4g} of observed max {hist.upper:.4g}; output SQNR {sqnr}"
+        return Decision(str(node.target), "quantized", reason, macs, macs, details=details)

@@ -1,0 +1,52 @@
+"""Layers with quantize/dequantize on their input and weights, built from core torch fake-quant ops.
+
+``torch.fake_quantize_per_tensor_affine`` and ``..._per_channel_affine`` round to the integer
+grid and back in float, with straight-through gradients (so the layers also train), and
+export to ONNX as QuantizeLinear/DequantizeLinear pairs that onnxruntime fuses into int8
+kernels (QLinearConv, QLinearMatMul).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+WEIGHT_QMIN, WEIGHT_QMAX = -128, 127  # int8 weights, symmetric (zero point 0)
+ACT_QMIN, ACT_QMAX = 0, 255  # uint8 activations: the fast path of onnxruntime's x86 kernels
+
+
+def activation_qparams(threshold: float, non_negative: bool) -> tuple[float, int]:
+    """Scale and zero point of uint8 activations covering [0, T] or [-T, T]."""
+    threshold = max(threshold, 1e-8)
+    if non_negative:
+        return threshold / ACT_QMAX, 0
+    return 2 * threshold / (ACT_QMAX - ACT_QMIN), 128
+
+
+def weight_scales(weight: torch.Tensor) -> torch.Tensor:
+    """Per-output-channel symmetric int8 scales: max |w| of the channel / 127."""
+    top = weight.detach().abs().reshape(weight.shape[0], -1).amax(1)
+    return (top / WEIGHT_QMAX).clamp_min(1e-12).float()
+
+
+class QuantizedLayer(nn.Module):
+    """A conv or linear layer run on fake-quantized input (per tensor) and weights (per channel)."""
+
+    def __init__(self, layer: nn.Module, input_scale: float, input_zero_point: int):
+        super().__init__()
+        self.layer = layer
+        self.input_scale = float(input_scale)
+        self.input_zero_point = int(input_zero_point)
+        self.register_buffer("weight_scale", weight_scales(layer.weight))
+        self.register_buffer("weight_zero_point", torch.zeros(layer.weight.shape[0], dtype=torch.int32))
+
+    def quantized_weight(self) -> torch.Tensor:
+        return torch.fake_quantize_per_channel_affine(
+            self.layer.weight, self.weight_scale, self.weight_zero_point, 0, WEIGHT_QMIN, WEIGHT_QMAX)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.fake_quantize_per_tensor_affine(x, self.input_scale, self.input_zero_point, ACT_QMIN, ACT_QMAX)
+        weight = self.quantized_weight()
+        if isinstance(self.layer, nn.Linear):
+            return F.linear(x, weight, self.layer.bias)
+        return self.layer._conv_forward(x, weight, self.layer.bias)

@@ -47,6 +47,35 @@ class CompileResult:
     graph: Graph
     report: CompileReport
 
+    def export_onnx(self, path: str | Path) -> Path:
+        """Write the compiled module as ONNX (QuantizeLinear/DequantizeLinear where quantized)."""
+        from slimfx.runtime.onnx import export_onnx
+
+        return export_onnx(self.module, self.graph.example_inputs, path)
+
+    def measure_onnx(self, original: nn.Module, path: str | Path, repeats: int = 20) -> dict[str, Any]:
+        """Export to ``path``, then time it and the original model (exported to a temporary
+        file) in onnxruntime, each session on its own; adds the figures to the report."""
+        import dataclasses
+        import tempfile
+
+        from slimfx.runtime import onnx as ort_tools
+
+        self.export_onnx(path)
+        inputs = self.graph.example_inputs
+        with tempfile.TemporaryDirectory() as folder:
+            fp32_path = ort_tools.export_onnx(original, inputs, Path(folder) / "fp32.onnx")
+            fp32_ms = ort_tools.latency_ms(ort_tools.session(fp32_path), inputs, repeats)
+        compiled_ms = ort_tools.latency_ms(ort_tools.session(path), inputs, repeats)
+        batch = inputs[0].shape[0] if inputs[0].dim() else 1
+        info = {
+            "path": str(path), "fp32_ms": fp32_ms, "compiled_ms": compiled_ms, "speedup": fp32_ms / compiled_ms,
+            "baseline": f"onnxruntime fp32, batch {batch}, {torch.get_num_threads()} threads",
+            "kernels": ort_tools.kernel_census(path),
+        }
+        self.report = dataclasses.replace(self.report, onnx=info)
+        return info
+
     def save(self, path: str | Path) -> None:
         """Write the module in slimfx's safe format (``slimfx report PATH`` loads it back)."""
         from slimfx.errors import OutputError

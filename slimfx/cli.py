@@ -82,6 +82,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_arguments(comp)
     comp.add_argument("--passes", default=DEMO_PASSES, help="pipeline spec, e.g. 'fold-bn' (default: fold-bn)")
     comp.add_argument("--format", choices=["table", "md", "json"], default="table")
+    comp.add_argument("--onnx", metavar="OUT.onnx",
+                      help="also export the compiled model to ONNX and time it against the original in onnxruntime")
     comp.add_argument("--calib-random", type=int, default=0, metavar="N",
                       help="calibrate on N batches of random inputs shaped like the example inputs "
                            "(a stand-in: from Python, pass real data as calib_data)")
@@ -140,8 +142,9 @@ def cmd_compile(args: argparse.Namespace) -> None:
     from slimfx.report.tables import render_compile
 
     resolve_passes(args.passes)  # reject a bad spec before loading anything
-    if args.output:
-        check_writable(args.output)
+    for path in (args.output, args.onnx):
+        if path:
+            check_writable(path)
     loaded = load_model(args.model, trust=args.trust_model_file)
     inputs = _example_inputs(args, loaded.input_shape)
     if args.calib_random < 0:
@@ -153,6 +156,8 @@ def cmd_compile(args: argparse.Namespace) -> None:
                      calib_data=calib or None, progress=_terminal_progress())
     if sys.stderr.isatty():
         sys.stderr.write("\r" + " " * 110 + "\r")  # clear the progress line
+    if args.onnx:
+        result.measure_onnx(loaded.module, args.onnx, repeats=max(args.repeats, 1))
     if args.output:
         result.save(args.output)
     sys.stdout.write(render_compile(result.report, args.format))

@@ -66,7 +66,7 @@ class Quantize(Pass):
                                 "(or --calib-random N on the command line)")
         graph.ensure_costs()
         targets, decisions = self._targets(graph)
-        histograms, samples = self._calibrate(graph, targets, ctx)
+        histograms, samples = self._calibrate(graph, targets, ctx)  # input and output histograms
         with Rewriter(graph, self.name) as rewriter:
             for node in targets:
                 decisions[node.name] = self._quantize_one(graph, rewriter, node, histograms[node.name], samples.get(node.name))
@@ -100,16 +100,18 @@ class Quantize(Pass):
     def _calibrate(self, graph: Graph, targets: list[fx.Node], ctx: PassContext) -> tuple[dict[str, AbsHistogram], dict[str, Any]]:
         """One streaming pass: a histogram per layer input, plus the first batch's inputs for SQNR."""
         histograms = {n.name: AbsHistogram() for n in targets}
+        outputs = {n.name: AbsHistogram() for n in targets}
         samples: dict[str, torch.Tensor] = {}
         handles = []
         for node in targets:
-            def hook(_m: nn.Module, args: tuple, name: str = node.name) -> None:
+            def hook(_m: nn.Module, args: tuple, result: torch.Tensor, name: str = node.name) -> None:
                 try:
                     histograms[name].update(args[0])
+                    outputs[name].update(result)
                 except ValueError as exc:
-                    raise PassSpecError(f"quantize: input of '{name}': {exc}") from None
+                    raise PassSpecError(f"quantize: layer '{name}': {exc}") from None
                 samples.setdefault(name, args[0].detach())
-            handles.append(graph.submodule(node).register_forward_pre_hook(hook))
+            handles.append(graph.submodule(node).register_forward_hook(hook))
         batches = 0
         try:
             with torch.no_grad():
@@ -122,13 +124,18 @@ class Quantize(Pass):
                 handle.remove()
         if batches == 0:
             raise PassSpecError("quantize: calib_data is empty")
-        return histograms, samples
+        return {name: (histograms[name], outputs[name]) for name in histograms}, samples
 
-    def _quantize_one(self, graph: Graph, rewriter: Rewriter, node: fx.Node, hist: AbsHistogram, sample: torch.Tensor | None) -> Decision:
+    def _quantize_one(self, graph: Graph, rewriter: Rewriter, node: fx.Node, hists: tuple[AbsHistogram, AbsHistogram],
+                      sample: torch.Tensor | None) -> Decision:
         layer = graph.submodule(node)
+        hist, out_hist = hists
         t = threshold(hist, self.calib, self.percentile)
         scale, zero_point = activation_qparams(t, hist.non_negative)
-        quantized = QuantizedLayer(layer, scale, zero_point)
+        out_t = threshold(out_hist, self.calib, self.percentile)
+        out_scale, out_zero_point = activation_qparams(out_t, out_hist.non_negative)
+        last = any(u.op == "output" for u in node.users)  # the model's own output stays float
+        quantized = QuantizedLayer(layer, scale, zero_point, None if last else out_scale, out_zero_point)
         error = None
         if sample is not None:
             with torch.no_grad():
@@ -141,6 +148,7 @@ class Quantize(Pass):
             "bits": 8, "calibration": self.calib, "threshold": t, "observed_max": hist.upper,
             "input_range": "non-negative" if hist.non_negative else "signed",
             "input_scale": scale, "input_zero_point": zero_point,
+            "output_threshold": None if last else out_t, "output_observed_max": out_hist.upper,
             "weight_scale_min": float(ws.min()), "weight_scale_max": float(ws.max()), "output_sqnr_db": error,
         }
         sqnr = "not measured" if error is None else f"{error:.1f} dB"

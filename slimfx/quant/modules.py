@@ -30,13 +30,17 @@ def weight_scales(weight: torch.Tensor) -> torch.Tensor:
 
 
 class QuantizedLayer(nn.Module):
-    """A conv or linear layer run on fake-quantized input (per tensor) and weights (per channel)."""
+    """A conv or linear layer run on fake-quantized input (per tensor) and weights (per channel),
+    and, when ``output_scale`` is given, with its output quantized too."""
 
-    def __init__(self, layer: nn.Module, input_scale: float, input_zero_point: int):
+    def __init__(self, layer: nn.Module, input_scale: float, input_zero_point: int,
+                 output_scale: float | None = None, output_zero_point: int = 0):
         super().__init__()
         self.layer = layer
         self.input_scale = float(input_scale)
         self.input_zero_point = int(input_zero_point)
+        self.output_scale = None if output_scale is None else float(output_scale)
+        self.output_zero_point = int(output_zero_point)
         self.register_buffer("weight_scale", weight_scales(layer.weight))
         self.register_buffer("weight_zero_point", torch.zeros(layer.weight.shape[0], dtype=torch.int32))
 
@@ -48,5 +52,10 @@ class QuantizedLayer(nn.Module):
         x = torch.fake_quantize_per_tensor_affine(x, self.input_scale, self.input_zero_point, ACT_QMIN, ACT_QMAX)
         weight = self.quantized_weight()
         if isinstance(self.layer, nn.Linear):
-            return F.linear(x, weight, self.layer.bias)
-        return self.layer._conv_forward(x, weight, self.layer.bias)
+            y = F.linear(x, weight, self.layer.bias)
+        else:
+            y = self.layer._conv_forward(x, weight, self.layer.bias)
+        if self.output_scale is None:
+            return y
+        # an int8 output lets onnxruntime run the layer as one integer kernel (QLinearConv)
+        return torch.fake_quantize_per_tensor_affine(y, self.output_scale, self.output_zero_point, ACT_QMIN, ACT_QMAX)

@@ -161,6 +161,7 @@ class CompileReport:
     latency: Latency | None = None
     notes: tuple[str, ...] = field(default_factory=tuple)
     exits: dict[str, Any] | None = None  # early exits: per-exit share and threshold, expected MACs
+    onnx: dict[str, Any] | None = None  # exported file, onnxruntime latency fp32 vs compiled, kernels
 
     def to_dict(self, top: int | None = None) -> dict[str, Any]:
         return {
@@ -173,6 +174,7 @@ class CompileReport:
             "latency": self.latency.to_dict() if self.latency else None,
             "notes": list(self.notes),
             "exits": self.exits,
+            "onnx": self.onnx,
         }
 
     def to_json(self, top: int | None = None) -> str:

@@ -113,6 +113,12 @@ def render_compile(result: CompileReport, fmt: str = "table") -> str:
             f"measured latency ({lat.baseline}): before {lat.before_ms:.2f} ms, after {lat.after_ms:.2f} ms, "
             f"speedup {lat.before_ms / lat.after_ms:.2f}x"
         )
+    if result.onnx:
+        o = result.onnx
+        kernels = ", ".join(f"{k} {v}" for k, v in sorted(o["kernels"].items()) if k in ("Conv", "QLinearConv", "MatMul", "Gemm",
+                                                                                          "QLinearMatMul", "MatMulInteger", "ConvInteger"))
+        parts.append(f"onnxruntime ({o['baseline']}): original {o['fp32_ms']:.2f} ms, compiled {o['compiled_ms']:.2f} ms, "
+                     f"speedup {o['speedup']:.2f}x; wrote {o['path']} (kernels: {kernels or 'none of conv/matmul'})")
     parts.extend(result.notes)
     return "\n".join(parts).rstrip() + "\n"
 

@@ -1,0 +1,97 @@
+"""ONNX export (QuantizeLinear/DequantizeLinear for quantized graphs) and onnxruntime sessions.
+
+Needs the optional ``onnx`` extra (``pip install -e ".[onnx]"``). Export uses torch's
+TorchScript-based exporter (``dynamo=False``): it maps the core fake-quant ops onto ONNX
+QuantizeLinear/DequantizeLinear pairs, which onnxruntime fuses into int8 kernels, without the
+extra ``onnxscript`` dependency the newer exporter needs.
+"""
+from __future__ import annotations
+
+import collections
+import os
+import statistics
+import tempfile
+import time
+import warnings
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+import torch.nn as nn
+
+from slimfx.errors import OutputError, SlimfxError
+
+OPSET = 17
+
+
+def _require() -> tuple[Any, Any]:
+    try:
+        import onnx
+        import onnxruntime
+    except ImportError:
+        raise SlimfxError('ONNX export needs onnx and onnxruntime: pip install -e ".[onnx]"') from None
+    return onnx, onnxruntime
+
+
+def export_onnx(module: nn.Module, example_inputs: Sequence[torch.Tensor], path: str | Path) -> Path:
+    """Write ``module`` as ONNX (batch dimension dynamic); atomic: no partial file on failure."""
+    _require()
+    path = Path(path)
+    names = [f"input_{i}" for i in range(len(example_inputs))]
+    folder = path.parent if str(path.parent) else Path(".")
+    handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
+    os.close(handle)
+    try:
+        with warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(
+                module.eval(), tuple(example_inputs), tmp, opset_version=OPSET, dynamo=False,
+                input_names=names, output_names=["output"],
+                dynamic_axes={**{n: {0: "batch"} for n in names}, "output": {0: "batch"}},
+            )
+        os.replace(tmp, path)
+    except Exception as exc:
+        Path(tmp).unlink(missing_ok=True)
+        if isinstance(exc, OSError):
+            raise OutputError(f"cannot write {path}: {exc}") from None
+        raise SlimfxError(f"ONNX export failed: {type(exc).__name__}: {str(exc).splitlines()[0]}") from exc
+    return path
+
+
+def session(path: str | Path, threads: int | None = None, optimized_path: str | Path | None = None) -> Any:
+    """An onnxruntime CPU session (``threads`` intra-op threads; torch's count by default)."""
+    _, ort = _require()
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads or torch.get_num_threads()
+    options.inter_op_num_threads = 1
+    if optimized_path is not None:
+        options.optimized_model_filepath = str(optimized_path)
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def run(sess: Any, inputs: Sequence[torch.Tensor]) -> list[Any]:
+    feed = {i.name: x.detach().numpy() for i, x in zip(sess.get_inputs(), inputs)}
+    return sess.run(None, feed)
+
+
+def latency_ms(sess: Any, inputs: Sequence[torch.Tensor], repeats: int = 20) -> float:
+    """Median latency of one session on its own (warm-up first, never interleaved)."""
+    feed = {i.name: x.detach().numpy() for i, x in zip(sess.get_inputs(), inputs)}
+    for _ in range(3):
+        sess.run(None, feed)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        sess.run(None, feed)
+        times.append((time.perf_counter() - start) * 1000)
+    return statistics.median(times)
+
+
+def kernel_census(path: str | Path) -> dict[str, int]:
+    """Op types onnxruntime actually runs after its graph optimizations (QLinearConv, Conv, ...)."""
+    onnx, _ = _require()
+    with tempfile.TemporaryDirectory() as folder:
+        optimized = Path(folder) / "optimized.onnx"
+        session(path, optimized_path=optimized)
+        graph = onnx.load(str(optimized)).graph
+    return dict(collections.Counter(node.op_type for node in graph.node))

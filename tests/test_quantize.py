@@ -1,0 +1,157 @@
+"""quantize: calibrators on known distributions, int8 accuracy, ONNX export that onnxruntime runs in int8."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+from digits import split, trained_cnn
+
+from slimfx import compile
+from slimfx.errors import PassError, PassSpecError
+from slimfx.passes.quantize import sqnr_db
+from slimfx.passes.registry import parse_pipeline
+from slimfx.quant.calibrate import (
+    AbsHistogram,
+    entropy_threshold,
+    minmax_threshold,
+    mse_threshold,
+    percentile_threshold,
+)
+from slimfx.quant.modules import QuantizedLayer, activation_qparams
+
+
+def laplace_with_outliers() -> torch.Tensor:
+    x = torch.distributions.Laplace(0.0, 1.0).sample((100_000,))
+    x[:5] = torch.tensor([40.0, -35.0, 38.0, 50.0, -45.0])
+    return x
+
+
+def streamed(x: torch.Tensor) -> AbsHistogram:
+    hist = AbsHistogram()
+    for part in x.split(7_000):  # many batches: the range widens as larger values arrive
+        hist.update(part)
+    return hist
+
+
+def test_minmax_threshold_is_max_abs() -> None:
+    x = laplace_with_outliers()
+    assert minmax_threshold(streamed(x)) == pytest.approx(float(x.abs().max()))
+
+
+def test_percentile_matches_numpy_within_a_bin() -> None:
+    x = laplace_with_outliers()
+    hist = streamed(x)
+    for q in (99.0, 99.9, 99.99):
+        assert abs(percentile_threshold(hist, q) - np.percentile(x.abs().numpy(), q)) <= 2 * hist.width
+
+
+def test_entropy_threshold_clips_outliers() -> None:
+    x = laplace_with_outliers()
+    t = entropy_threshold(streamed(x))
+    assert np.percentile(x.abs().numpy(), 99.9) < t < 0.5 * float(x.abs().max())
+
+
+def test_mse_threshold_minimizes_the_error_it_models() -> None:
+    x = torch.distributions.Normal(0.0, 1.0).sample((50_000,))
+    hist = streamed(x)
+    t = mse_threshold(hist)
+    assert 2.0 < t < float(x.abs().max())  # 8-bit Gaussian: clip at a few sigma, not at the max
+
+    def error(limit: float) -> float:
+        step = limit / 127
+        return float(((x.clamp(-limit, limit) / step).round() * step - x).pow(2).mean())
+
+    assert error(t) <= error(float(x.abs().max())) and error(t) <= error(1.0)
+
+
+def test_zeros_are_counted_apart() -> None:
+    hist = AbsHistogram()
+    hist.update(torch.relu(torch.randn(10_000)))
+    assert hist.zeros > 4_000 and hist.non_negative
+
+
+def test_quantized_layer_stays_within_one_step_of_float() -> None:
+    conv = nn.Conv2d(4, 8, 3, padding=1)
+    x = torch.rand(2, 4, 8, 8)
+    scale, zero_point = activation_qparams(1.0, non_negative=True)
+    layer = QuantizedLayer(conv, scale, zero_point)
+    assert sqnr_db(conv(x), layer(x)) > 30
+    weight = layer.quantized_weight()
+    steps = weight / layer.weight_scale.reshape(-1, 1, 1, 1)
+    assert torch.allclose(steps, steps.round(), atol=1e-4) and steps.abs().max() <= 128
+
+
+# -- a trained model ------------------------------------------------------------------------------
+def calibration() -> list[torch.Tensor]:
+    return list(split()["calib"][0].split(100))
+
+
+@pytest.mark.parametrize("calib", ["minmax", "percentile", "entropy", "mse"])
+def test_digits_cnn_keeps_its_accuracy_in_int8(calib: str) -> None:
+    model = trained_cnn()
+    x, y = split()["test"]
+    result = compile(model, x[:2], f"fold-bn,quantize:calib={calib}", calib_data=calibration())
+    with torch.no_grad():
+        before = float((model(x).argmax(-1) == y).float().mean())
+        after = float((result.module(x).argmax(-1) == y).float().mean())
+        assert sqnr_db(model(x), result.module(x)) >= 30
+    assert after >= before - 0.01
+    decisions = [d for d in result.report.passes[1].decisions if d.action == "quantized"]
+    assert len(decisions) == 5 and all(d.details["threshold"] <= d.details["observed_max"] + 1e-6 for d in decisions)
+
+
+def test_onnx_export_runs_in_int8_and_agrees(tmp_path: Path) -> None:
+    onnx = pytest.importorskip("onnx")
+    pytest.importorskip("onnxruntime")
+    from slimfx.runtime import onnx as ort_tools
+
+    model = trained_cnn()
+    x, _ = split()["test"]
+    result = compile(model, x[:2], "fold-bn,quantize:calib=entropy", calib_data=calibration())
+    path = result.export_onnx(tmp_path / "digits.onnx")
+    ops = {n.op_type for n in onnx.load(str(path)).graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear"} <= ops
+    (exported,) = ort_tools.run(ort_tools.session(path), [x])
+    with torch.no_grad():
+        reference = result.module(x).numpy()
+    # the head's output is float: one step of its quantized input moves an output by at most
+    # input_scale x the largest row L1 norm of its weights
+    head = result.module.get_submodule("head")
+    step = head.input_scale * float(head.layer.weight.detach().abs().sum(1).max())
+    close = np.abs(exported - reference) <= step
+    assert close.mean() >= 0.99, f"{close.mean():.4f} of outputs within one step ({step:.4g})"
+    kernels = ort_tools.kernel_census(path)
+    assert kernels.get("QLinearConv", 0) == 4 and kernels.get("Conv", 0) == 0  # no conv left in fp32
+
+
+def test_cli_writes_onnx_and_reports_both_latencies(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    pytest.importorskip("onnxruntime")
+    from slimfx.cli import main
+
+    out = tmp_path / "r18.onnx"
+    code = main(["compile", "torchvision:resnet18", "--input-shape", "1,3,64,64", "--passes", "fold-bn,quantize:calib=entropy",
+                 "--calib-random", "4", "--onnx", str(out), "--format", "json", "--repeats", "3"])
+    text, _ = capsys.readouterr()
+    assert code == 0 and out.exists()
+    onnx = json.loads(text)["onnx"]
+    assert onnx["fp32_ms"] > 0 and onnx["compiled_ms"] > 0 and onnx["kernels"]["QLinearConv"] == 20
+
+
+# -- bad input ------------------------------------------------------------------------------------
+def test_bad_input_is_a_clear_error() -> None:
+    model, x = trained_cnn(), split()["test"][0][:2]
+    with pytest.raises(PassError, match="quantize needs calibration data"):
+        compile(model, x, "quantize")
+    broken = nn.Sequential(nn.Conv2d(1, 2, 3), nn.Flatten(), nn.Linear(72, 2)).eval()
+    with torch.no_grad():
+        broken[0].weight[0, 0, 0, 0] = float("nan")
+    with pytest.raises(PassError, match="layer '0' has non-finite weights"):
+        compile(broken, torch.rand(2, 1, 8, 8), "quantize", calib_data=[torch.rand(4, 1, 8, 8)])
+    with pytest.raises(PassSpecError, match="choose one of: int8"):
+        parse_pipeline("quantize:weights=int3")
+    with pytest.raises(PassSpecError, match="choose one of: minmax, percentile, entropy, mse"):
+        parse_pipeline("quantize:calib=kl")

@@ -151,7 +151,90 @@ def test_bad_input_is_a_clear_error() -> None:
         broken[0].weight[0, 0, 0, 0] = float("nan")
     with pytest.raises(PassError, match="layer '0' has non-finite weights"):
         compile(broken, torch.rand(2, 1, 8, 8), "quantize", calib_data=[torch.rand(4, 1, 8, 8)])
-    with pytest.raises(PassSpecError, match="choose one of: int8"):
+    with pytest.raises(PassSpecError, match="choose one of: int8, int4, ternary, binary, block"):
         parse_pipeline("quantize:weights=int3")
     with pytest.raises(PassSpecError, match="choose one of: minmax, percentile, entropy, mse"):
         parse_pipeline("quantize:calib=kl")
+
+
+# -- low-bit weight schemes, QAT, size -------------------------------------------------------------
+def test_ternary_weights_follow_twn() -> None:
+    from slimfx.quant.schemes import ternary
+
+    weight = torch.randn(4, 6, 3, 3)
+    q = ternary(weight)
+    for row, values in zip(weight.reshape(4, -1), q.weight.reshape(4, -1)):
+        delta = 0.7 * row.abs().mean()
+        alpha = row.abs()[row.abs() > delta].mean()
+        assert set(torch.unique(values).tolist()) <= {-float(alpha), 0.0, float(alpha)} or torch.allclose(
+            torch.unique(values.abs()), torch.tensor([0.0, float(alpha)]), atol=1e-6)
+        assert torch.equal(values != 0, row.abs() > delta)
+    assert set(q.integers.unique().tolist()) <= {-1, 0, 1} and q.bits == 2
+
+
+def test_binary_weights_are_plus_minus_the_channel_mean() -> None:
+    from slimfx.quant.schemes import binary
+
+    weight = torch.randn(3, 5)
+    q = binary(weight)
+    alpha = weight.abs().mean(1, keepdim=True)
+    assert torch.allclose(q.weight.abs(), alpha.expand_as(weight)) and torch.equal(q.weight.sign(), weight.sign())
+
+
+def test_low_bit_weights_pass_gradients_straight_through() -> None:
+    from slimfx.quant.schemes import SCHEME_BITS, quantize_weight
+
+    for scheme in SCHEME_BITS:
+        weight = torch.randn(4, 8, 3, 3, requires_grad=True)
+        quantize_weight(weight, scheme, block_size=4).weight.sum().backward()
+        assert torch.equal(weight.grad, torch.ones_like(weight)), scheme
+
+
+def test_huffman_code_lengths_are_optimal_on_a_textbook_case() -> None:
+    from slimfx.quant.size import huffman_bits, huffman_code_lengths
+
+    lengths = huffman_code_lengths({0: 45, 1: 13, 2: 12, 3: 16, 4: 9, 5: 5})
+    assert lengths == {0: 1, 1: 3, 2: 3, 3: 3, 4: 4, 5: 4}
+    assert huffman_bits(torch.tensor([0] * 90 + [1] * 10)) == 100
+
+
+def test_size_report_and_schemes_on_digits() -> None:
+    model, x = trained_cnn(), split()["test"][0]
+    sizes = {}
+    for scheme in ("int8", "int4", "ternary", "binary", "block"):
+        result = compile(model, x[:2], f"fold-bn,quantize:weights={scheme}", calib_data=calibration())
+        summary = result.report.passes[1].decisions[-1]
+        assert summary.action == "size"
+        sizes[scheme] = summary.details
+        assert summary.details["huffman_bytes"] <= summary.details["quantized_bytes"] < summary.details["fp32_bytes"]
+    assert sizes["binary"]["quantized_bytes"] < sizes["ternary"]["quantized_bytes"] < sizes["int4"]["quantized_bytes"] < sizes["int8"]["quantized_bytes"]
+    assert sizes["ternary"]["zero_share"] > 0.2
+
+
+def test_qat_recovers_ternary_accuracy() -> None:
+    import torch.nn.functional as F
+
+    import slimfx
+
+    model = trained_cnn()
+    x_test, y_test = split()["test"]
+    x_train, y_train = split()["train"]
+    quantized = compile(model, x_test[:2], "fold-bn,quantize:weights=ternary", calib_data=calibration()).module
+    with torch.no_grad():
+        before = float((quantized(x_test).argmax(-1) == y_test).float().mean())
+    losses = slimfx.train.qat(quantized, list(zip(x_train.split(50), y_train.split(50))), F.cross_entropy, epochs=3)
+    with torch.no_grad():
+        after = float((quantized(x_test).argmax(-1) == y_test).float().mean())
+        float_accuracy = float((model(x_test).argmax(-1) == y_test).float().mean())
+    assert losses[-1] < losses[0]
+    assert float_accuracy - after < float_accuracy - before  # the quantization gap shrinks
+    assert after >= float_accuracy - 0.03
+
+
+def test_binary_activations_need_binary_weights() -> None:
+    with pytest.raises(PassSpecError, match="act-bits"):
+        parse_pipeline("quantize:act-bits=1")
+    with pytest.raises(PassSpecError, match="act-bits"):
+        parse_pipeline("quantize:act-bits=4")
+    (p,) = parse_pipeline("quantize:weights=binary,act-bits=1")
+    assert p.act_bits == 1

@@ -24,6 +24,8 @@ from slimfx.passes.base import Decision, Pass, PassContext, PassResult
 from slimfx.passes.registry import register
 from slimfx.quant.calibrate import AbsHistogram, threshold
 from slimfx.quant.modules import QuantizedLayer, activation_qparams
+from slimfx.quant.schemes import quantize_weight
+from slimfx.quant.size import layer_size
 
 _LAYERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 
@@ -53,12 +55,20 @@ class Quantize(Pass):
 
     calib: Literal["minmax", "percentile", "entropy", "mse"] = "entropy"
     percentile: float = 99.99
-    weights: Literal["int8"] = "int8"
+    weights: Literal["int8", "int4", "ternary", "binary", "block"] = "int8"
+    block_size: int = 16
+    act_bits: int = 8
     exclude: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if not 0 < self.percentile <= 100:
             raise self.invalid("percentile", self.percentile, "a percentile in (0, 100]")
+        if self.block_size < 1:
+            raise self.invalid("block-size", self.block_size, "an integer >= 1")
+        if self.act_bits not in (8, 1):
+            raise self.invalid("act-bits", self.act_bits, "8, or 1 with weights=binary")
+        if self.act_bits == 1 and self.weights != "binary":
+            raise self.invalid("act-bits", self.act_bits, "8 unless weights=binary (binary activations go with binary weights)")
 
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
         if ctx.calib_data is None:
@@ -70,8 +80,8 @@ class Quantize(Pass):
         with Rewriter(graph, self.name) as rewriter:
             for node in targets:
                 decisions[node.name] = self._quantize_one(graph, rewriter, node, histograms[node.name], samples.get(node.name))
-        order = [n for n in decisions]
-        return PassResult(changed=bool(targets), decisions=tuple(decisions[n] for n in order))
+        listed = [d for d in decisions.values() if d is not None]
+        return PassResult(changed=bool(targets), decisions=tuple(listed) + (_size_summary(listed),))
 
     def _targets(self, graph: Graph) -> tuple[list[fx.Node], dict[str, Decision]]:
         calls: dict[str, int] = {}
@@ -135,7 +145,8 @@ class Quantize(Pass):
         out_t = threshold(out_hist, self.calib, self.percentile)
         out_scale, out_zero_point = activation_qparams(out_t, out_hist.non_negative)
         last = any(u.op == "output" for u in node.users)  # the model's own output stays float
-        quantized = QuantizedLayer(layer, scale, zero_point, None if last else out_scale, out_zero_point)
+        quantized = QuantizedLayer(layer, scale, zero_point, None if last else out_scale, out_zero_point,
+                                   self.weights, self.block_size, self.act_bits)
         error = None
         if sample is not None:
             with torch.no_grad():
@@ -143,14 +154,30 @@ class Quantize(Pass):
         macs = graph.info(node).cost.cost.macs
         rewriter.replace_module(node, quantized)
         ws = quantized.weight_scale
+        stored = quantize_weight(layer.weight.detach(), self.weights, self.block_size)
+        scales = stored.integers.shape[0] * (-(-layer.weight.shape[1] // self.block_size) if self.weights == "block" else 1)
+        size = layer_size(stored.integers, stored.bits, scales, 0 if layer.bias is None else layer.bias.numel())
         details = {
-            "scheme": "int8 weights (per channel, symmetric) x uint8 input (per tensor)",
-            "bits": 8, "calibration": self.calib, "threshold": t, "observed_max": hist.upper,
+            "scheme": f"{self.weights} weights x {'binary' if self.act_bits == 1 else 'uint8 (per tensor)'} input",
+            "bits": stored.bits, "calibration": self.calib, "threshold": t, "observed_max": hist.upper, "size": size,
             "input_range": "non-negative" if hist.non_negative else "signed",
             "input_scale": scale, "input_zero_point": zero_point,
             "output_threshold": None if last else out_t, "output_observed_max": out_hist.upper,
             "weight_scale_min": float(ws.min()), "weight_scale_max": float(ws.max()), "output_sqnr_db": error,
         }
         sqnr = "not measured" if error is None else f"{error:.1f} dB"
-        reason = f"int8/uint8, {self.calib} threshold {t:.4g} of observed max {hist.upper:.4g}; output SQNR {sqnr}"
+        reason = (f"{self.weights} ({stored.bits}-bit) weights, {self.calib} input threshold {t:.4g} of observed max "
+                  f"{hist.upper:.4g}; output SQNR {sqnr}")
         return Decision(str(node.target), "quantized", reason, macs, macs, details=details)
+
+
+def _size_summary(decisions: list[Decision]) -> Decision:
+    """Deep Compression's accounting over every quantized layer: fp32, chosen widths, Huffman."""
+    sizes = [d.details["size"] for d in decisions if d.action == "quantized"]
+    total = {k: sum(s[k] for s in sizes) for k in ("fp32_bytes", "quantized_bytes", "huffman_bytes")}
+    weights = sum(s["fp32_bytes"] for s in sizes) or 1
+    zero_share = sum(s["zero_share"] * s["fp32_bytes"] for s in sizes) / weights
+    total["zero_share"] = zero_share
+    reason = (f"weights of the quantized layers: fp32 {total['fp32_bytes'] / 1e6:.3f} MB -> {total['quantized_bytes'] / 1e6:.3f} MB "
+              f"at the chosen widths -> {total['huffman_bytes'] / 1e6:.3f} MB Huffman-coded; {zero_share:.1%} of weights are 0")
+    return Decision("(model size)", "size", reason, details=total)

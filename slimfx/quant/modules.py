@@ -11,6 +11,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from slimfx.quant.schemes import binarize_activation, quantize_weight
+
 WEIGHT_QMIN, WEIGHT_QMAX = -128, 127  # int8 weights, symmetric (zero point 0)
 ACT_QMIN, ACT_QMAX = 0, 255  # uint8 activations: the fast path of onnxruntime's x86 kernels
 
@@ -34,9 +36,11 @@ class QuantizedLayer(nn.Module):
     and, when ``output_scale`` is given, with its output quantized too."""
 
     def __init__(self, layer: nn.Module, input_scale: float, input_zero_point: int,
-                 output_scale: float | None = None, output_zero_point: int = 0):
+                 output_scale: float | None = None, output_zero_point: int = 0,
+                 scheme: str = "int8", block_size: int = 16, act_bits: int = 8):
         super().__init__()
         self.layer = layer
+        self.scheme, self.block_size, self.act_bits = scheme, int(block_size), int(act_bits)
         self.input_scale = float(input_scale)
         self.input_zero_point = int(input_zero_point)
         self.output_scale = None if output_scale is None else float(output_scale)
@@ -45,11 +49,16 @@ class QuantizedLayer(nn.Module):
         self.register_buffer("weight_zero_point", torch.zeros(layer.weight.shape[0], dtype=torch.int32))
 
     def quantized_weight(self) -> torch.Tensor:
+        if self.scheme != "int8":  # low-bit schemes: simulated in float (exported as float weights)
+            return quantize_weight(self.layer.weight, self.scheme, self.block_size).weight
         return torch.fake_quantize_per_channel_affine(
             self.layer.weight, self.weight_scale, self.weight_zero_point, 0, WEIGHT_QMIN, WEIGHT_QMAX)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = torch.fake_quantize_per_tensor_affine(x, self.input_scale, self.input_zero_point, ACT_QMIN, ACT_QMAX)
+        if self.act_bits == 1:
+            x = binarize_activation(x)
+        else:
+            x = torch.fake_quantize_per_tensor_affine(x, self.input_scale, self.input_zero_point, ACT_QMIN, ACT_QMAX)
         weight = self.quantized_weight()
         if isinstance(self.layer, nn.Linear):
             y = F.linear(x, weight, self.layer.bias)

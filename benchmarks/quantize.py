@@ -32,7 +32,13 @@ from digits import split, trained_cnn  # noqa: E402
 
 
 def ort_quantize_static(fp32_path: Path, out_path: Path, calib: list[torch.Tensor], method: str) -> float:
-    from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        CalibrationMethod,
+        QuantFormat,
+        QuantType,
+        quantize_static,
+    )
 
     class Reader(CalibrationDataReader):
         def __init__(self) -> None:

@@ -238,3 +238,37 @@ def test_binary_activations_need_binary_weights() -> None:
         parse_pipeline("quantize:act-bits=4")
     (p,) = parse_pipeline("quantize:weights=binary,act-bits=1")
     assert p.act_bits == 1
+
+
+# -- mixed precision -------------------------------------------------------------------------------
+def test_allocate_widths_spends_the_budget_on_the_least_sensitive_layers() -> None:
+    from slimfx.quant.mixed import allocate_widths
+
+    sensitivity = {"a": {8: 0.0, 4: 0.01, 2: 0.5}, "b": {8: 0.0, 4: 0.2, 2: 0.9}}
+    cost = {"a": {8: 8.0, 4: 4.0, 2: 2.0}, "b": {8: 8.0, 4: 4.0, 2: 2.0}}
+    assert allocate_widths(sensitivity, cost, 12.0) == ({"a": 4, "b": 8}, True)
+    assert allocate_widths(sensitivity, cost, 8.0) == ({"a": 4, "b": 4}, True)
+    assert allocate_widths(sensitivity, cost, 1.0) == ({"a": 2, "b": 2}, False)
+
+
+def test_bits_auto_meets_a_size_budget_and_lists_the_widths() -> None:
+    model, x = trained_cnn(), split()["test"][0]
+    result = compile(model, x[:2], "fold-bn,quantize:bits=auto,target-size=0.1", calib_data=calibration())
+    record = result.report.passes[1]
+    widths = [d.details["bits"] for d in record.decisions if d.action == "quantized"]
+    assert set(widths) <= {8, 4, 2} and len(set(widths)) > 1
+    size = record.decisions[-1].details
+    assert size["quantized_bytes"] <= 0.1 * size["fp32_bytes"] + 4 * 1000  # weights within budget (+ scales, biases)
+    unreachable = compile(model, x[:2], "fold-bn,quantize:bits=auto,target-size=0.01", calib_data=calibration())
+    assert "cannot be met" in unreachable.report.passes[1].warnings[0]
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [("quantize:bits=auto", "exactly one of target-size or target-macs-bits"),
+     ("quantize:target-size=0.2", "a budget only with bits=auto"),
+     ("quantize:bits=auto,target-size=2", "option 'target-size'")],
+)
+def test_mixed_precision_options_are_checked(spec: str, message: str) -> None:
+    with pytest.raises(PassSpecError, match=message):
+        parse_pipeline(spec)

@@ -23,11 +23,14 @@ from slimfx.ir.rewrite import Rewriter
 from slimfx.passes.base import Decision, Pass, PassContext, PassResult
 from slimfx.passes.registry import register
 from slimfx.quant.calibrate import AbsHistogram, threshold
+from slimfx.quant.mixed import allocate_widths
 from slimfx.quant.modules import QuantizedLayer, activation_qparams
 from slimfx.quant.schemes import quantize_weight
 from slimfx.quant.size import layer_size
 
 _LAYERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
+WIDTHS = (8, 4, 2)  # candidate weight widths for bits=auto
+_WIDTH_SCHEME = {8: "int8", 4: "int4", 2: "int2"}
 
 
 def sqnr_db(reference: torch.Tensor, approximation: torch.Tensor) -> float:
@@ -58,6 +61,9 @@ class Quantize(Pass):
     weights: Literal["int8", "int4", "ternary", "binary", "block"] = "int8"
     block_size: int = 16
     act_bits: int = 8
+    bits: Literal["fixed", "auto"] = "fixed"
+    target_size: float | None = None
+    target_macs_bits: float | None = None
     exclude: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
@@ -69,6 +75,15 @@ class Quantize(Pass):
             raise self.invalid("act-bits", self.act_bits, "8, or 1 with weights=binary")
         if self.act_bits == 1 and self.weights != "binary":
             raise self.invalid("act-bits", self.act_bits, "8 unless weights=binary (binary activations go with binary weights)")
+        budgets = [b for b in (self.target_size, self.target_macs_bits) if b is not None]
+        if self.bits == "auto" and len(budgets) != 1:
+            raise self.invalid("bits", self.bits, "auto together with exactly one of target-size or target-macs-bits")
+        if self.bits == "fixed" and budgets:
+            raise self.invalid("target-size" if self.target_size is not None else "target-macs-bits", budgets[0],
+                               "a budget only with bits=auto")
+        for name, value in (("target-size", self.target_size), ("target-macs-bits", self.target_macs_bits)):
+            if value is not None and not 0 < value <= 1:
+                raise self.invalid(name, value, "a fraction in (0, 1] (of the fp32 weight bytes / of the 8-bit MACs x bits)")
 
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
         if ctx.calib_data is None:
@@ -77,11 +92,44 @@ class Quantize(Pass):
         graph.ensure_costs()
         targets, decisions = self._targets(graph)
         histograms, samples = self._calibrate(graph, targets, ctx)  # input and output histograms
+        schemes, warnings = {n.name: self.weights for n in targets}, []
+        if self.bits == "auto":
+            schemes, warnings = self._mixed_precision(graph, targets, ctx)
         with Rewriter(graph, self.name) as rewriter:
             for node in targets:
-                decisions[node.name] = self._quantize_one(graph, rewriter, node, histograms[node.name], samples.get(node.name))
+                decisions[node.name] = self._quantize_one(graph, rewriter, node, histograms[node.name], samples.get(node.name),
+                                                          schemes[node.name])
         listed = [d for d in decisions.values() if d is not None]
-        return PassResult(changed=bool(targets), decisions=tuple(listed) + (_size_summary(listed),))
+        return PassResult(changed=bool(targets), decisions=tuple(listed) + (_size_summary(listed),), warnings=tuple(warnings))
+
+    def _mixed_precision(self, graph: Graph, targets: list[fx.Node], ctx: PassContext) -> tuple[dict[str, str], list[str]]:
+        """Sensitivity of each layer at 8, 4 and 2 bits (only that layer quantized), then widths
+        that meet the budget with the least total sensitivity."""
+        batch = next(iter(ctx.calib_data))
+        inputs = batch if isinstance(batch, (tuple, list)) else (batch,)
+        with torch.no_grad():
+            reference = graph.module(*inputs)
+            sensitivity, cost = {}, {}
+            for node in targets:
+                layer = graph.submodule(node)
+                original = layer.weight.data.clone()
+                sensitivity[node.name], cost[node.name] = {}, {}
+                for bits in WIDTHS:
+                    layer.weight.data = quantize_weight(original, _WIDTH_SCHEME[bits]).weight
+                    out = graph.module(*inputs)
+                    sensitivity[node.name][bits] = float((out - reference).pow(2).mean() / reference.pow(2).mean().clamp_min(1e-12))
+                    macs = graph.info(node).cost.cost.macs
+                    cost[node.name][bits] = original.numel() * bits / 8 if self.target_size is not None else macs * bits
+                layer.weight.data = original
+                ctx.report_progress(f"quantize: sensitivity of {node.target}")
+        if self.target_size is not None:
+            budget = self.target_size * sum(4 * graph.submodule(n).weight.numel() for n in targets)
+        else:
+            budget = self.target_macs_bits * sum(cost[n.name][8] for n in targets)
+        widths, met = allocate_widths(sensitivity, cost, budget, WIDTHS)
+        warnings = [] if met else [f"quantize: the bits=auto budget cannot be met even at {min(WIDTHS)} bits everywhere; "
+                                   "every layer is at its narrowest width"]
+        return {name: _WIDTH_SCHEME[bits] for name, bits in widths.items()}, warnings
 
     def _targets(self, graph: Graph) -> tuple[list[fx.Node], dict[str, Decision]]:
         calls: dict[str, int] = {}
@@ -137,7 +185,7 @@ class Quantize(Pass):
         return {name: (histograms[name], outputs[name]) for name in histograms}, samples
 
     def _quantize_one(self, graph: Graph, rewriter: Rewriter, node: fx.Node, hists: tuple[AbsHistogram, AbsHistogram],
-                      sample: torch.Tensor | None) -> Decision:
+                      sample: torch.Tensor | None, scheme: str) -> Decision:
         layer = graph.submodule(node)
         hist, out_hist = hists
         t = threshold(hist, self.calib, self.percentile)
@@ -146,7 +194,7 @@ class Quantize(Pass):
         out_scale, out_zero_point = activation_qparams(out_t, out_hist.non_negative)
         last = any(u.op == "output" for u in node.users)  # the model's own output stays float
         quantized = QuantizedLayer(layer, scale, zero_point, None if last else out_scale, out_zero_point,
-                                   self.weights, self.block_size, self.act_bits)
+                                   scheme, self.block_size, self.act_bits)
         error = None
         if sample is not None:
             with torch.no_grad():
@@ -154,11 +202,11 @@ class Quantize(Pass):
         macs = graph.info(node).cost.cost.macs
         rewriter.replace_module(node, quantized)
         ws = quantized.weight_scale
-        stored = quantize_weight(layer.weight.detach(), self.weights, self.block_size)
-        scales = stored.integers.shape[0] * (-(-layer.weight.shape[1] // self.block_size) if self.weights == "block" else 1)
+        stored = quantize_weight(layer.weight.detach(), scheme, self.block_size)
+        scales = stored.integers.shape[0] * (-(-layer.weight.shape[1] // self.block_size) if scheme == "block" else 1)
         size = layer_size(stored.integers, stored.bits, scales, 0 if layer.bias is None else layer.bias.numel())
         details = {
-            "scheme": f"{self.weights} weights x {'binary' if self.act_bits == 1 else 'uint8 (per tensor)'} input",
+            "scheme": f"{scheme} weights x {'binary' if self.act_bits == 1 else 'uint8 (per tensor)'} input",
             "bits": stored.bits, "calibration": self.calib, "threshold": t, "observed_max": hist.upper, "size": size,
             "input_range": "non-negative" if hist.non_negative else "signed",
             "input_scale": scale, "input_zero_point": zero_point,
@@ -166,7 +214,7 @@ class Quantize(Pass):
             "weight_scale_min": float(ws.min()), "weight_scale_max": float(ws.max()), "output_sqnr_db": error,
         }
         sqnr = "not measured" if error is None else f"{error:.1f} dB"
-        reason = (f"{self.weights} ({stored.bits}-bit) weights, {self.calib} input threshold {t:.4g} of observed max "
+        reason = (f"{scheme} ({stored.bits}-bit) weights, {self.calib} input threshold {t:.4g} of observed max "
                   f"{hist.upper:.4g}; output SQNR {sqnr}")
         return Decision(str(node.target), "quantized", reason, macs, macs, details=details)
 

@@ -16,7 +16,7 @@ from typing import NamedTuple
 
 import torch
 
-SCHEME_BITS = {"int8": 8, "int4": 4, "ternary": 2, "binary": 1, "block": 8}
+SCHEME_BITS = {"int8": 8, "int4": 4, "int2": 2, "ternary": 2, "binary": 1, "block": 8}
 
 
 class QuantizedWeight(NamedTuple):
@@ -76,6 +76,8 @@ def quantize_weight(weight: torch.Tensor, scheme: str, block_size: int = 16) -> 
         return symmetric(weight, 8)
     if scheme == "int4":
         return symmetric(weight, 4)
+    if scheme == "int2":
+        return symmetric(weight, 2)
     if scheme == "ternary":
         return ternary(weight)
     if scheme == "binary":

@@ -87,14 +87,16 @@ def percentile_threshold(hist: AbsHistogram, percentile: float) -> float:
     return (index + min(max(fraction, 0.0), 1.0)) * hist.width
 
 
-def entropy_threshold(hist: AbsHistogram, levels: int = 128, start: int = 128, max_clipped: float = 1e-3) -> float:
+def entropy_threshold(hist: AbsHistogram, levels: int = 128, start: int = 128, max_clipped: float = 1e-3,
+                      chunk: int = 256) -> float:
     """TensorRT's calibration: the threshold whose ``levels``-level quantization of the
     histogram keeps the KL divergence to the original smallest.
 
     For each candidate bin count i from ``start`` to the number of bins, the reference P is
     the first i bins with everything above folded into bin i-1; Q merges those i bins into
-    ``levels`` groups and spreads each group's mass evenly over its non-empty bins. Group sums
-    come from prefix sums, so each candidate costs a few vector operations.
+    ``levels`` groups (bin j goes to group floor(j * levels / i)) and spreads each group's
+    mass evenly over its non-empty bins. Candidates are evaluated ``chunk`` at a time as
+    matrices, so the whole search is a few dozen vector operations.
 
     One guard beyond TensorRT: candidates that clip more than ``max_clipped`` of the non-zero
     values are skipped. On sparse, discrete histograms (8-bit images, say) the search otherwise
@@ -106,31 +108,31 @@ def entropy_threshold(hist: AbsHistogram, levels: int = 128, start: int = 128, m
     if total_mass == 0 or hist.upper == 0:
         return hist.upper
     prefix = torch.cat([torch.zeros(1, dtype=torch.float64), torch.cumsum(counts, 0)])
-    prefix_used = torch.cat([torch.zeros(1, dtype=torch.float64), torch.cumsum((counts > 0).double(), 0)])
+    used = (counts > 0).double()
+    columns = torch.arange(bins)
     best_divergence, best_i = math.inf, bins
-    for i in range(start, bins + 1):
-        clipped = total_mass - float(prefix[i])
-        if clipped > max_clipped * total_mass:
-            continue
-        reference = counts[:i].clone()
-        reference[i - 1] += clipped  # fold the outliers into the last bin
-        p = reference / total_mass
-        edges = torch.linspace(0, i, levels + 1, dtype=torch.float64).round().long()
-        group = torch.bucketize(torch.arange(i), edges[1:], right=True)
-        group_mass = prefix[edges[1:]] - prefix[edges[:-1]]
-        group_used = prefix_used[edges[1:]] - prefix_used[edges[:-1]]
-        spread = torch.where(group_used > 0, group_mass / group_used.clamp_min(1), torch.zeros_like(group_mass))
-        q = torch.where(counts[:i] > 0, spread[group], torch.zeros(i, dtype=torch.float64))
-        q_total = float(q.sum())
-        if q_total == 0:
-            continue
-        q = q / q_total
-        mask = p > 0
-        if bool((q[mask] == 0).any()):
-            continue  # infinite divergence
-        divergence = float((p[mask] * torch.log(p[mask] / q[mask])).sum())
-        if divergence < best_divergence:
-            best_divergence, best_i = divergence, i
+    for first in range(start, bins + 1, chunk):
+        sizes = torch.arange(first, min(first + chunk, bins + 1))  # candidate bin counts i
+        inside = columns[None, :] < sizes[:, None]  # (m, bins): bin j kept by candidate i
+        clipped = total_mass - prefix[sizes]
+        kept = torch.where(inside, counts[None, :], torch.zeros(()))
+        p = kept.clone()
+        p[torch.arange(len(sizes)), sizes - 1] += clipped  # fold the outliers into the last kept bin
+        group = torch.where(inside, (columns[None, :] * levels) // sizes[:, None], torch.full((), levels))
+        mass = torch.zeros(len(sizes), levels + 1, dtype=torch.float64).scatter_add_(1, group, kept)
+        filled = torch.zeros(len(sizes), levels + 1, dtype=torch.float64).scatter_add_(1, group, torch.where(inside, used[None, :], torch.zeros(())))
+        spread = mass / filled.clamp_min(1)
+        q = torch.where(inside & (counts[None, :] > 0), spread.gather(1, group), torch.zeros(()))
+        p = p / p.sum(1, keepdim=True)
+        q = q / q.sum(1, keepdim=True).clamp_min(1e-300)
+        positive = p > 0
+        ratio = torch.where(positive, p / q.clamp_min(1e-300), torch.ones(()))
+        divergence = torch.where(positive, p * torch.log(ratio), torch.zeros(())).sum(1)
+        impossible = (positive & (q == 0)).any(1) | (clipped > max_clipped * total_mass)
+        divergence[impossible] = math.inf
+        k = int(torch.argmin(divergence))
+        if float(divergence[k]) < best_divergence:
+            best_divergence, best_i = float(divergence[k]), int(sizes[k])
     return best_i * hist.width
 
 

@@ -19,7 +19,7 @@ ACT_QMIN, ACT_QMAX = 0, 255  # uint8 activations: the fast path of onnxruntime's
 
 def activation_qparams(threshold: float, non_negative: bool) -> tuple[float, int]:
     """Scale and zero point of uint8 activations covering [0, T] or [-T, T]."""
-    threshold = max(threshold, 1e-8)
+    threshold = max(threshold, 1e-30)  # tiny but non-zero ranges (random-init nets) stay usable
     if non_negative:
         return threshold / ACT_QMAX, 0
     return 2 * threshold / (ACT_QMAX - ACT_QMIN), 128

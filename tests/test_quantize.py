@@ -272,3 +272,30 @@ def test_bits_auto_meets_a_size_budget_and_lists_the_widths() -> None:
 def test_mixed_precision_options_are_checked(spec: str, message: str) -> None:
     with pytest.raises(PassSpecError, match=message):
         parse_pipeline(spec)
+
+
+class Attention(nn.Module):
+    """Self-attention written with torch.matmul and the @ operator."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.q, self.k, self.v, self.out = nn.Linear(16, 16), nn.Linear(16, 16), nn.Linear(16, 16), nn.Linear(16, 4)
+
+    def forward(self, x):
+        scores = torch.softmax(torch.matmul(self.q(x), self.k(x).transpose(-1, -2)) / 4, dim=-1)
+        return self.out((scores @ self.v(x)).mean(1))
+
+
+def test_matmul_inputs_get_quantize_dequantize(tmp_path: Path) -> None:
+    model, x = Attention().eval(), torch.randn(8, 10, 16)
+    result = compile(model, x[:2], "quantize:calib=minmax", calib_data=[x])
+    targets = [d.target for d in result.report.passes[0].decisions]
+    assert {"matmul input 0", "matmul input 1", "matmul_1 input 0", "matmul_1 input 1"} <= set(targets)
+    assert result.report.output_error < 0.05 and result.report.after.uncounted == ()
+    pytest.importorskip("onnxruntime")
+    from slimfx.runtime import onnx as ort_tools
+
+    path = result.export_onnx(tmp_path / "attention.onnx")
+    kernels = ort_tools.kernel_census(path)
+    assert kernels.get("MatMulIntegerToFloat", 0) + kernels.get("QLinearMatMul", 0) >= 5  # 3 linears + 2 matmuls
+    assert "MatMul" not in kernels  # no float matmul left

@@ -21,7 +21,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from slimfx.ir.nodeinfo import META_KEY, NodeInfo, TensorMeta, function_name
-from slimfx.quant.modules import QuantizedLayer
+from slimfx.quant.modules import ActivationQuant, QuantizedLayer
 
 if TYPE_CHECKING:
     from slimfx.ir.graph import Graph
@@ -291,6 +291,7 @@ def _quantized_layer(op: Op) -> Cost:
 _MODULE_RULES: list[tuple[tuple[type, ...], str, Rule]] = [
     ((nn.modules.conv._ConvNd,), "conv", _conv),
     ((QuantizedLayer,), "quantized layer", _quantized_layer),
+    ((ActivationQuant,), "quantize/dequantize", _per_element),
     ((nn.Linear,), "linear", _linear),
     ((nn.Bilinear,), "bilinear", _bilinear),
     ((nn.MultiheadAttention,), "attention", _multihead_attention),
@@ -329,7 +330,8 @@ _ELEMENTWISE_FUNCTIONS = [
     torch.add, torch.sub, torch.mul, torch.div, torch.sigmoid, torch.tanh, torch.relu, torch.exp,
     torch.sqrt, torch.rsqrt, torch.abs, torch.neg, torch.pow, torch.clamp, torch.where, torch.erf,
     F.relu, F.relu6, F.gelu, F.silu, F.mish, F.hardswish, F.hardsigmoid, F.hardtanh, F.sigmoid,
-    F.tanh, F.leaky_relu, F.elu, F.softplus, F.softmax, F.log_softmax, F.layer_norm, F.group_norm,
+    F.tanh, F.leaky_relu, F.elu, F.softplus, F.softmax, F.log_softmax, torch.softmax, torch.log_softmax,
+    F.layer_norm, F.group_norm,
     F.batch_norm, F.instance_norm, F.normalize, F.interpolate, F.dropout,
 ]
 _SCALAR_FUNCTIONS = [operator.eq, operator.ne, operator.lt, operator.le, operator.gt, operator.ge, torch._assert]

@@ -78,6 +78,11 @@ class Rewriter:
         self.graph.fx_graph.erase_node(node)
         return chain
 
+    def rewire_input(self, user: fx.Node, old: fx.Node, new: fx.Node) -> None:
+        """Make ``user`` read ``new`` where it read ``old`` (other users of ``old`` unchanged)."""
+        user.replace_input_with(old, new)
+        self.changed = True
+
     def replace_uses(self, old: fx.Node, new: fx.Node) -> None:
         """Every user of ``old`` except ``new`` itself reads ``new`` instead."""
         old.replace_all_uses_with(new, delete_user_cb=lambda user: user is not new)

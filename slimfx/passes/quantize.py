@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import fnmatch
 import math
+import operator
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -24,13 +25,19 @@ from slimfx.passes.base import Decision, Pass, PassContext, PassResult
 from slimfx.passes.registry import register
 from slimfx.quant.calibrate import AbsHistogram, threshold
 from slimfx.quant.mixed import allocate_widths
-from slimfx.quant.modules import QuantizedLayer, activation_qparams
+from slimfx.quant.modules import ActivationQuant, QuantizedLayer, activation_qparams
 from slimfx.quant.schemes import quantize_weight
 from slimfx.quant.size import layer_size
 
 _LAYERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 WIDTHS = (8, 4, 2)  # candidate weight widths for bits=auto
 _WIDTH_SCHEME = {8: "int8", 4: "int4", 2: "int2"}
+
+
+def _is_matmul(node: fx.Node) -> bool:
+    if node.op == "call_function":
+        return node.target in (torch.matmul, operator.matmul, torch.bmm)
+    return node.op == "call_method" and node.target in ("matmul", "bmm")
 
 
 def sqnr_db(reference: torch.Tensor, approximation: torch.Tensor) -> float:
@@ -90,6 +97,8 @@ class Quantize(Pass):
             raise PassSpecError("quantize needs calibration data: pass calib_data=[batch, ...] to slimfx.compile "
                                 "(or --calib-random N on the command line)")
         graph.ensure_costs()
+        observers = self._observe_matmul_inputs(graph)
+        graph.ensure_costs()
         targets, decisions = self._targets(graph)
         histograms, samples = self._calibrate(graph, targets, ctx)  # input and output histograms
         schemes, warnings = {n.name: self.weights for n in targets}, []
@@ -99,8 +108,32 @@ class Quantize(Pass):
             for node in targets:
                 decisions[node.name] = self._quantize_one(graph, rewriter, node, histograms[node.name], samples.get(node.name),
                                                           schemes[node.name])
-        listed = [d for d in decisions.values() if d is not None]
-        return PassResult(changed=bool(targets), decisions=tuple(listed) + (_size_summary(listed),), warnings=tuple(warnings))
+        listed = [d for d in decisions.values() if d is not None] + [self._freeze(name, o) for name, o in observers]
+        return PassResult(changed=bool(targets or observers), decisions=tuple(listed) + (_size_summary(listed),),
+                          warnings=tuple(warnings))
+
+    def _observe_matmul_inputs(self, graph: Graph) -> list[tuple[str, ActivationQuant]]:
+        """Put an observing ActivationQuant on both inputs of every matmul/bmm (function or method)."""
+        matmuls = [n for n in graph.nodes() if _is_matmul(n) and all(isinstance(a, fx.Node) for a in n.args[:2])]
+        observers = []
+        with Rewriter(graph, self.name) as rewriter:
+            for node in matmuls:
+                for position, arg in enumerate(node.args[:2]):
+                    observer = ActivationQuant()
+                    observer.observer = AbsHistogram()
+                    inserted = rewriter.insert_module_after(arg, f"{node.name}_input{position}_quant", observer, (arg,))
+                    rewriter.rewire_input(node, arg, inserted)
+                    observers.append((f"{node.name} input {position}", observer))
+        return observers
+
+    def _freeze(self, name: str, quant: ActivationQuant) -> Decision:
+        hist = quant.observer
+        t = threshold(hist, self.calib, self.percentile)
+        scale, zero_point = activation_qparams(t, hist.non_negative)
+        quant.freeze(scale, zero_point)
+        return Decision(name, "quantized", f"uint8 per tensor, {self.calib} threshold {t:.4g} of observed max {hist.upper:.4g}",
+                        details={"scheme": "uint8 activation (matmul input)", "bits": 8, "threshold": t,
+                                 "observed_max": hist.upper, "input_scale": scale, "input_zero_point": zero_point})
 
     def _mixed_precision(self, graph: Graph, targets: list[fx.Node], ctx: PassContext) -> tuple[dict[str, str], list[str]]:
         """Sensitivity of each layer at 8, 4 and 2 bits (only that layer quantized), then widths
@@ -221,7 +254,7 @@ class Quantize(Pass):
 
 def _size_summary(decisions: list[Decision]) -> Decision:
     """Deep Compression's accounting over every quantized layer: fp32, chosen widths, Huffman."""
-    sizes = [d.details["size"] for d in decisions if d.action == "quantized"]
+    sizes = [d.details["size"] for d in decisions if d.action == "quantized" and "size" in d.details]
     total = {k: sum(s[k] for s in sizes) for k in ("fp32_bytes", "quantized_bytes", "huffman_bytes")}
     weights = sum(s["fp32_bytes"] for s in sizes) or 1
     zero_share = sum(s["zero_share"] * s["fp32_bytes"] for s in sizes) / weights

@@ -68,3 +68,27 @@ class QuantizedLayer(nn.Module):
             return y
         # an int8 output lets onnxruntime run the layer as one integer kernel (QLinearConv)
         return torch.fake_quantize_per_tensor_affine(y, self.output_scale, self.output_zero_point, ACT_QMIN, ACT_QMAX)
+
+
+class ActivationQuant(nn.Module):
+    """Per-tensor uint8 fake quantization of one tensor (the inputs of a matmul, say).
+
+    Built in observing mode: it records a histogram of what passes and returns it unchanged;
+    ``freeze(scale, zero_point)`` turns it into the quantize/dequantize pair.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.scale: float | None = None
+        self.zero_point = 0
+        self.observer = None  # an AbsHistogram while calibrating
+
+    def freeze(self, scale: float, zero_point: int) -> None:
+        self.scale, self.zero_point, self.observer = float(scale), int(zero_point), None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.scale is None:
+            if self.observer is not None:
+                self.observer.update(x)
+            return x
+        return torch.fake_quantize_per_tensor_affine(x, self.scale, self.zero_point, ACT_QMIN, ACT_QMAX)

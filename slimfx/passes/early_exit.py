@@ -223,7 +223,7 @@ class AddExits(Pass):
         except AttributeError:
             raise PassSpecError(f"add-exits: at={path!r} is not a module of the model; give module paths such as 'layer2'") from None
         inside = [n for n in graph.nodes() if path in (n.meta.get("nn_module_stack") or {}) or
-                  any(k == path or k.startswith(path + ".") for k in _module_paths(n))]
+                  (n.op == "call_module" and (str(n.target) == path or str(n.target).startswith(path + ".")))]
         if not inside:
             raise PassSpecError(f"add-exits: module {path!r} is never called in the traced graph")
         return inside[-1]
@@ -277,10 +277,6 @@ class AddExits(Pass):
         stats.append({"exit": "full model", "share": final_share, "macs_to_exit_per_sample": full + sum(head_macs)})
         agreement = float(answer_right.float().mean()) if labels is None else float(answer_right.float().mean() / max(final_correct.float().mean(), 1e-12))
         return ExitPlan(cuts, heads, thresholds, stats, full, expected, agreement)
-
-
-def _module_paths(node: fx.Node) -> list[str]:
-    return [str(node.target)] if node.op == "call_module" else []
 
 
 def _cumulative_macs(graph: Graph) -> dict[str, int]:

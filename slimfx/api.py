@@ -127,11 +127,14 @@ def compile(
             sum(module_latency_ms(module, b, latency_repeats) for b in batches) / len(batches),
             baseline_name(batches[0]) + (f", mean over {len(batches)} calibration batches" if exits else ""),
         )
-    notes = ()
+    notes: tuple[str, ...] = ()
+    if any(r.name == "quantize" and r.changed for r in records):
+        notes += ("the quantized graph runs fake quantization in torch (a float simulation, slower than fp32 in eager "
+                  "mode); its int8 speed shows in onnxruntime: pass --onnx OUT.onnx or call result.measure_onnx()",)
     if exits:
         head_macs = sum(e.get("head_macs_per_sample", 0) for e in exits["exits"])
-        notes = (f"the after totals count the model without its exit heads; the heads add {head_macs:,} MACs per "
-                 "sample in all, included in the early-exit costs above",)
+        notes += (f"the after totals count the model without its exit heads; the heads add {head_macs:,} MACs per "
+                  "sample in all, included in the early-exit costs above",)
     report = CompileReport(before, after, tuple(records), error, latency, notes=notes, exits=exits)
     return CompileResult(module, graph, report)
 

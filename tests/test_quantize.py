@@ -204,7 +204,7 @@ def test_size_report_and_schemes_on_digits() -> None:
     for scheme in ("int8", "int4", "ternary", "binary", "block"):
         result = compile(model, x[:2], f"fold-bn,quantize:weights={scheme}", calib_data=calibration())
         summary = result.report.passes[1].decisions[-1]
-        assert summary.action == "size"
+        assert summary.action == "summary"
         sizes[scheme] = summary.details
         assert summary.details["huffman_bytes"] <= summary.details["quantized_bytes"] < summary.details["fp32_bytes"]
     assert sizes["binary"]["quantized_bytes"] < sizes["ternary"]["quantized_bytes"] < sizes["int4"]["quantized_bytes"] < sizes["int8"]["quantized_bytes"]

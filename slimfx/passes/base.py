@@ -14,7 +14,8 @@ class Decision:
     """What a pass did to one layer, or why it left it alone.
 
     ``error`` is a measured relative error (weight reconstruction or layer output) when the
-    pass measured one; ``None`` means not measured, never "zero".
+    pass measured one; ``None`` means not measured, never "zero". ``action == "summary"``
+    marks a row about the whole pass (quantize's model size), not about one layer.
     """
 
     target: str

@@ -261,4 +261,4 @@ def _size_summary(decisions: list[Decision]) -> Decision:
     total["zero_share"] = zero_share
     reason = (f"weights of the quantized layers: fp32 {total['fp32_bytes'] / 1e6:.3f} MB -> {total['quantized_bytes'] / 1e6:.3f} MB "
               f"at the chosen widths -> {total['huffman_bytes'] / 1e6:.3f} MB Huffman-coded; {zero_share:.1%} of weights are 0")
-    return Decision("(model size)", "size", reason, details=total)
+    return Decision("(model size)", "summary", reason, details=total)

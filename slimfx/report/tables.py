@@ -137,8 +137,8 @@ def _exits_text(exits: dict[str, Any], tablefmt: str) -> str:
 
 
 def _pass_text(record: Any, tablefmt: str) -> str:
-    touched = sum(not d.declined for d in record.decisions)
-    declined = len(record.decisions) - touched
+    touched = sum(d.action not in ("declined", "summary") for d in record.decisions)
+    declined = sum(d.declined for d in record.decisions)
     error = "not measured (graph unchanged)" if record.output_error is None else f"{record.output_error:.3g}"
     exactness = "exact, verified" if record.exact else "lossy"
     head = (

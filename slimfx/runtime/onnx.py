@@ -64,6 +64,7 @@ def session(path: str | Path, threads: int | None = None, optimized_path: str | 
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads or torch.get_num_threads()
     options.inter_op_num_threads = 1
+    options.log_severity_level = 3  # errors only: no notes about hardware-specific optimized files
     if optimized_path is not None:
         options.optimized_model_filepath = str(optimized_path)
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])

@@ -129,8 +129,8 @@ def compile(
         )
     notes: tuple[str, ...] = ()
     if any(r.name == "quantize" and r.changed for r in records):
-        notes += ("the quantized graph runs fake quantization in torch (a float simulation, slower than fp32 in eager "
-                  "mode); its int8 speed shows in onnxruntime: pass --onnx OUT.onnx or call result.measure_onnx()",)
+        notes += ("the quantized graph runs fake quantization in torch, a float simulation whose eager latency says "
+                  "nothing about int8 speed; that shows in onnxruntime: pass --onnx OUT.onnx or call result.measure_onnx()",)
     if exits:
         head_macs = sum(e.get("head_macs_per_sample", 0) for e in exits["exits"])
         notes += (f"the after totals count the model without its exit heads; the heads add {head_macs:,} MACs per "

@@ -42,8 +42,9 @@ def _is_matmul(node: fx.Node) -> bool:
 
 def sqnr_db(reference: torch.Tensor, approximation: torch.Tensor) -> float:
     """Signal-to-quantization-noise ratio in dB (inf when equal)."""
-    noise = float((reference - approximation).double().pow(2).sum())
-    signal = float(reference.double().pow(2).sum())
+    reference, approximation = reference.detach().double(), approximation.detach().double()
+    noise = float((reference - approximation).pow(2).sum())
+    signal = float(reference.pow(2).sum())
     if noise == 0:
         return math.inf
     return 10 * math.log10(signal / noise) if signal else -math.inf

@@ -41,7 +41,11 @@ def analyze(
 
 @dataclass
 class CompileResult:
-    """The compiled module (a runnable fx GraphModule), its graph and the report."""
+    """The compiled module, its graph and the report.
+
+    ``module`` is the graph's runnable fx GraphModule, or, when ``add-exits`` ran, the
+    ``EarlyExitModel`` built from it (``graph.module`` then holds the model without exits).
+    """
 
     module: nn.Module
     graph: Graph

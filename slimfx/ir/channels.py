@@ -6,9 +6,9 @@ shape without the batch dimension, each element holding the id of the channel it
 Ops move ids the way they move data (``cat`` concatenates them, ``flatten`` spreads a channel
 over its H*W features, a channel shuffle permutes them), so index maps come for free. Ops
 that tie channels together (a residual ``add``, an SE ``mul``, a ``chunk`` whose halves must
-shrink alike) record pairs of ids that must share a fate; networkx's connected components of
-those pairs are the *units* that pruning removes or keeps, and the components of units
-linked by a layer are the *groups* a ratio applies to.
+shrink alike) record pairs of ids that must share a fate; joining those pairs with networkx's
+union-find gives the *units* that pruning removes or keeps, and joining the units of each
+layer gives the *groups* a ratio applies to.
 
 Fail closed: an op whose channel behaviour is not known here, the model's inputs and
 outputs, and parameters used as tensors get a *blocked* id carrying the reason; every group
@@ -233,17 +233,10 @@ class _CouplingBuilder:
     # -- build -------------------------------------------------------------------------------
     def build(self) -> ChannelAnalysis:
         self.graph.ensure_shapes()
-        calls = self._module_call_counts()
+        calls = self.graph.module_calls()
         for node in self.graph.nodes():
             self.values[node] = self._visit(node, calls)
         return self._resolve()
-
-    def _module_call_counts(self) -> dict[str, int]:
-        counts: dict[str, int] = {}
-        for node in self.graph.nodes():
-            if node.op == "call_module":
-                counts[str(node.target)] = counts.get(str(node.target), 0) + 1
-        return counts
 
     def _visit(self, node: fx.Node, calls: dict[str, int]) -> Any:
         if node.op == "placeholder":

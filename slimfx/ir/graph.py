@@ -73,6 +73,18 @@ class Graph:
         self.ensure_shapes()
         self.cached("costs", lambda: annotate_costs(self))
 
+    def module_calls(self) -> dict[str, int]:
+        """How many ``call_module`` nodes run each module path (a shared module runs more than once)."""
+
+        def count() -> dict[str, int]:
+            counts: dict[str, int] = {}
+            for node in self.module.graph.nodes:
+                if node.op == "call_module":
+                    counts[str(node.target)] = counts.get(str(node.target), 0) + 1
+            return counts
+
+        return self.cached("module_calls", count)
+
     def info(self, node: fx.Node) -> NodeInfo:
         """Typed info for ``node`` (shapes always current; cost when costs were computed)."""
         self.ensure_shapes()

@@ -381,10 +381,7 @@ class FactorizeConvs(Pass):
 
     # -- which layers ------------------------------------------------------------------------
     def _candidates(self, graph: Graph, factorizer: _Factorizer) -> tuple[list[_Layer], dict[str, Decision]]:
-        calls: dict[str, int] = {}
-        for node in graph.nodes():
-            if node.op == "call_module":
-                calls[str(node.target)] = calls.get(str(node.target), 0) + 1
+        calls = graph.module_calls()
         layers, decisions = [], {}
         for node in graph.nodes():
             if node.op != "call_module" or not isinstance(graph.submodule(node), factorizer.layer_types):

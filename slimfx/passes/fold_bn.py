@@ -101,9 +101,9 @@ class FoldBatchNorm(Pass):
         if len(producer.users) != 1:
             others = ", ".join(u.name for u in producer.users if u is not bn_node)
             return f"{producer.target}'s output is also read by {others}; folding would change them"
-        callers = [n for n in graph.nodes() if n.op == "call_module" and n.target == producer.target]
-        if len(callers) > 1:
-            return f"{producer.target} is called {len(callers)} times; folding would change every call"
+        calls = graph.module_calls()[str(producer.target)]
+        if calls > 1:
+            return f"{producer.target} is called {calls} times; folding would change every call"
         if isinstance(layer, nn.Linear) and len(graph.info(producer).out_shape or ()) != 2:
             return "BatchNorm1d after a linear on a sequence normalizes dim 1, not the linear's features"
         out_channels = layer.out_channels if isinstance(layer, _CONVS) else layer.out_features

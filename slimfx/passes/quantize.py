@@ -166,10 +166,7 @@ class Quantize(Pass):
         return {name: _WIDTH_SCHEME[bits] for name, bits in widths.items()}, warnings
 
     def _targets(self, graph: Graph) -> tuple[list[fx.Node], dict[str, Decision]]:
-        calls: dict[str, int] = {}
-        for node in graph.nodes():
-            if node.op == "call_module":
-                calls[str(node.target)] = calls.get(str(node.target), 0) + 1
+        calls = graph.module_calls()
         targets, decisions = [], {}
         for node in graph.nodes():
             if node.op != "call_module" or not isinstance(graph.submodule(node), _LAYERS):

@@ -101,12 +101,18 @@ def _bias(module: nn.Module) -> torch.Tensor | None:
     return None if module.bias is None else module.bias.detach()
 
 
-class _SpatialSvd(_Factorizer):
-    method = "spatial-svd"
+class _OneMatrixSvd(_Factorizer):
+    """Methods that cut the rank of one matrix made from the weight: one rank, exact tail errors."""
+
+    def matrix(self, weight: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
 
     def spectra(self, weight):
-        u, s, vh = lowrank.thin_svd(lowrank.spatial_svd_matrix(weight.float()))
+        u, s, vh = lowrank.thin_svd(self.matrix(weight.float()))
         return {"s": s, "u": u, "vh": vh}
+
+    def svd(self, layer: _Layer) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return layer.spectra["u"], layer.spectra["s"], layer.spectra["vh"]
 
     def full(self, layer):
         return (len(layer.spectra["s"]),)
@@ -117,6 +123,13 @@ class _SpatialSvd(_Factorizer):
     def estimated_error(self, layer, ranks):
         return lowrank.tail_error(layer.spectra["s"], ranks[0])
 
+
+class _SpatialSvd(_OneMatrixSvd):
+    method = "spatial-svd"
+
+    def matrix(self, weight):
+        return lowrank.spatial_svd_matrix(weight)
+
     def macs(self, layer, ranks):
         (r,), m = ranks, layer.module
         n, cin, h, w = layer.in_shape
@@ -125,8 +138,7 @@ class _SpatialSvd(_Factorizer):
 
     def build(self, layer, ranks, iterations, seed):
         m, weight = layer.module, layer.module.weight.detach()
-        svd = (layer.spectra["u"], layer.spectra["s"], layer.spectra["vh"])
-        vertical, horizontal = lowrank.spatial_svd(weight, ranks[0], svd)
+        vertical, horizontal = lowrank.spatial_svd(weight, ranks[0], self.svd(layer))
         parts = [
             ("v", _conv(vertical, None, m, stride=(m.stride[0], 1), padding=(m.padding[0], 0), dilation=(m.dilation[0], 1))),
             ("h", _conv(horizontal, _bias(m), m, stride=(1, m.stride[1]), padding=(0, m.padding[1]), dilation=(1, m.dilation[1]))),
@@ -255,25 +267,15 @@ class _Separable3d(_Factorizer):
         return parts, lowrank.relative_error(lowrank.compose_separable_3d(s), weight)
 
 
-class _LinearSvd(_Factorizer):
+class _LinearSvd(_OneMatrixSvd):
     method = "linear-svd"
     layer_types = (nn.Linear,)
 
     def why_not(self, module):
         return None
 
-    def spectra(self, weight):
-        u, s, vh = lowrank.thin_svd(weight.float())
-        return {"s": s, "u": u, "vh": vh}
-
-    def full(self, layer):
-        return (len(layer.spectra["s"]),)
-
-    def energy_ranks(self, layer, energy):
-        return (lowrank.energy_rank(layer.spectra["s"], energy),)
-
-    def estimated_error(self, layer, ranks):
-        return lowrank.tail_error(layer.spectra["s"], ranks[0])
+    def matrix(self, weight):
+        return weight
 
     def macs(self, layer, ranks):
         rows = math.prod(layer.in_shape[:-1])
@@ -281,7 +283,7 @@ class _LinearSvd(_Factorizer):
 
     def build(self, layer, ranks, iterations, seed):
         m, weight = layer.module, layer.module.weight.detach()
-        first, second = lowrank.linear_svd(weight, ranks[0], (layer.spectra["u"], layer.spectra["s"], layer.spectra["vh"]))
+        first, second = lowrank.linear_svd(weight, ranks[0], self.svd(layer))
         reduce, restore = nn.Linear(m.in_features, ranks[0], bias=False), nn.Linear(ranks[0], m.out_features, bias=m.bias is not None)
         reduce.weight = nn.Parameter(first)
         restore.weight = nn.Parameter(second)

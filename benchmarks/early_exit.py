@@ -26,7 +26,7 @@ from tabulate import tabulate
 import slimfx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-from digits import split, trained_cnn  # noqa: E402  (the tests' digits data and CNN)
+from digits import split, train_classifier, trained_cnn  # noqa: E402  (the tests' digits data and CNN)
 
 
 def resnet18_on_digits(epochs: int = 4) -> tuple[torch.nn.Module, dict]:
@@ -37,14 +37,7 @@ def resnet18_on_digits(epochs: int = 4) -> tuple[torch.nn.Module, dict]:
     data = {k: (prepare(x), y) for k, (x, y) in split().items()}
     torch.manual_seed(0)
     model = torchvision.models.resnet18(weights=None, num_classes=10)
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
-    x, y = data["train"]
-    for _ in range(epochs):
-        for i in range(0, len(y), 50):
-            loss = F.cross_entropy(model(x[i : i + 50]), y[i : i + 50])
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
+    train_classifier(model, *data["train"], epochs=epochs, lr=1e-3)
     return model.eval(), data
 
 

@@ -7,6 +7,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from slimfx.train.loop import fit
+
 
 class DigitsCNN(nn.Module):
     def __init__(self) -> None:
@@ -45,12 +47,11 @@ def trained_cnn(epochs: int = 15) -> DigitsCNN:
     """The CNN trained on the train split (deterministic for the seed), in eval mode."""
     torch.manual_seed(0)
     model = DigitsCNN()
-    x, y = split()["train"]
-    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
-    for _ in range(epochs):
-        for i in range(0, len(y), 50):
-            loss = F.cross_entropy(model(x[i : i + 50]), y[i : i + 50])
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
+    train_classifier(model, *split()["train"], epochs=epochs, lr=3e-3)
     return model.eval()
+
+
+def train_classifier(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, epochs: int, lr: float) -> None:
+    """Cross-entropy training in batches of 50 (slimfx's shared loop)."""
+    fit(model.parameters(), list(zip(x.split(50), y.split(50))), lambda b: F.cross_entropy(model(b[0]), b[1]),
+        epochs=epochs, lr=lr, label="digits")

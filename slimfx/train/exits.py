@@ -7,11 +7,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-
-def progress_bar(done: int, total: int, width: int = 24) -> str:
-    """``[#########---------------] 9/24``: a text bar for a progress line."""
-    filled = round(width * done / max(total, 1))
-    return f"[{'#' * filled}{'-' * (width - filled)}] {done}/{total}"
+from slimfx.train.loop import fit
 
 
 def distill_heads(
@@ -23,27 +19,18 @@ def distill_heads(
     ``extractor(x)`` returns the features at every exit followed by the model's output. The
     backbone stays frozen. Returns the mean loss of each epoch.
     """
+
+    def loss(x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            *features, teacher = extractor(x)
+            target = F.softmax(teacher / temperature, dim=-1)
+        return sum(
+            F.kl_div(F.log_softmax(head(f) / temperature, dim=-1), target, reduction="batchmean")
+            for head, f in zip(heads, features)
+        ) * temperature**2
+
     params = [p for head in heads for p in head.parameters()]
-    optimizer = torch.optim.Adam(params, lr=lr)
-    history = []
-    for epoch in range(epochs):
-        total = 0.0
-        for x in batches:
-            with torch.no_grad():
-                *features, teacher = extractor(x)
-                target = F.softmax(teacher / temperature, dim=-1)
-            loss = sum(
-                F.kl_div(F.log_softmax(head(f) / temperature, dim=-1), target, reduction="batchmean")
-                for head, f in zip(heads, features)
-            ) * temperature**2
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-            total += float(loss.detach())
-        history.append(total / max(len(batches), 1))
-        if progress:
-            progress(f"add-exits: distilling heads {progress_bar(epoch + 1, epochs)} loss {history[-1]:.4f}")
-    return history
+    return fit(params, batches, loss, epochs=epochs, lr=lr, label="add-exits: distilling heads", progress=progress)
 
 
 def train_branchynet(
@@ -51,23 +38,15 @@ def train_branchynet(
     epochs: int, lr: float, exit_weight: float = 1.0, progress: Callable[[str], None] | None = None,
 ) -> list[float]:
     """BranchyNet: backbone and heads together on labels, loss = final + weight x sum of exits."""
+
+    def loss(batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        x, y = batch
+        *features, final = extractor(x)
+        return F.cross_entropy(final, y) + exit_weight * sum(F.cross_entropy(h(f), y) for h, f in zip(heads, features))
+
     params = list(extractor.parameters()) + [p for head in heads for p in head.parameters()]
-    optimizer = torch.optim.Adam(params, lr=lr)
     extractor.train()
-    history = []
     try:
-        for epoch in range(epochs):
-            total = 0.0
-            for x, y in batches:
-                *features, final = extractor(x)
-                loss = F.cross_entropy(final, y) + exit_weight * sum(F.cross_entropy(h(f), y) for h, f in zip(heads, features))
-                optimizer.zero_grad()
-                loss.backward()
-                optimizer.step()
-                total += float(loss.detach())
-            history.append(total / max(len(batches), 1))
-            if progress:
-                progress(f"add-exits: joint training {progress_bar(epoch + 1, epochs)} loss {history[-1]:.4f}")
+        return fit(params, batches, loss, epochs=epochs, lr=lr, label="add-exits: joint training", progress=progress)
     finally:
         extractor.eval()
-    return history

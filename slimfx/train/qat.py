@@ -12,6 +12,8 @@ from typing import Any, Callable, Iterable
 import torch
 import torch.nn as nn
 
+from slimfx.train.loop import fit
+
 
 def qat(
     module: nn.Module, data: Iterable[tuple[Any, Any]], loss_fn: Callable[[Any, Any], torch.Tensor], *,
@@ -24,24 +26,12 @@ def qat(
     if not batches:
         raise ValueError("qat: no training data")
     params = [p for p in module.parameters() if p.requires_grad]
-    optimizer = torch.optim.Adam(params, lr=lr)
     module.train()
     for m in module.modules():
         if isinstance(m, nn.modules.batchnorm._BatchNorm):
             m.eval()  # frozen statistics
-    history = []
     try:
-        for epoch in range(epochs):
-            total = 0.0
-            for x, y in batches:
-                loss = loss_fn(module(x), y)
-                optimizer.zero_grad()
-                loss.backward()
-                optimizer.step()
-                total += float(loss.detach())
-            history.append(total / len(batches))
-            if progress:
-                progress(f"qat: epoch {epoch + 1}/{epochs}, loss {history[-1]:.4f}")
+        return fit(params, batches, lambda batch: loss_fn(module(batch[0]), batch[1]),
+                   epochs=epochs, lr=lr, label="qat:", progress=progress)
     finally:
         module.eval()
-    return history

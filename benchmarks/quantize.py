@@ -31,14 +31,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from digits import split, trained_cnn  # noqa: E402
 
 
-def ort_quantize_static(fp32_path: Path, out_path: Path, calib: list[torch.Tensor], method: str) -> float:
-    from onnxruntime.quantization import (
-        CalibrationDataReader,
-        CalibrationMethod,
-        QuantFormat,
-        QuantType,
-        quantize_static,
-    )
+def calibration_reader(calib: list[torch.Tensor]):
+    """onnxruntime's calibration-data interface over our input batches."""
+    from onnxruntime.quantization import CalibrationDataReader
 
     class Reader(CalibrationDataReader):
         def __init__(self) -> None:
@@ -47,8 +42,19 @@ def ort_quantize_static(fp32_path: Path, out_path: Path, calib: list[torch.Tenso
         def get_next(self):
             return next(self.items, None)
 
+    return Reader()
+
+
+def ort_quantize_static(fp32_path: Path, out_path: Path, calib: list[torch.Tensor], method: str) -> float:
+    from onnxruntime.quantization import (
+        CalibrationMethod,
+        QuantFormat,
+        QuantType,
+        quantize_static,
+    )
+
     start = time.perf_counter()
-    quantize_static(str(fp32_path), str(out_path), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+    quantize_static(str(fp32_path), str(out_path), calibration_reader(calib), quant_format=QuantFormat.QDQ, per_channel=True,
                     activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
                     calibrate_method=CalibrationMethod.MinMax if method == "minmax" else CalibrationMethod.Entropy)
     return time.perf_counter() - start
@@ -57,24 +63,16 @@ def ort_quantize_static(fp32_path: Path, out_path: Path, calib: list[torch.Tenso
 def ort_entropy_seconds(fp32_path: Path, calib: list[torch.Tensor], bins: int = 2048) -> float:
     """onnxruntime's entropy calibrator alone, at the same 2048 bins slimfx uses."""
     from onnxruntime.quantization.calibrate import (
-        CalibrationDataReader,
         CalibrationMethod,
         create_calibrator,
     )
-
-    class Reader(CalibrationDataReader):
-        def __init__(self) -> None:
-            self.items = iter([{"input_0": x.numpy()} for x in calib])
-
-        def get_next(self):
-            return next(self.items, None)
 
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as folder:
         calibrator = create_calibrator(str(fp32_path), augmented_model_path=str(Path(folder) / "augmented.onnx"),
                                        calibrate_method=CalibrationMethod.Entropy,
                                        extra_options={"num_bins": bins, "num_quantized_bins": 128})
-        calibrator.collect_data(Reader())
+        calibrator.collect_data(calibration_reader(calib))
         calibrator.compute_data()
     return time.perf_counter() - start
 

@@ -16,7 +16,7 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
-from slimfx.cost_model.counts import conv_macs
+from slimfx.cost_model.counts import conv_macs, total_cost
 from slimfx.ir.graph import Graph
 from slimfx.ir.rewrite import Rewriter
 from slimfx.passes import lowrank
@@ -437,7 +437,7 @@ class FactorizeConvs(Pass):
     ) -> dict[str, Ranks]:
         """Greedy: repeatedly take the rank cut with the least added error per MAC saved; once
         one cut reaches the goal, take the one that reaches it with the least added error."""
-        total = sum(graph.info(n).cost.cost.macs for n in graph.nodes() if graph.info(n).cost is not None)
+        total = total_cost(graph).macs
         goal = self.target_macs * total
         options: dict[str, list[tuple[Ranks, int, float]]] = {}
         for layer in layers:

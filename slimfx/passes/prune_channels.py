@@ -15,6 +15,7 @@ from typing import Literal
 import torch
 import torch.nn as nn
 
+from slimfx.cost_model.counts import total_cost
 from slimfx.errors import PassSpecError
 from slimfx.ir.channels import (
     ChannelAnalysis,
@@ -178,7 +179,7 @@ class PruneChannels(Pass):
     def _choose_for_target(
         self, plans: list[_Plan], analysis: ChannelAnalysis, layer_macs: dict[str, int], graph: Graph
     ) -> list[str]:
-        total = graph_total_macs(graph)
+        total = total_cost(graph).macs
         goal = self.target_macs * total
         order = _global_order(plans, per_mac=True)
 
@@ -252,11 +253,6 @@ class PruneChannels(Pass):
 def _macs(graph: Graph, node_name: str) -> int:
     cost = graph.info(graph.node(node_name)).cost
     return cost.cost.macs if cost is not None else 0
-
-
-def graph_total_macs(graph: Graph) -> int:
-    graph.ensure_costs()
-    return sum(graph.info(n).cost.cost.macs for n in graph.nodes() if graph.info(n).cost is not None)
 
 
 def predicted_macs(analysis: ChannelAnalysis, layer_macs: dict[str, int], total: int, removed: torch.Tensor) -> int:

@@ -11,8 +11,8 @@ from __future__ import annotations
 import fnmatch
 import math
 import operator
-from dataclasses import dataclass
-from typing import Any, Literal
+from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
 import torch.fx as fx
@@ -26,6 +26,13 @@ from slimfx.passes.registry import register
 from slimfx.quant.calibrate import AbsHistogram, threshold
 from slimfx.quant.mixed import allocate_widths
 from slimfx.quant.modules import ActivationQuant, QuantizedLayer, activation_qparams
+from slimfx.quant.placement import (
+    grid_source,
+    is_join,
+    is_pool,
+    relu_kind,
+    sole_relu_user,
+)
 from slimfx.quant.schemes import quantize_weight
 from slimfx.quant.size import layer_size
 
@@ -38,6 +45,11 @@ def _is_matmul(node: fx.Node) -> bool:
     if node.op == "call_function":
         return node.target in (torch.matmul, operator.matmul, torch.bmm)
     return node.op == "call_method" and node.target in ("matmul", "bmm")
+
+
+def _where(node: fx.Node) -> str:
+    """A node as reports name it: the module path for module calls, else the node name."""
+    return str(node.target) if node.op == "call_module" else node.name
 
 
 def sqnr_db(reference: torch.Tensor, approximation: torch.Tensor) -> float:
@@ -96,45 +108,132 @@ class Quantize(Pass):
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
         if ctx.calib_data is None:
             raise PassSpecError("quantize needs calibration data: pass calib_data=[batch, ...] to slimfx.compile "
-                                "(or --calib-random N on the command line)")
-        graph.ensure_costs()
-        observers = self._observe_matmul_inputs(graph)
+                                "(--calib on the command line)")
         graph.ensure_costs()
         targets, decisions = self._targets(graph)
-        histograms, samples = self._calibrate(graph, targets, ctx)  # input and output histograms
         schemes, warnings = {n.name: self.weights for n in targets}, []
         if self.bits == "auto":
             schemes, warnings = self._mixed_precision(graph, targets, ctx)
-        with Rewriter(graph, self.name) as rewriter:
-            for node in targets:
-                decisions[node.name] = self._quantize_one(graph, rewriter, node, histograms[node.name], samples.get(node.name),
-                                                          schemes[node.name])
-        listed = [d for d in decisions.values() if d is not None] + [self._freeze(name, o) for name, o in observers]
-        return PassResult(changed=bool(targets or observers), decisions=tuple(listed) + (_size_summary(listed),),
+        macs = {n.name: graph.info(n).cost.cost.macs for n in targets}
+        points = self._insert_quantizers(graph, targets, schemes)
+        observed = self._calibrate(graph, points, ctx)
+        grids: dict[fx.Node, tuple[float, int, str]] = {}  # tensors on a uint8 grid: scale, zero point, who set it
+        for point in points:
+            decision = self._freeze(graph, point, observed[point.node], grids, macs.get(point.node.name))
+            decisions[point.node.name] = decision
+        listed = [d for d in decisions.values() if d is not None]
+        return PassResult(changed=bool(points), decisions=tuple(listed) + (_size_summary(listed),),
                           warnings=tuple(warnings))
 
-    def _observe_matmul_inputs(self, graph: Graph) -> list[tuple[str, ActivationQuant]]:
-        """Put an observing ActivationQuant on both inputs of every matmul/bmm (function or method)."""
-        matmuls = [n for n in graph.nodes() if _is_matmul(n) and all(isinstance(a, fx.Node) for a in n.args[:2])]
-        observers = []
+    def _insert_quantizers(self, graph: Graph, targets: list[fx.Node], schemes: dict[str, str]) -> list[_Point]:
+        """Unfrozen quantizers (float pass-through while calibrating), in topological order:
+        every target layer (with the ReLU that alone follows it fused in), both inputs of every
+        matmul, and the outputs of adds, concats and average pools whose inputs are quantized."""
+        target_names = {n.name for n in targets}
+        points: list[_Point] = []
+        on_grid: set[fx.Node] = set()  # nodes whose output will be quantized
+        removed: set[fx.Node] = set()
         with Rewriter(graph, self.name) as rewriter:
-            for node in matmuls:
-                for position, arg in enumerate(node.args[:2]):
-                    observer = ActivationQuant()
-                    observer.observer = AbsHistogram()
-                    inserted = rewriter.insert_module_after(arg, f"{node.name}_input{position}_quant", observer, (arg,))
-                    rewriter.rewire_input(node, arg, inserted)
-                    observers.append((f"{node.name} input {position}", observer))
-        return observers
+            for node in list(graph.nodes()):
+                if node in removed:
+                    continue
+                if node.name in target_names:
+                    relu = sole_relu_user(graph, node)
+                    activation = relu_kind(graph, relu)() if relu is not None else None
+                    layer = QuantizedLayer(graph.submodule(node), activation, schemes[node.name], self.block_size, self.act_bits)
+                    rewriter.replace_module(node, layer)
+                    if relu is not None:
+                        rewriter.bypass(relu, node)
+                        removed.add(relu)
+                    output = any(u.op == "output" for u in node.users)  # the model's own output stays float
+                    points.append(_Point(node, str(node.target), self._inherits(graph, node, on_grid), quantize_output=not output))
+                    if not output:
+                        on_grid.add(node)
+                elif _is_matmul(node) and all(isinstance(a, fx.Node) for a in node.args[:2]):
+                    for position, arg in enumerate(node.args[:2]):
+                        quant = rewriter.insert_module_after(arg, f"{node.name}_input{position}_quant", ActivationQuant(), (arg,))
+                        rewriter.rewire_input(node, arg, quant)
+                        points.append(_Point(quant, f"{node.name} input {position}", self._inherits(graph, quant, on_grid)))
+                elif self._output_worth_quantizing(graph, node, on_grid):
+                    anchor = sole_relu_user(graph, node) or node
+                    quant = rewriter.insert_module_after(anchor, f"{node.name}_output_quant", ActivationQuant(), (anchor,))
+                    rewriter.replace_uses(anchor, quant)
+                    after = f" (after {_where(anchor)})" if anchor is not node else ""
+                    points.append(_Point(quant, f"{_where(node)} output{after}", self._inherits(graph, quant, on_grid)))
+                    on_grid.add(quant)
+        return points
 
-    def _freeze(self, name: str, quant: ActivationQuant) -> Decision:
-        hist = quant.observer
-        t = threshold(hist, self.calib, self.percentile)
-        scale, zero_point = activation_qparams(t, hist.non_negative)
-        quant.freeze(scale, zero_point)
-        return Decision(name, "quantized", f"uint8 per tensor, {self.calib} threshold {t:.4g} of observed max {hist.upper:.4g}",
-                        details={"scheme": "uint8 activation (matmul input)", "bits": 8, "threshold": t,
-                                 "observed_max": hist.upper, "input_scale": scale, "input_zero_point": zero_point})
+    @staticmethod
+    def _inherits(graph: Graph, point: fx.Node, on_grid: set[fx.Node]) -> bool:
+        """Whether the quantizer at ``point`` reads a tensor already on a grid (through ReLU, max pool...)."""
+        return grid_source(graph, point.args[0])[-1] in on_grid
+
+    @staticmethod
+    def _output_worth_quantizing(graph: Graph, node: fx.Node, on_grid: set[fx.Node]) -> bool:
+        """An add/concat of quantized tensors, or a pool of one: onnxruntime runs it in int8
+        (QLinearAdd, QLinearConcat, QLinearAveragePool, uint8 MaxPool) when its output is quantized too."""
+        if is_join(node):
+            inputs = node.args[0] if node.target in (torch.cat, torch.concat) else node.args[:2]
+        elif is_pool(graph, node):
+            inputs = node.args[:1]
+        else:
+            return False
+        return all(grid_source(graph, t)[-1] in on_grid for t in inputs)
+
+    def _freeze(self, graph: Graph, point: _Point, observed: _Observed, grids: dict[fx.Node, tuple[float, int, str]],
+                macs: int | None) -> Decision:
+        """Set the point's grids, its input's from the tensor it reads when that is already
+        quantized (through ReLU, max pool, reshape...) and from its own histogram otherwise."""
+        module = graph.submodule(point.node)
+        source = grid_source(graph, point.node.args[0])[-1]
+        hist = observed.inputs
+        if point.inherits:
+            scale, zero_point, owner = grids[source]
+            t, how = None, f"the grid of {owner}"
+        else:
+            t = threshold(hist, self.calib, self.percentile)
+            scale, zero_point = activation_qparams(t, hist.non_negative)
+            how = f"{self.calib} threshold {t:.4g} of observed max {hist.upper:.4g}"
+        if isinstance(module, ActivationQuant):
+            module.freeze(scale, zero_point)
+            grids[point.node] = (scale, zero_point, point.label)
+            return Decision(point.label, "quantized", f"uint8 per tensor on {how}",
+                            details={"scheme": "uint8 activation", "bits": 8, "threshold": t, "observed_max": None if t is None else hist.upper,
+                                     "input_scale": scale, "input_zero_point": zero_point})
+        out_t, out_scale, out_zero_point = None, None, 0
+        if point.quantize_output:
+            out_t = threshold(observed.outputs, self.calib, self.percentile)
+            out_scale, out_zero_point = activation_qparams(out_t, observed.outputs.non_negative)
+            grids[point.node] = (out_scale, out_zero_point, f"{point.label}'s output")
+        error = None
+        if observed.sample is not None:
+            with torch.no_grad():
+                reference = module.float_forward(observed.sample)
+                error = sqnr_db(reference, module.freeze(scale, zero_point, out_scale, out_zero_point)(observed.sample))
+        module.freeze(scale, zero_point, out_scale, out_zero_point)
+        return self._layer_decision(point, module, hist, t, how, observed.outputs, out_t, error, macs)
+
+    def _layer_decision(self, point: _Point, module: QuantizedLayer, hist: AbsHistogram, t: float | None, how: str,
+                        out_hist: AbsHistogram, out_t: float | None, error: float | None, macs: int | None) -> Decision:
+        layer, scheme = module.layer, module.scheme
+        ws = module.weight_scale
+        stored = quantize_weight(layer.weight.detach(), scheme, self.block_size)
+        scales = stored.integers.shape[0] * (-(-layer.weight.shape[1] // self.block_size) if scheme == "block" else 1)
+        size = layer_size(stored.integers, stored.bits, scales, 0 if layer.bias is None else layer.bias.numel())
+        fused = None if module.activation is None else type(module.activation).__name__
+        details = {
+            "scheme": f"{scheme} weights x {'binary' if self.act_bits == 1 else 'uint8 (per tensor)'} input",
+            "bits": stored.bits, "calibration": self.calib, "threshold": t, "observed_max": None if t is None else hist.upper,
+            "size": size, "input_range": "non-negative" if module.input_zero_point == 0 else "signed", "input_grid": how,
+            "input_scale": module.input_scale, "input_zero_point": module.input_zero_point, "fused_activation": fused,
+            "output_threshold": out_t, "output_observed_max": out_hist.upper,
+            "weight_scale_min": float(ws.min()), "weight_scale_max": float(ws.max()), "output_sqnr_db": error,
+        }
+        sqnr = "not measured" if error is None else f"{error:.1f} dB"
+        with_relu = f" with {fused} fused" if fused else ""
+        output = "float output (the model's)" if out_t is None else f"uint8 output, threshold {out_t:.4g}"
+        reason = f"{scheme} ({stored.bits}-bit) weights{with_relu}; input on {how}; {output}; output SQNR {sqnr}"
+        return Decision(point.label, "quantized", reason, macs, macs, details=details)
 
     def _mixed_precision(self, graph: Graph, targets: list[fx.Node], ctx: PassContext) -> tuple[dict[str, str], list[str]]:
         """Sensitivity of each layer at 8, 4 and 2 bits (only that layer quantized), then widths
@@ -186,21 +285,24 @@ class Quantize(Pass):
                 targets.append(node)
         return targets, decisions
 
-    def _calibrate(self, graph: Graph, targets: list[fx.Node], ctx: PassContext) -> tuple[dict[str, AbsHistogram], dict[str, Any]]:
-        """One streaming pass: a histogram per layer input, plus the first batch's inputs for SQNR."""
-        histograms = {n.name: AbsHistogram() for n in targets}
-        outputs = {n.name: AbsHistogram() for n in targets}
-        samples: dict[str, torch.Tensor] = {}
+    def _calibrate(self, graph: Graph, points: list[_Point], ctx: PassContext) -> dict[fx.Node, _Observed]:
+        """One streaming pass over ``calib_data``: histograms of each quantizer's input (and a
+        layer's output after its fused activation), plus each layer's first input for SQNR."""
+        observed = {p.node: _Observed() for p in points}
         handles = []
-        for node in targets:
-            def hook(_m: nn.Module, args: tuple, result: torch.Tensor, name: str = node.name) -> None:
+        for point in points:
+            def hook(module: nn.Module, args: tuple, result: torch.Tensor, seen: _Observed = observed[point.node],
+                     label: str = point.label, inherits: bool = point.inherits) -> None:
                 try:
-                    histograms[name].update(args[0])
-                    outputs[name].update(result)
+                    if not inherits:  # a quantizer on its producer's grid needs no histogram
+                        seen.inputs.update(args[0])
+                    if isinstance(module, QuantizedLayer):
+                        seen.outputs.update(result)
                 except ValueError as exc:
-                    raise PassSpecError(f"quantize: layer '{name}': {exc}") from None
-                samples.setdefault(name, args[0].detach())
-            handles.append(graph.submodule(node).register_forward_hook(hook))
+                    raise PassSpecError(f"quantize: {label}: {exc}") from None
+                if seen.sample is None and isinstance(module, QuantizedLayer):
+                    seen.sample = args[0].detach()
+            handles.append(graph.submodule(point.node).register_forward_hook(hook))
         batches = 0
         try:
             with torch.no_grad():
@@ -213,41 +315,26 @@ class Quantize(Pass):
                 handle.remove()
         if batches == 0:
             raise PassSpecError("quantize: calib_data is empty")
-        return {name: (histograms[name], outputs[name]) for name in histograms}, samples
+        return observed
 
-    def _quantize_one(self, graph: Graph, rewriter: Rewriter, node: fx.Node, hists: tuple[AbsHistogram, AbsHistogram],
-                      sample: torch.Tensor | None, scheme: str) -> Decision:
-        layer = graph.submodule(node)
-        hist, out_hist = hists
-        t = threshold(hist, self.calib, self.percentile)
-        scale, zero_point = activation_qparams(t, hist.non_negative)
-        out_t = threshold(out_hist, self.calib, self.percentile)
-        out_scale, out_zero_point = activation_qparams(out_t, out_hist.non_negative)
-        last = any(u.op == "output" for u in node.users)  # the model's own output stays float
-        quantized = QuantizedLayer(layer, scale, zero_point, None if last else out_scale, out_zero_point,
-                                   scheme, self.block_size, self.act_bits)
-        error = None
-        if sample is not None:
-            with torch.no_grad():
-                error = sqnr_db(layer(sample), quantized(sample))
-        macs = graph.info(node).cost.cost.macs
-        rewriter.replace_module(node, quantized)
-        ws = quantized.weight_scale
-        stored = quantize_weight(layer.weight.detach(), scheme, self.block_size)
-        scales = stored.integers.shape[0] * (-(-layer.weight.shape[1] // self.block_size) if scheme == "block" else 1)
-        size = layer_size(stored.integers, stored.bits, scales, 0 if layer.bias is None else layer.bias.numel())
-        details = {
-            "scheme": f"{scheme} weights x {'binary' if self.act_bits == 1 else 'uint8 (per tensor)'} input",
-            "bits": stored.bits, "calibration": self.calib, "threshold": t, "observed_max": hist.upper, "size": size,
-            "input_range": "non-negative" if hist.non_negative else "signed",
-            "input_scale": scale, "input_zero_point": zero_point,
-            "output_threshold": None if last else out_t, "output_observed_max": out_hist.upper,
-            "weight_scale_min": float(ws.min()), "weight_scale_max": float(ws.max()), "output_sqnr_db": error,
-        }
-        sqnr = "not measured" if error is None else f"{error:.1f} dB"
-        reason = (f"{scheme} ({stored.bits}-bit) weights, {self.calib} input threshold {t:.4g} of observed max "
-                  f"{hist.upper:.4g}; output SQNR {sqnr}")
-        return Decision(str(node.target), "quantized", reason, macs, macs, details=details)
+
+@dataclass
+class _Point:
+    """A quantizer in the graph: a QuantizedLayer or an ActivationQuant node, and its report label."""
+
+    node: fx.Node
+    label: str
+    inherits: bool  # reads a tensor already on a grid: takes that grid, calibrates nothing
+    quantize_output: bool = False  # layers only: is the output quantized too
+
+
+@dataclass
+class _Observed:
+    """What calibration saw at one quantizer."""
+
+    inputs: AbsHistogram = field(default_factory=AbsHistogram)
+    outputs: AbsHistogram = field(default_factory=AbsHistogram)
+    sample: torch.Tensor | None = None
 
 
 def _size_summary(decisions: list[Decision]) -> Decision:

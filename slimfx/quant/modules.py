@@ -32,21 +32,39 @@ def weight_scales(weight: torch.Tensor) -> torch.Tensor:
 
 
 class QuantizedLayer(nn.Module):
-    """A conv or linear layer run on fake-quantized input (per tensor) and weights (per channel),
-    and, when ``output_scale`` is given, with its output quantized too."""
+    """A conv or linear layer (and the ReLU fused after it, if any) on fake-quantized input
+    (per tensor) and weights (per channel), with its output quantized too when
+    ``output_scale`` is set.
 
-    def __init__(self, layer: nn.Module, input_scale: float, input_zero_point: int,
-                 output_scale: float | None = None, output_zero_point: int = 0,
-                 scheme: str = "int8", block_size: int = 16, act_bits: int = 8):
+    Built unfrozen, it runs in float so that calibration sees the float activations;
+    ``freeze`` sets the activation grids.
+    """
+
+    def __init__(self, layer: nn.Module, activation: nn.Module | None = None, scheme: str = "int8",
+                 block_size: int = 16, act_bits: int = 8):
         super().__init__()
         self.layer = layer
+        self.activation = activation
         self.scheme, self.block_size, self.act_bits = scheme, int(block_size), int(act_bits)
-        self.input_scale = float(input_scale)
-        self.input_zero_point = int(input_zero_point)
-        self.output_scale = None if output_scale is None else float(output_scale)
-        self.output_zero_point = int(output_zero_point)
+        self.input_scale: float | None = None
+        self.input_zero_point = 0
+        self.output_scale: float | None = None
+        self.output_zero_point = 0
         self.register_buffer("weight_scale", weight_scales(layer.weight))
         self.register_buffer("weight_zero_point", torch.zeros(layer.weight.shape[0], dtype=torch.int32))
+
+    def freeze(self, input_scale: float, input_zero_point: int, output_scale: float | None = None,
+               output_zero_point: int = 0) -> QuantizedLayer:
+        """Quantize from now on: the input on (input_scale, input_zero_point), the output on
+        (output_scale, output_zero_point) unless output_scale is None (a float output)."""
+        self.input_scale, self.input_zero_point = float(input_scale), int(input_zero_point)
+        self.output_scale = None if output_scale is None else float(output_scale)
+        self.output_zero_point = int(output_zero_point)
+        return self
+
+    @property
+    def frozen(self) -> bool:
+        return self.input_scale is not None
 
     def quantized_weight(self) -> torch.Tensor:
         if self.scheme != "int8":  # low-bit schemes: simulated in float (exported as float weights)
@@ -54,7 +72,14 @@ class QuantizedLayer(nn.Module):
         return torch.fake_quantize_per_channel_affine(
             self.layer.weight, self.weight_scale, self.weight_zero_point, 0, WEIGHT_QMIN, WEIGHT_QMAX)
 
+    def float_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """What the layer and its activation compute in float."""
+        y = self.layer(x)
+        return y if self.activation is None else self.activation(y)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.frozen:
+            return self.float_forward(x)
         if self.act_bits == 1:
             x = binarize_activation(x)
         else:
@@ -64,16 +89,18 @@ class QuantizedLayer(nn.Module):
             y = F.linear(x, weight, self.layer.bias)
         else:
             y = self.layer._conv_forward(x, weight, self.layer.bias)
+        if self.activation is not None:
+            y = self.activation(y)
         if self.output_scale is None:
             return y
-        # an int8 output lets onnxruntime run the layer as one integer kernel (QLinearConv)
+        # a quantized output lets onnxruntime run the layer as one integer kernel (QLinearConv)
         return torch.fake_quantize_per_tensor_affine(y, self.output_scale, self.output_zero_point, ACT_QMIN, ACT_QMAX)
 
 
 class ActivationQuant(nn.Module):
-    """Per-tensor uint8 fake quantization of one tensor (the inputs of a matmul, say).
+    """Per-tensor uint8 fake quantization of one tensor (a matmul input, an add's output...).
 
-    Built in observing mode: it records a histogram of what passes and returns it unchanged;
+    Built unfrozen, it passes its input through (calibration observes it);
     ``freeze(scale, zero_point)`` turns it into the quantize/dequantize pair.
     """
 
@@ -81,14 +108,12 @@ class ActivationQuant(nn.Module):
         super().__init__()
         self.scale: float | None = None
         self.zero_point = 0
-        self.observer = None  # an AbsHistogram while calibrating
 
-    def freeze(self, scale: float, zero_point: int) -> None:
-        self.scale, self.zero_point, self.observer = float(scale), int(zero_point), None
+    def freeze(self, scale: float, zero_point: int) -> ActivationQuant:
+        self.scale, self.zero_point = float(scale), int(zero_point)
+        return self
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.scale is None:
-            if self.observer is not None:
-                self.observer.update(x)
             return x
         return torch.fake_quantize_per_tensor_affine(x, self.scale, self.zero_point, ACT_QMIN, ACT_QMAX)

@@ -20,6 +20,7 @@ import torch
 import torch.nn as nn
 
 from slimfx.errors import OutputError, SlimfxError
+from slimfx.runtime.onnx_fold import fold_constant_quantization
 
 OPSET = 17
 
@@ -34,8 +35,9 @@ def _require() -> tuple[Any, Any]:
 
 
 def export_onnx(module: nn.Module, example_inputs: Sequence[torch.Tensor], path: str | Path) -> Path:
-    """Write ``module`` as ONNX (batch dimension dynamic); atomic: no partial file on failure."""
-    _require()
+    """Write ``module`` as ONNX (batch dimension dynamic; quantized weights stored as int8,
+    see ``onnx_fold``); atomic: no partial file on failure."""
+    onnx, _ = _require()
     path = Path(path)
     names = [f"input_{i}" for i in range(len(example_inputs))]
     folder = path.parent if str(path.parent) else Path(".")
@@ -49,6 +51,9 @@ def export_onnx(module: nn.Module, example_inputs: Sequence[torch.Tensor], path:
                 input_names=names, output_names=["output"],
                 dynamic_axes={**{n: {0: "batch"} for n in names}, "output": {0: "batch"}},
             )
+        model = onnx.load(tmp)
+        fold_constant_quantization(model)
+        onnx.save(model, tmp)
         os.replace(tmp, path)
     except Exception as exc:
         Path(tmp).unlink(missing_ok=True)

@@ -30,22 +30,24 @@ class AbsHistogram:
         self.maximum = -math.inf
 
     def update(self, x: torch.Tensor) -> None:
-        x = x.detach().float().reshape(-1)
+        x = x.detach().reshape(-1)
         if x.numel() == 0:
             return
-        if not bool(torch.isfinite(x).all()):
+        low, high = (float(v) for v in torch.aminmax(x))
+        if not (math.isfinite(low) and math.isfinite(high)):  # an inf or nan reaches the extremes
             raise ValueError("calibration saw a non-finite activation (inf or nan)")
-        self.minimum = min(self.minimum, float(x.min()))
-        self.maximum = max(self.maximum, float(x.max()))
-        a = x.abs()
-        nonzero = a[a != 0]
-        self.zeros += a.numel() - nonzero.numel()
-        if nonzero.numel() == 0:
+        self.minimum, self.maximum = min(self.minimum, low), max(self.maximum, high)
+        a = x.abs().float()
+        zeros = int((a == 0).sum())
+        self.zeros += zeros
+        top = max(-low, high)
+        if zeros == a.numel():
             return
-        top = float(nonzero.max())
         if top > self.upper:
             self._widen(top)
-        self.counts += torch.histc(nonzero, self.bins, 0.0, self.upper).double()
+        counts = torch.histc(a, self.bins, 0.0, self.upper).double()
+        counts[0] -= zeros  # exact zeros are counted apart
+        self.counts += counts
 
     def _widen(self, top: float) -> None:
         """Grow the range to cover ``top``; old counts move to the bins that hold their centres."""
@@ -87,53 +89,51 @@ def percentile_threshold(hist: AbsHistogram, percentile: float) -> float:
     return (index + min(max(fraction, 0.0), 1.0)) * hist.width
 
 
-def entropy_threshold(hist: AbsHistogram, levels: int = 128, start: int = 128, max_clipped: float = 1e-3,
-                      chunk: int = 256) -> float:
+def entropy_threshold(hist: AbsHistogram, levels: int = 128, start: int = 128, max_clipped: float = 1e-3) -> float:
     """TensorRT's calibration: the threshold whose ``levels``-level quantization of the
     histogram keeps the KL divergence to the original smallest.
 
     For each candidate bin count i from ``start`` to the number of bins, the reference P is
     the first i bins with everything above folded into bin i-1; Q merges those i bins into
     ``levels`` groups (bin j goes to group floor(j * levels / i)) and spreads each group's
-    mass evenly over its non-empty bins. Candidates are evaluated ``chunk`` at a time as
-    matrices, so the whole search is a few dozen vector operations.
+    mass evenly over its non-empty bins. KL(P || Q) then only needs, per group, its mass, its
+    count of non-empty bins and its sum of c log c, each a difference of prefix sums: all
+    candidates are scored at once as one (candidates x levels) matrix.
 
     One guard beyond TensorRT: candidates that clip more than ``max_clipped`` of the non-zero
     values are skipped. On sparse, discrete histograms (8-bit images, say) the search otherwise
     finds a zero divergence where P and Q are the same single spike, and clips almost all data.
     """
     counts = hist.counts
-    bins = hist.bins
-    total_mass = float(counts.sum())
-    if total_mass == 0 or hist.upper == 0:
+    total = float(counts.sum())
+    if total == 0 or hist.upper == 0:
         return hist.upper
-    prefix = torch.cat([torch.zeros(1, dtype=torch.float64), torch.cumsum(counts, 0)])
-    used = (counts > 0).double()
-    columns = torch.arange(bins)
-    best_divergence, best_i = math.inf, bins
-    for first in range(start, bins + 1, chunk):
-        sizes = torch.arange(first, min(first + chunk, bins + 1))  # candidate bin counts i
-        inside = columns[None, :] < sizes[:, None]  # (m, bins): bin j kept by candidate i
-        clipped = total_mass - prefix[sizes]
-        kept = torch.where(inside, counts[None, :], torch.zeros(()))
-        p = kept.clone()
-        p[torch.arange(len(sizes)), sizes - 1] += clipped  # fold the outliers into the last kept bin
-        group = torch.where(inside, (columns[None, :] * levels) // sizes[:, None], torch.full((), levels))
-        mass = torch.zeros(len(sizes), levels + 1, dtype=torch.float64).scatter_add_(1, group, kept)
-        filled = torch.zeros(len(sizes), levels + 1, dtype=torch.float64).scatter_add_(1, group, torch.where(inside, used[None, :], torch.zeros(())))
-        spread = mass / filled.clamp_min(1)
-        q = torch.where(inside & (counts[None, :] > 0), spread.gather(1, group), torch.zeros(()))
-        p = p / p.sum(1, keepdim=True)
-        q = q / q.sum(1, keepdim=True).clamp_min(1e-300)
-        positive = p > 0
-        ratio = torch.where(positive, p / q.clamp_min(1e-300), torch.ones(()))
-        divergence = torch.where(positive, p * torch.log(ratio), torch.zeros(())).sum(1)
-        impossible = (positive & (q == 0)).any(1) | (clipped > max_clipped * total_mass)
-        divergence[impossible] = math.inf
-        k = int(torch.argmin(divergence))
-        if float(divergence[k]) < best_divergence:
-            best_divergence, best_i = float(divergence[k]), int(sizes[k])
-    return best_i * hist.width
+    sizes = torch.arange(start, hist.bins + 1, dtype=torch.float64)  # candidate bin counts i
+    c_log_c = torch.where(counts > 0, counts * torch.log(counts.clamp_min(1e-300)), torch.zeros(()))
+    mass_before, used_before, clog_before = (torch.cat([torch.zeros(1, dtype=torch.float64), torch.cumsum(v, 0)])
+                                             for v in (counts, (counts > 0).double(), c_log_c))
+    i = sizes.long()
+    last = counts[i - 1]  # bin i-1 takes the clipped tail
+    clipped = total - mass_before[i]
+    folded_last = last + clipped
+    # sum over bins of p log p, with p = c' / total and c' the counts after folding
+    p_log_p_sum = clog_before[i] - c_log_c[i - 1] + torch.where(folded_last > 0, folded_last * torch.log(folded_last.clamp_min(1e-300)),
+                                                                 torch.zeros(()))
+    groups = torch.arange(levels + 1, dtype=torch.float64)
+    bounds = torch.div(groups[None, :] * sizes[:, None] + (levels - 1), levels, rounding_mode="floor").long()  # first bin of each group
+    mass = mass_before[bounds[:, 1:]] - mass_before[bounds[:, :-1]]
+    filled = used_before[bounds[:, 1:]] - used_before[bounds[:, :-1]]
+    reference_mass = mass.clone()
+    reference_mass[:, -1] += clipped  # the last group holds bin i-1
+    kept = mass_before[i]
+    q_log = torch.where(mass > 0, torch.log(mass.clamp_min(1e-300)) - torch.log(filled.clamp_min(1)), torch.zeros(()))
+    cross = (reference_mass * q_log).sum(1) - total * torch.log(kept.clamp_min(1e-300))
+    divergence = (p_log_p_sum - cross) / total - math.log(total)
+    impossible = ((last == 0) & (clipped > 0)) | (clipped > max_clipped * total)  # P > 0 where Q = 0, or too much clipped
+    divergence[impossible] = math.inf
+    if bool(torch.isinf(divergence).all()):
+        return hist.upper
+    return int(sizes[int(torch.argmin(divergence))]) * hist.width
 
 
 def mse_threshold(hist: AbsHistogram, bits: int = 8, candidates: int = 256) -> float:

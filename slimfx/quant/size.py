@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import heapq
 import itertools
-from collections import Counter
 
 import torch
 
@@ -28,7 +27,8 @@ def huffman_code_lengths(frequencies: dict[int, int]) -> dict[int, int]:
 
 def huffman_bits(symbols: torch.Tensor) -> int:
     """Bits to store ``symbols`` Huffman-coded with their own frequencies (the table not counted)."""
-    frequencies = Counter(symbols.reshape(-1).tolist())
+    values, counts = torch.unique(symbols.reshape(-1), return_counts=True)
+    frequencies = dict(zip(values.tolist(), counts.tolist()))
     lengths = huffman_code_lengths(frequencies)
     return sum(frequencies[s] * lengths[s] for s in frequencies)
 

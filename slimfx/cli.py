@@ -84,9 +84,9 @@ def build_parser() -> argparse.ArgumentParser:
     comp.add_argument("--format", choices=["table", "md", "json"], default="table")
     comp.add_argument("--onnx", metavar="OUT.onnx",
                       help="also export the compiled model to ONNX and time it against the original in onnxruntime")
-    comp.add_argument("--calib-random", type=int, default=0, metavar="N",
-                      help="calibrate on N batches of random inputs shaped like the example inputs "
-                           "(a stand-in: from Python, pass real data as calib_data)")
+    comp.add_argument("--calib", metavar="SPEC",
+                      help="calibration data for passes that need it: random:N (N random batches shaped like the "
+                           "example inputs, a stand-in) or a file written by torch.save (a tensor or a list of batches)")
     comp.add_argument("-o", "--output", help="save the compiled model here (slimfx format; 'slimfx report' loads it)")
     comp.add_argument("--repeats", type=int, default=20,
                       help="timed runs for measured latency before/after (median; 0 skips timing)")
@@ -137,6 +137,7 @@ def cmd_report(args: argparse.Namespace) -> None:
 
 def cmd_compile(args: argparse.Namespace) -> None:
     from slimfx.api import compile
+    from slimfx.calib import calibration_batches
     from slimfx.models import load_model
     from slimfx.passes.registry import resolve_passes
     from slimfx.report.tables import render_compile
@@ -147,13 +148,10 @@ def cmd_compile(args: argparse.Namespace) -> None:
             check_writable(path)
     loaded = load_model(args.model, trust=args.trust_model_file)
     inputs = _example_inputs(args, loaded.input_shape)
-    if args.calib_random < 0:
-        raise OutputError(f"--calib-random must be 0 or more batches, got {args.calib_random}")
-    generator = torch.Generator().manual_seed(args.seed + 1)
-    calib = [tuple(torch.randn(x.shape, generator=generator) for x in inputs) for _ in range(args.calib_random)]
+    calib = calibration_batches(args.calib, inputs, seed=args.seed + 1) if args.calib else None
     result = compile(loaded.module, inputs, args.passes, seed=args.seed, name=loaded.name,
                      leaf_modules=args.leaf_module, latency_repeats=max(args.repeats, 0),
-                     calib_data=calib or None, progress=_terminal_progress())
+                     calib_data=calib, progress=_terminal_progress())
     if sys.stderr.isatty():
         sys.stderr.write("\r" + " " * 110 + "\r")  # clear the progress line
     if args.onnx:

@@ -88,11 +88,26 @@ def test_compile_prunes_and_saves_a_smaller_model(tmp_path: Path, capsys: pytest
 
 def test_compile_table_shows_channels_and_thinet_calibrates_on_random_batches(capsys: pytest.CaptureFixture[str]) -> None:
     code, out, _ = run(capsys, "compile", "torchvision:resnet18", *SMALL, "--passes",
-                       "prune-channels:ratio=0.25,criterion=thinet", "--calib-random", "2", "--repeats", "0")
+                       "prune-channels:ratio=0.25,criterion=thinet", "--calib", "random:2", "--repeats", "0")
     assert code == 0
     assert "64 -> 48" in out and "thinet: removed 16 of 64 channels" in out
     code, _, err = run(capsys, "compile", "torchvision:resnet18", *SMALL, "--passes", "prune-channels:criterion=thinet")
     assert code == 2 and "criterion=thinet needs calibration data" in err and "Traceback" not in err
+
+
+def test_calib_reads_saved_batches_and_rejects_bad_ones(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    batches = tmp_path / "calib.pt"
+    torch.save(torch.randn(4, 3, 64, 64), batches)  # one tensor: split into batches of the example's size
+    code, out, _ = run(capsys, "compile", "torchvision:resnet18", *SMALL, "--passes",
+                       "prune-channels:ratio=0.25,criterion=thinet", "--calib", str(batches), "--repeats", "0")
+    assert code == 0 and "thinet: removed 16 of 64 channels" in out
+    wrong = tmp_path / "wrong.pt"
+    torch.save([torch.randn(2, 3, 32, 32)], wrong)
+    for spec, message in [("random:0", "N in random:N must be a whole number >= 1"), ("random:x", "random:N"),
+                          (str(tmp_path / "missing.pt"), "no such file"),
+                          (str(wrong), "batch 0, input 0 has shape (2, 3, 32, 32); the model takes (batch, 3, 64, 64)")]:
+        code, _, err = run(capsys, "compile", "torchvision:resnet18", *SMALL, "--passes", "quantize", "--calib", spec)
+        assert code == 2 and message in err and "Traceback" not in err, spec
 
 
 def test_compile_factorizes_vgg16_to_half_the_macs(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

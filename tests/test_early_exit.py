@@ -178,7 +178,7 @@ def test_cli_reports_exit_shares_and_expected_macs(tmp_path: Path, capsys: pytes
     from slimfx.cli import main
 
     code = main(["compile", "torchvision:resnet18", "--input-shape", "8,3,32,32", "--passes", "add-exits:exits=1,epochs=1",
-                 "--calib-random", "3", "--format", "json", "--repeats", "0"])
+                 "--calib", "random:3", "--format", "json", "--repeats", "0"])
     out, _ = capsys.readouterr()
     assert code == 0
     exits = json.loads(out)["exits"]

@@ -55,6 +55,43 @@ def test_entropy_threshold_clips_outliers() -> None:
     assert np.percentile(x.abs().numpy(), 99.9) < t < 0.5 * float(x.abs().max())
 
 
+def tensorrt_entropy_reference(counts: np.ndarray, width: float, levels: int = 128, max_clipped: float = 1e-3) -> float:
+    """TensorRT's KL search written out candidate by candidate, as the algorithm is described."""
+    best, best_i, total = np.inf, len(counts), counts.sum()
+    for i in range(levels, len(counts) + 1):
+        clipped = counts[i:].sum()
+        if clipped > max_clipped * total:
+            continue
+        p = counts[:i].astype(np.float64).copy()
+        p[i - 1] += clipped
+        group = np.arange(i) * levels // i
+        q = np.zeros(i)
+        for g in range(levels):
+            members = group == g
+            filled = (counts[:i] > 0) & members
+            if filled.any():
+                q[filled] = counts[:i][members].sum() / filled.sum()
+        if np.any((p > 0) & (q == 0)):
+            continue
+        p, q = p / p.sum(), q / q.sum()
+        kl = float(np.sum(p[p > 0] * np.log(p[p > 0] / q[p > 0])))
+        if kl < best:
+            best, best_i = kl, i
+    return best_i * width
+
+
+@pytest.mark.parametrize("sample", ["laplace", "relu-squared", "outliers"])
+def test_entropy_search_matches_the_algorithm_written_out(sample: str) -> None:
+    torch.manual_seed(1)
+    x = {"laplace": lambda: torch.distributions.Laplace(0.0, 1.0).sample((50_000,)),
+         "relu-squared": lambda: torch.relu(torch.randn(50_000)) ** 2,
+         "outliers": laplace_with_outliers}[sample]()
+    hist = AbsHistogram(bins=512)  # the written-out search is slow: fewer bins, same algorithm
+    hist.update(x)
+    reference = tensorrt_entropy_reference(hist.counts.numpy(), hist.width)
+    assert entropy_threshold(hist) == pytest.approx(reference, abs=1e-9)
+
+
 def test_mse_threshold_minimizes_the_error_it_models() -> None:
     x = torch.distributions.Normal(0.0, 1.0).sample((50_000,))
     hist = streamed(x)
@@ -68,17 +105,24 @@ def test_mse_threshold_minimizes_the_error_it_models() -> None:
     assert error(t) <= error(float(x.abs().max())) and error(t) <= error(1.0)
 
 
-def test_zeros_are_counted_apart() -> None:
+def test_zeros_are_counted_apart_and_non_finite_values_refused() -> None:
     hist = AbsHistogram()
-    hist.update(torch.relu(torch.randn(10_000)))
-    assert hist.zeros > 4_000 and hist.non_negative
+    x = torch.relu(torch.randn(10_000))
+    hist.update(x)
+    assert hist.zeros == int((x == 0).sum()) and hist.non_negative
+    assert hist.counts.sum() + hist.zeros == x.numel()
+    for bad in (float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="non-finite"):
+            hist.update(torch.tensor([1.0, bad]))
 
 
 def test_quantized_layer_stays_within_one_step_of_float() -> None:
     conv = nn.Conv2d(4, 8, 3, padding=1)
     x = torch.rand(2, 4, 8, 8)
     scale, zero_point = activation_qparams(1.0, non_negative=True)
-    layer = QuantizedLayer(conv, scale, zero_point)
+    layer = QuantizedLayer(conv)
+    assert torch.equal(layer(x), conv(x))  # unfrozen: float, for calibration
+    layer.freeze(scale, zero_point)
     assert sqnr_db(conv(x), layer(x)) > 30
     weight = layer.quantized_weight()
     steps = weight / layer.weight_scale.reshape(-1, 1, 1, 1)
@@ -101,7 +145,15 @@ def test_digits_cnn_keeps_its_accuracy_in_int8(calib: str) -> None:
         assert sqnr_db(model(x), result.module(x)) >= 30
     assert after >= before - 0.01
     decisions = [d for d in result.report.passes[1].decisions if d.action == "quantized"]
-    assert len(decisions) == 5 and all(d.details["threshold"] <= d.details["observed_max"] + 1e-6 for d in decisions)
+    layers = [d for d in decisions if "size" in d.details]
+    assert len(layers) == 5 and all(d.details["fused_activation"] == "ReLU" for d in layers[:4])
+    # the first layer calibrates its input; the next ones read the grid their producer set
+    assert [d.details["threshold"] is None for d in layers] == [False, True, True, True, True]
+    pools = {d.target: d.details["threshold"] for d in decisions if "size" not in d.details}
+    assert list(pools) == ["block2.3 output", "block3.3 output", "adaptive_avg_pool2d output"]
+    assert pools["block2.3 output"] is None and pools["adaptive_avg_pool2d output"] is not None  # max keeps the grid
+    calibrated = [d for d in decisions if d.details["threshold"] is not None]
+    assert all(d.details["threshold"] <= d.details["observed_max"] + 1e-6 for d in calibrated)
 
 
 def test_onnx_export_runs_in_int8_and_agrees(tmp_path: Path) -> None:
@@ -134,7 +186,7 @@ def test_cli_writes_onnx_and_reports_both_latencies(tmp_path: Path, capsys: pyte
 
     out = tmp_path / "r18.onnx"
     code = main(["compile", "torchvision:resnet18", "--input-shape", "1,3,64,64", "--passes", "fold-bn,quantize:calib=entropy",
-                 "--calib-random", "4", "--onnx", str(out), "--format", "json", "--repeats", "3"])
+                 "--calib", "random:4", "--onnx", str(out), "--format", "json", "--repeats", "3"])
     text, _ = capsys.readouterr()
     assert code == 0 and out.exists()
     onnx = json.loads(text)["onnx"]

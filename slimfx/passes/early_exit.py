@@ -163,7 +163,8 @@ class AddExits(Pass):
     # -- data ---------------------------------------------------------------------------------
     def _calibration(self, ctx: PassContext) -> tuple[torch.Tensor, torch.Tensor | None]:
         if ctx.calib_data is None:
-            raise PassSpecError("add-exits needs calibration data to train its heads: pass calib_data=[batch, ...] to slimfx.compile")
+            raise PassSpecError("add-exits needs calibration data to train its heads: pass calib_data=[batch, ...] to slimfx.compile "
+                                "(--calib on the command line)")
         xs, ys = [], []
         for item in ctx.calib_data:
             if isinstance(item, (tuple, list)) and len(item) == 2 and isinstance(item[1], torch.Tensor) and item[1].dim() == 1:

@@ -96,7 +96,7 @@ class PruneChannels(Pass):
         if self.criterion == "thinet" and ctx.calib_data is None:
             raise PassSpecError(
                 "prune-channels: criterion=thinet needs calibration data; pass calib_data=[batch, ...] "
-                "to slimfx.compile, or choose criterion=l1 or bn-scale"
+                "to slimfx.compile (--calib on the command line), or choose criterion=l1 or bn-scale"
             )
         graph.ensure_costs()
         analysis = analyze_channels(graph)

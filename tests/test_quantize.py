@@ -180,6 +180,30 @@ def test_onnx_export_runs_in_int8_and_agrees(tmp_path: Path) -> None:
     assert kernels.get("QLinearConv", 0) == 4 and kernels.get("Conv", 0) == 0  # no conv left in fp32
 
 
+@pytest.mark.parametrize("weights", ["int4", "ternary", "binary"])
+def test_low_bit_weights_export_as_int8_kernels(weights: str, tmp_path: Path) -> None:
+    onnx = pytest.importorskip("onnx")
+    pytest.importorskip("onnxruntime")
+    from onnx import numpy_helper
+
+    from slimfx.runtime import onnx as ort_tools
+
+    model = trained_cnn()
+    x, _ = split()["test"]
+    spec = f"fold-bn,quantize:weights={weights}" + (",act-bits=1" if weights == "binary" else "")
+    result = compile(model, x[:2], spec, calib_data=calibration())
+    path = result.export_onnx(tmp_path / "low.onnx")
+    stored = [numpy_helper.to_array(i) for i in onnx.load(str(path)).graph.initializer]
+    symbols = {"int4": set(range(-8, 8)), "ternary": {-1, 0, 1}, "binary": {-1, 1}}[weights]
+    int8 = [w for w in stored if w.dtype == np.int8 and w.ndim == 4]  # the convs' weights, stored as int8
+    assert len(int8) == 4 and all(set(np.unique(w).tolist()) <= symbols for w in int8)
+    assert ort_tools.kernel_census(path).get("QLinearConv", 0) == 4
+    (exported,) = ort_tools.run(ort_tools.session(path), [x])
+    with torch.no_grad():
+        reference = result.module(x)
+    assert float((torch.from_numpy(exported).argmax(-1) == reference.argmax(-1)).float().mean()) >= 0.98
+
+
 def test_cli_writes_onnx_and_reports_both_latencies(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     pytest.importorskip("onnxruntime")
     from slimfx.cli import main

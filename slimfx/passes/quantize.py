@@ -187,7 +187,9 @@ class Quantize(Pass):
         module = graph.submodule(point.node)
         source = grid_source(graph, point.node.args[0])[-1]
         hist = observed.inputs
-        if point.inherits:
+        if isinstance(module, QuantizedLayer) and self.act_bits == 1:
+            scale, zero_point, t, how = 1.0, 128, None, "sign (+-1) activations"
+        elif point.inherits:
             scale, zero_point, owner = grids[source]
             t, how = None, f"the grid of {owner}"
         else:

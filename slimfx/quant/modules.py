@@ -57,6 +57,8 @@ class QuantizedLayer(nn.Module):
                output_zero_point: int = 0) -> QuantizedLayer:
         """Quantize from now on: the input on (input_scale, input_zero_point), the output on
         (output_scale, output_zero_point) unless output_scale is None (a float output)."""
+        if self.act_bits == 1:  # sign activations: -1 and +1 lie exactly on this uint8 grid
+            input_scale, input_zero_point = 1.0, 128
         self.input_scale, self.input_zero_point = float(input_scale), int(input_zero_point)
         self.output_scale = None if output_scale is None else float(output_scale)
         self.output_zero_point = int(output_zero_point)
@@ -67,10 +69,20 @@ class QuantizedLayer(nn.Module):
         return self.input_scale is not None
 
     def quantized_weight(self) -> torch.Tensor:
-        if self.scheme != "int8":  # low-bit schemes: simulated in float (exported as float weights)
-            return quantize_weight(self.layer.weight, self.scheme, self.block_size).weight
-        return torch.fake_quantize_per_channel_affine(
-            self.layer.weight, self.weight_scale, self.weight_zero_point, 0, WEIGHT_QMIN, WEIGHT_QMAX)
+        if self.scheme == "int8":
+            return torch.fake_quantize_per_channel_affine(
+                self.layer.weight, self.weight_scale, self.weight_zero_point, 0, WEIGHT_QMIN, WEIGHT_QMAX)
+        stored = quantize_weight(self.layer.weight, self.scheme, self.block_size)
+        if self.training:
+            return stored.weight
+        weight, scale = stored.weight, stored.scale
+        if torch.onnx.is_in_onnx_export():  # the scheme's result, not its computation, goes into the file
+            weight, scale = (None if t is None else torch.from_numpy(t.detach().float().numpy().copy()) for t in (weight, scale))
+        if scale is None:  # block: a scale per (channel, block) has no int8 grid per channel; float weights
+            return weight
+        # integers x per-channel scale, with |integers| <= 8: the same values on an int8 grid,
+        # which export as int8 weights that onnxruntime runs with its int8 kernels
+        return torch.fake_quantize_per_channel_affine(weight, scale, self.weight_zero_point, 0, WEIGHT_QMIN, WEIGHT_QMAX)
 
     def float_forward(self, x: torch.Tensor) -> torch.Tensor:
         """What the layer and its activation compute in float."""
@@ -82,8 +94,7 @@ class QuantizedLayer(nn.Module):
             return self.float_forward(x)
         if self.act_bits == 1:
             x = binarize_activation(x)
-        else:
-            x = torch.fake_quantize_per_tensor_affine(x, self.input_scale, self.input_zero_point, ACT_QMIN, ACT_QMAX)
+        x = torch.fake_quantize_per_tensor_affine(x, self.input_scale, self.input_zero_point, ACT_QMIN, ACT_QMAX)
         weight = self.quantized_weight()
         if isinstance(self.layer, nn.Linear):
             y = F.linear(x, weight, self.layer.bias)

@@ -23,6 +23,7 @@ class QuantizedWeight(NamedTuple):
     weight: torch.Tensor  # dequantized, with a straight-through gradient
     integers: torch.Tensor  # the stored symbols (int64), for size and entropy coding
     bits: int  # storage bits per symbol
+    scale: torch.Tensor | None = None  # per output channel, when weight = integers x scale (not block)
 
 
 def _straight_through(weight: torch.Tensor, quantized: torch.Tensor) -> torch.Tensor:
@@ -38,7 +39,8 @@ def symmetric(weight: torch.Tensor, bits: int) -> QuantizedWeight:
     flat = _per_channel(weight)
     scale = (flat.detach().abs().amax(1, keepdim=True) / qmax).clamp_min(1e-12)
     integers = torch.clamp(torch.round(flat.detach() / scale), -qmax - 1, qmax)
-    return QuantizedWeight(_straight_through(weight, (integers * scale).reshape(weight.shape)), integers.long(), bits)
+    return QuantizedWeight(_straight_through(weight, (integers * scale).reshape(weight.shape)), integers.long(), bits,
+                           scale.reshape(-1))
 
 
 def ternary(weight: torch.Tensor) -> QuantizedWeight:
@@ -47,23 +49,26 @@ def ternary(weight: torch.Tensor) -> QuantizedWeight:
     mask = flat.abs() > delta
     alpha = (flat.abs() * mask).sum(1, keepdim=True) / mask.sum(1, keepdim=True).clamp_min(1)
     integers = torch.sign(flat) * mask
-    return QuantizedWeight(_straight_through(weight, (integers * alpha).reshape(weight.shape)), integers.long(), 2)
+    return QuantizedWeight(_straight_through(weight, (integers * alpha).reshape(weight.shape)), integers.long(), 2,
+                           alpha.reshape(-1).clamp_min(1e-12))
 
 
 def binary(weight: torch.Tensor) -> QuantizedWeight:
     flat = _per_channel(weight).detach()
     alpha = flat.abs().mean(1, keepdim=True)
     integers = torch.where(flat >= 0, 1.0, -1.0)
-    return QuantizedWeight(_straight_through(weight, (integers * alpha).reshape(weight.shape)), integers.long(), 1)
+    return QuantizedWeight(_straight_through(weight, (integers * alpha).reshape(weight.shape)), integers.long(), 1,
+                           alpha.reshape(-1).clamp_min(1e-12))
 
 
 def block(weight: torch.Tensor, block_size: int, bits: int = 8) -> QuantizedWeight:
     """One scale per (output channel, block of ``block_size`` input channels)."""
     qmax = 2 ** (bits - 1) - 1
-    cout, cin = weight.shape[:2]
+    cout, cin, *kernel = (int(d) for d in weight.shape)  # plain ints: fixed shapes when exported
     blocks = -(-cin // block_size)
-    padded = torch.zeros(cout, blocks * block_size, *weight.shape[2:], dtype=weight.dtype)
-    padded[:, :cin] = weight.detach()
+    padded = weight.detach()
+    if blocks * block_size > cin:  # pad the input channels to whole blocks (concatenation exports to ONNX)
+        padded = torch.cat([padded, torch.zeros(cout, blocks * block_size - cin, *kernel, dtype=weight.dtype)], 1)
     grouped = padded.reshape(cout, blocks, -1)
     scale = (grouped.abs().amax(2, keepdim=True) / qmax).clamp_min(1e-12)
     integers = torch.clamp(torch.round(grouped / scale), -qmax - 1, qmax)

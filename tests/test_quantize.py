@@ -375,3 +375,53 @@ def test_matmul_inputs_get_quantize_dequantize(tmp_path: Path) -> None:
     kernels = ort_tools.kernel_census(path)
     assert kernels.get("MatMulIntegerToFloat", 0) + kernels.get("QLinearMatMul", 0) >= 5  # 3 linears + 2 matmuls
     assert "MatMul" not in kernels  # no float matmul left
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+def test_attention_parts_compute_what_multihead_attention_computes(batch_first: bool) -> None:
+    from slimfx.quant.attention import AttentionParts
+
+    mha = nn.MultiheadAttention(32, 4, batch_first=batch_first).eval()
+    x = torch.randn(3, 7, 32) if batch_first else torch.randn(7, 3, 32)
+    with torch.no_grad():
+        out, weights = mha(x, x, x)
+        parts_out, parts_weights = AttentionParts(mha)(x, x, x)
+    assert torch.allclose(out, parts_out, atol=1e-5) and torch.allclose(weights, parts_weights, atol=1e-6)
+
+
+class SelfAttentionBlock(nn.Module):
+    """A transformer block the way torchvision writes it: nn.MultiheadAttention called as a module."""
+
+    def __init__(self, masked: bool = False) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(32)
+        self.attention = nn.MultiheadAttention(32, 4, batch_first=True)
+        self.head = nn.Linear(32, 5)
+        self.register_buffer("mask", torch.zeros(12, 12, dtype=torch.bool) if masked else None)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.norm(x)
+        y, _ = self.attention(y, y, y, need_weights=False, attn_mask=self.mask)
+        return self.head((x + y).mean(1))
+
+
+def test_multihead_attention_is_opened_and_quantized(tmp_path: Path) -> None:
+    model, x = SelfAttentionBlock().eval(), torch.randn(16, 12, 32)
+    result = compile(model, x[:2], "quantize:calib=minmax", calib_data=list(x.split(4)))
+    quantized = {d.target for d in result.report.passes[0].decisions if d.action == "quantized"}
+    assert {"attention.q_proj", "attention.k_proj", "attention.v_proj", "attention.out_proj", "matmul input 0", "matmul_1 input 1"} <= quantized
+    assert not any(isinstance(m, nn.MultiheadAttention) for m in result.module.modules())
+    with torch.no_grad():
+        assert sqnr_db(model(x), result.module(x)) >= 30
+    pytest.importorskip("onnxruntime")
+    from slimfx.runtime import onnx as ort_tools
+
+    kernels = ort_tools.kernel_census(result.export_onnx(tmp_path / "block.onnx"))
+    assert kernels.get("MatMulIntegerToFloat", 0) + kernels.get("QLinearMatMul", 0) >= 6 and "MatMul" not in kernels
+
+
+def test_masked_attention_is_declined_with_the_reason() -> None:
+    model, x = SelfAttentionBlock(masked=True).eval(), torch.randn(8, 12, 32)
+    result = compile(model, x[:2], "quantize:calib=minmax", calib_data=[x])
+    declined = {d.target: d.reason for d in result.report.passes[0].decisions if d.action == "declined"}
+    assert declined == {"attention": "attention left whole: called with a attn_mask (masks are not written out)"}

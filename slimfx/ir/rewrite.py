@@ -6,6 +6,7 @@ cleans up (dead code, unused submodules), lints, recompiles and invalidates cach
 """
 from __future__ import annotations
 
+import operator
 from dataclasses import replace
 from types import TracebackType
 from typing import Any, Sequence
@@ -77,6 +78,52 @@ class Rewriter:
         node.replace_all_uses_with(chain[-1])
         self.graph.fx_graph.erase_node(node)
         return chain
+
+    def inline_module(self, node: fx.Node, module: nn.Module) -> Any:
+        """Replace call_module ``node`` by the traced body of ``module``, an equivalent module
+        whose ops fx can see; its submodules live under the old path (``<target>.<name>``).
+
+        Returns what the body returns, in the graph (a node, or a tuple of nodes and constants);
+        ``getitem`` users of a tuple-returning call read the matching element directly.
+        """
+        assert node.op == "call_module", f"{node.name} is a {node.op} node"
+        target = str(node.target)
+        body = fx.symbolic_trace(module).graph
+        self.graph.module.set_submodule(target, module)
+        placeholders = [n for n in body.nodes if n.op == "placeholder"]
+        names = [p.target for p in placeholders]
+        bound = dict(zip(names, node.args)) | dict(node.kwargs)
+        value_map: dict[fx.Node, Any] = {}
+        with self.graph.fx_graph.inserting_before(node):
+            for placeholder in placeholders:
+                if placeholder.target not in bound:
+                    raise ValueError(f"{target}: no value for argument {placeholder.target!r} of the inlined body")
+                value_map[placeholder] = bound[placeholder.target]
+            for inner in body.nodes:
+                if inner.op == "placeholder":
+                    continue
+                if inner.op == "output":
+                    result = fx.node.map_arg(inner.args[0], lambda n: value_map[n])
+                    break
+                copy = self.graph.fx_graph.node_copy(inner, lambda n: value_map[n])
+                if copy.op in ("call_module", "get_attr"):
+                    copy.target = f"{target}.{copy.target}"
+                self._stamp(copy, self.graph.module.get_submodule(copy.target) if copy.op == "call_module" else None)
+                value_map[inner] = copy
+        for user in list(node.users):
+            if isinstance(result, tuple) and user.op == "call_function" and user.target is operator.getitem:
+                element = result[user.args[1]]
+                if user.users and not isinstance(element, fx.Node):
+                    raise ValueError(f"{target}: output {user.args[1]} is {element!r} after inlining but is used")
+                if isinstance(element, fx.Node):
+                    user.replace_all_uses_with(element)
+                self.graph.fx_graph.erase_node(user)
+        if node.users:
+            if not isinstance(result, fx.Node):
+                raise ValueError(f"{target}: its result is used whole, but the inlined body returns {type(result).__name__}")
+            node.replace_all_uses_with(result)
+        self.graph.fx_graph.erase_node(node)
+        return result
 
     def rewire_input(self, user: fx.Node, old: fx.Node, new: fx.Node) -> None:
         """Make ``user`` read ``new`` where it read ``old`` (other users of ``old`` unchanged)."""

@@ -23,6 +23,7 @@ from slimfx.ir.graph import Graph
 from slimfx.ir.rewrite import Rewriter
 from slimfx.passes.base import Decision, Pass, PassContext, PassResult
 from slimfx.passes.registry import register
+from slimfx.quant.attention import AttentionParts, why_not_inlined
 from slimfx.quant.calibrate import AbsHistogram, threshold
 from slimfx.quant.mixed import allocate_widths
 from slimfx.quant.modules import ActivationQuant, QuantizedLayer, activation_qparams
@@ -109,8 +110,10 @@ class Quantize(Pass):
         if ctx.calib_data is None:
             raise PassSpecError("quantize needs calibration data: pass calib_data=[batch, ...] to slimfx.compile "
                                 "(--calib on the command line)")
+        opened = self._open_attention(graph)
         graph.ensure_costs()
         targets, decisions = self._targets(graph)
+        decisions.update(opened)
         schemes, warnings = {n.name: self.weights for n in targets}, []
         if self.bits == "auto":
             schemes, warnings = self._mixed_precision(graph, targets, ctx)
@@ -124,6 +127,28 @@ class Quantize(Pass):
         listed = [d for d in decisions.values() if d is not None]
         return PassResult(changed=bool(points), decisions=tuple(listed) + (_size_summary(listed),),
                           warnings=tuple(warnings))
+
+    def _open_attention(self, graph: Graph) -> dict[str, Decision | None]:
+        """Write each nn.MultiheadAttention call out as projections and matmuls (AttentionParts),
+        so that they quantize like any linear and matmul; calls that cannot be are declined."""
+        declined: dict[str, Decision | None] = {}
+        calls = [n for n in graph.nodes() if n.op == "call_module" and isinstance(graph.submodule(n), nn.MultiheadAttention)]
+        if not calls:
+            return declined
+        graph.ensure_shapes()
+        with Rewriter(graph, self.name) as rewriter:
+            for node in calls:
+                mha, target = graph.submodule(node), str(node.target)
+                query = node.args[0] if node.args and isinstance(node.args[0], fx.Node) else None
+                unbatched = query is not None and len(graph.info(query).out_shape or ()) != 3
+                why = "unbatched (2-D) inputs" if unbatched else why_not_inlined(mha, node)
+                if why is None and graph.module_calls()[target] > 1:
+                    why = f"module called {graph.module_calls()[target]} times"
+                if why is not None or any(fnmatch.fnmatchcase(target, p) for p in self.exclude):
+                    declined[node.name] = Decision(target, "declined", f"attention left whole: {why or 'excluded by pattern'}")
+                    continue
+                rewriter.inline_module(node, AttentionParts(mha, need_weights=bool(node.kwargs.get("need_weights", True))))
+        return declined
 
     def _insert_quantizers(self, graph: Graph, targets: list[fx.Node], schemes: dict[str, str]) -> list[_Point]:
         """Unfrozen quantizers (float pass-through while calibrating), in topological order:

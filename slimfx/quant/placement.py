@@ -35,8 +35,8 @@ _GRID_MODULES = (nn.ReLU, nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AdaptiveM
 _GRID_FUNCTIONS = {torch.relu, F.relu, F.max_pool1d, F.max_pool2d, F.max_pool3d, F.adaptive_max_pool1d,
                    F.adaptive_max_pool2d, F.adaptive_max_pool3d, F.dropout, torch.flatten, torch.reshape, torch.squeeze,
                    torch.unsqueeze, torch.transpose, torch.permute, operator.getitem}
-_GRID_METHODS = {"relu", "relu_", "flatten", "view", "reshape", "permute", "transpose", "contiguous", "squeeze",
-                 "unsqueeze"}
+_GRID_METHODS = {"relu", "relu_", "flatten", "unflatten", "view", "reshape", "permute", "transpose", "contiguous",
+                 "squeeze", "unsqueeze"}
 
 _JOIN_FUNCTIONS = {operator.add, operator.iadd, torch.add, torch.cat, torch.concat}
 _JOIN_METHODS = {"add", "add_"}

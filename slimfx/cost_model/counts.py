@@ -282,9 +282,10 @@ class _NoRule(Exception):
 
 
 def _quantized_layer(op: Op) -> Cost:
-    """A fake-quantized conv or linear costs what the layer inside it costs."""
+    """A fake-quantized conv or linear costs what the layer inside it costs, plus its fused activation."""
     inner = Op(op.node, op.module.layer, op.outputs)
-    return _linear(inner) if isinstance(op.module.layer, nn.Linear) else _conv(inner)
+    cost = _linear(inner) if isinstance(op.module.layer, nn.Linear) else _conv(inner)
+    return cost if op.module.activation is None else cost + Cost(elem_ops=op.out_numel)
 
 
 # -- rule tables ------------------------------------------------------------------------------

@@ -115,10 +115,9 @@ def render_compile(result: CompileReport, fmt: str = "table") -> str:
         )
     if result.onnx:
         o = result.onnx
-        kernels = ", ".join(f"{k} {v}" for k, v in sorted(o["kernels"].items()) if k in ("Conv", "QLinearConv", "MatMul", "Gemm",
-                                                                                          "QLinearMatMul", "MatMulInteger", "ConvInteger"))
+        kernels = ", ".join(f"{k} {v}" for k, v in sorted(o["kernels"].items(), key=lambda kv: (-kv[1], kv[0])))
         parts.append(f"onnxruntime ({o['baseline']}): original {o['fp32_ms']:.2f} ms, compiled {o['compiled_ms']:.2f} ms, "
-                     f"speedup {o['speedup']:.2f}x; wrote {o['path']} (kernels: {kernels or 'none of conv/matmul'})")
+                     f"speedup {o['speedup']:.2f}x; wrote {o['path']} (what onnxruntime runs: {kernels})")
     parts.extend(result.notes)
     return "\n".join(parts).rstrip() + "\n"
 

@@ -3,8 +3,9 @@
     python benchmarks/quantize.py [--repeats 20] [--threads 2] [--calib 16]
 
 Models: resnet18 and mobilenet_v2 (random init, 224x224; calibration and test inputs are
-random) and the digits CNN of the tests (trained; accuracy on held-out digits). For each
-tool: calibration/quantization time, latency of fp32 and int8 at batch 1 and 8 (each
+random) and the digits CNN of the tests (trained; accuracy on held-out digits). slimfx runs
+twice: its ONNX in onnxruntime, and its graph lowered onto torch's int8 kernels (eager, like
+torch.ao). For each tool: calibration/quantization time, latency of fp32 and int8 at batch 1 and 8 (each
 onnxruntime session timed on its own: warm-up, then the median of repeated runs), output
 SQNR against fp32, and the convs onnxruntime left in fp32. Peers come from the `bench` and
 `onnx` extras; torch.ao is used while it still imports.
@@ -147,12 +148,14 @@ def main() -> None:
         fp32_path = ort_tools.export_onnx(model, [test[:1]], folder / f"{name}-fp32.onnx")
         base = ort_row(fp32_path, test, reference, args.repeats, shape)
         variants = {"onnxruntime fp32": (base, 0.0)}
+        torch_rows: dict[str, tuple[torch.nn.Module, float]] = {}
         for calib_method in ("minmax", "entropy"):
             start = time.perf_counter()
             result = slimfx.compile(model, test[:1], f"fold-bn,quantize:calib={calib_method}", calib_data=calib)
             seconds = time.perf_counter() - start
             path = result.export_onnx(folder / f"{name}-slimfx-{calib_method}.onnx")
             variants[f"slimfx int8 ({calib_method})"] = (ort_row(path, test, reference, args.repeats, shape), seconds)
+            torch_rows[calib_method] = (result.to_torch_int8().module, seconds)
             out_path = folder / f"{name}-ort-{calib_method}.onnx"
             seconds = ort_quantize_static(fp32_path, out_path, calib, calib_method)
             variants[f"ORT quantize_static ({calib_method})"] = (ort_row(out_path, test, reference, args.repeats, shape), seconds)
@@ -164,13 +167,16 @@ def main() -> None:
                          f"{base['b1'] / row['b1']:.2f}x", f"{base['b8'] / row['b8']:.2f}x",
                          "-" if label.endswith("fp32") else f"{row['sqnr']:.1f}", accuracy,
                          f"{row['int8_convs']} int8 / {row['fp32_convs']} fp32"])
+        eager = {f"slimfx int8 ({method}, torch int8 kernels)": pair for method, pair in torch_rows.items()}
         if ao is not None:
+            eager["torch.ao FX int8 (eager x86)"] = (ao, ao_seconds)
+        for label, (module, seconds) in eager.items():
             with torch.no_grad():
-                out = ao(test)
-            b1 = eager_ms(ao, torch.randn(1, *shape), args.repeats)
-            b8 = eager_ms(ao, torch.randn(8, *shape), args.repeats)
+                out = module(test)
+            b1 = eager_ms(module, torch.randn(1, *shape), args.repeats)
+            b8 = eager_ms(module, torch.randn(8, *shape), args.repeats)
             accuracy = "" if labels is None else f"{float((out.argmax(-1) == labels).float().mean()):.4f}"
-            rows.append([name, "torch.ao FX int8 (eager x86)", f"{ao_seconds:.2f}", f"{b1:.2f}", f"{b8:.2f}",
+            rows.append([name, label, f"{seconds:.2f}", f"{b1:.2f}", f"{b8:.2f}",
                          f"{base['b1'] / b1:.2f}x", f"{base['b8'] / b8:.2f}x", f"{sqnr_db(reference, out):.1f}", accuracy, "-"])
         print(f"done {name}", flush=True)
     print(f"\nlatency: median of {args.repeats} runs, {args.threads} threads, each session on its own; speedups are over "

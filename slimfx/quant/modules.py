@@ -84,6 +84,15 @@ class QuantizedLayer(nn.Module):
         # which export as int8 weights that onnxruntime runs with its int8 kernels
         return torch.fake_quantize_per_channel_affine(weight, scale, self.weight_zero_point, 0, WEIGHT_QMIN, WEIGHT_QMAX)
 
+    def weight_grid(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The quantized weight and its per-output-channel int8 scale (weight / scale are
+        integers in [-128, 127]); None for ``block`` weights, which have no per-channel grid."""
+        with torch.no_grad():
+            if self.scheme == "int8":
+                return self.quantized_weight().detach(), self.weight_scale.clone()
+            stored = quantize_weight(self.layer.weight.detach(), self.scheme, self.block_size)
+            return None if stored.scale is None else (stored.weight.detach(), stored.scale.float())
+
     def float_forward(self, x: torch.Tensor) -> torch.Tensor:
         """What the layer and its activation compute in float."""
         y = self.layer(x)

@@ -1,0 +1,289 @@
+"""Run a quantized graph on torch's own int8 CPU kernels (``quantized::conv2d`` and friends).
+
+``quantize`` leaves a fake-quant graph: float ops that simulate int8, good for calibration,
+QAT and ONNX export, but no faster in torch. ``lower_int8`` rewrites it into a graph whose
+tensors are real ``quint8`` tensors between int8 kernels (fbgemm/x86 engine): quantized
+layers become packed ``quantized::conv2d(_relu)`` / ``quantized::linear(_relu)`` calls,
+quantized adds and concats become ``quantized::add(_relu)`` / ``quantized::cat``, and max
+pools, average pools, ReLUs and reshapes run on the quantized tensors directly. Everything
+else dequantizes its inputs and runs in float, and is listed in ``Lowered.float_ops``.
+
+Only the core ``torch.ops.quantized`` kernels and quantized tensors are used, not
+``torch.ao.quantization``'s FX API. torch 2.14 deprecates quantized tensors (pytorch#184982):
+this runtime works while they exist, and ``lower_int8`` fails with a clear error once they do
+not. The ONNX export is the route that does not depend on them.
+The integer arithmetic rounds a little differently from the fake-quant simulation (fbgemm
+requantizes in its own order); the tests bound the difference.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import operator
+import warnings
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any, Iterator
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+import torch.nn.functional as F
+
+from slimfx.errors import SlimfxError
+from slimfx.quant.modules import ActivationQuant, QuantizedLayer
+
+Grid = tuple[float, int]
+
+# ops that take a quint8 tensor and return one on the same grid (scale, zero point)
+_SAME_GRID_MODULES = (nn.ReLU, nn.MaxPool1d, nn.MaxPool2d, nn.AdaptiveAvgPool2d, nn.AvgPool2d, nn.Flatten, nn.Dropout,
+                      nn.Identity)
+_SAME_GRID_FUNCTIONS = {torch.relu, F.relu, F.max_pool2d, F.adaptive_avg_pool2d, F.avg_pool2d, torch.flatten, torch.reshape,
+                        F.dropout}
+_SAME_GRID_METHODS = {"relu", "flatten", "view", "reshape", "contiguous"}
+
+
+class Int8Layer(nn.Module):
+    """A conv2d or linear on int8 kernels: quint8 in, quint8 out, weights packed once."""
+
+    def __init__(self, quantized: QuantizedLayer, weight: torch.Tensor, scale: torch.Tensor):
+        super().__init__()
+        layer = quantized.layer
+        with _quantized_tensors_allowed():
+            qweight = torch.quantize_per_channel(weight, scale.double(), torch.zeros(len(scale), dtype=torch.long), 0,
+                                                 torch.qint8)
+        bias = None if layer.bias is None else layer.bias.detach().float()
+        relu = quantized.activation is not None
+        if isinstance(layer, nn.Conv2d):
+            self.packed = torch.ops.quantized.conv2d_prepack(qweight, bias, list(layer.stride), list(layer.padding),
+                                                             list(layer.dilation), layer.groups)
+            self.kernel = torch.ops.quantized.conv2d_relu if relu else torch.ops.quantized.conv2d
+        else:
+            self.packed = torch.ops.quantized.linear_prepack(qweight, bias)
+            self.kernel = torch.ops.quantized.linear_relu if relu else torch.ops.quantized.linear
+        self.output_scale, self.output_zero_point = quantized.output_scale, quantized.output_zero_point
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.kernel(x, self.packed, self.output_scale, self.output_zero_point)
+
+
+@contextlib.contextmanager
+def _quantized_tensors_allowed() -> Iterator[None]:
+    """torch 2.14 deprecates creating quint8/qint8 tensors (pytorch#184982) and warns on each
+    new call site; this runtime is built on them, and says so in its docs, so it asks once."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r".*quantized tensor creation functions.*deprecated")
+        yield
+
+
+class Quantize(nn.Module):
+    """float -> quint8 on one grid (the entry into a chain of int8 kernels)."""
+
+    def __init__(self, scale: float, zero_point: int):
+        super().__init__()
+        self.scale, self.zero_point = float(scale), int(zero_point)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with _quantized_tensors_allowed():
+            return torch.quantize_per_tensor(x, self.scale, self.zero_point, torch.quint8)
+
+
+@dataclass
+class Lowered:
+    """The lowered module, the int8 kernels it calls, and what still runs in float (and why)."""
+
+    module: fx.GraphModule
+    kernels: Counter[str] = field(default_factory=Counter)
+    float_ops: list[str] = field(default_factory=list)
+
+
+def lower_int8(module: fx.GraphModule) -> Lowered:
+    """A new GraphModule running ``module`` (a quantized slimfx graph) on int8 kernels."""
+    if torch.backends.quantized.engine in ("none", None) or not torch.backends.quantized.supported_engines:
+        raise SlimfxError("this torch build has no int8 CPU engine (torch.backends.quantized); use the ONNX export instead")
+    try:
+        return _Lowering(module).run()
+    except (AttributeError, RuntimeError, NotImplementedError) as exc:  # kernels missing from this torch build
+        raise SlimfxError(f"torch's int8 kernels failed here ({type(exc).__name__}: {str(exc).splitlines()[0]}); "
+                          "use the ONNX export for int8 speed") from exc
+
+
+class _Lowering:
+    def __init__(self, source: fx.GraphModule):
+        self.source = source
+        self.graph = fx.Graph()
+        self.modules: dict[str, Any] = {}
+        self.env: dict[fx.Node, Any] = {}
+        self.grids: dict[fx.Node, Grid] = {}  # new-graph values that are quint8 tensors
+        self.dequantized: dict[fx.Node, fx.Node] = {}
+        self.float_notes: dict[fx.Node, str] = {}  # new nodes that run in float next to int8 ones
+        self.result = Lowered(module=None)  # type: ignore[arg-type]
+
+    def run(self) -> Lowered:
+        for node in self.source.graph.nodes:
+            if node.op == "placeholder":
+                self.env[node] = self.graph.node_copy(node)
+            elif node.op == "output":
+                self.graph.output(fx.node.map_arg(node.args[0], lambda n: self._float(self.env[n])))
+            elif node.op == "call_module" and isinstance(self._module(node), QuantizedLayer):
+                self.env[node] = self._layer(node)
+            elif node.op == "call_module" and isinstance(self._module(node), ActivationQuant):
+                self.env[node] = self._activation_quant(node)
+            elif self._keeps_grid(node) and node.args[0] in self.env and self.env[node.args[0]] in self.grids:
+                self.env[node] = self._copy(node, keep=True)
+                self.grids[self.env[node]] = self.grids[self.env[node.args[0]]]
+            else:
+                self.env[node] = self._copy(node, keep=False)
+        lowered = fx.GraphModule(self.modules, self.graph)
+        lowered.graph.eliminate_dead_code()  # the float adds that int8 adds replaced
+        lowered.delete_all_unused_submodules()
+        lowered.recompile()
+        alive = set(lowered.graph.nodes)
+        self.result.float_ops = [note for node, note in self.float_notes.items() if node in alive]
+        self.result.module = lowered
+        return self.result
+
+    # -- values ---------------------------------------------------------------------------
+    def _module(self, node: fx.Node) -> nn.Module:
+        return self.source.get_submodule(str(node.target))
+
+    def _float(self, value: Any) -> Any:
+        """The value as a float tensor (dequantized once, on first need)."""
+        if isinstance(value, fx.Node) and value in self.grids:
+            if value not in self.dequantized:
+                self.dequantized[value] = self.graph.call_method("dequantize", (value,))
+            return self.dequantized[value]
+        return value
+
+    def _quantized(self, value: fx.Node, grid: Grid) -> fx.Node:
+        """The value as a quint8 tensor on ``grid`` (re-quantized if it is on another one)."""
+        if self.grids.get(value) == grid:
+            return value
+        name = f"quantize_{len([k for k in self.modules if k.startswith('quantize_')])}"
+        self.modules[name] = Quantize(*grid)
+        node = self.graph.call_module(name, (self._float(value),))
+        self.grids[node] = grid
+        self.result.kernels["quantize_per_tensor"] += 1
+        return node
+
+    def _copy(self, node: fx.Node, keep: bool) -> fx.Node:
+        """The node as it was; inputs dequantized unless ``keep`` (an op that takes quint8)."""
+        lookup = (lambda n: self.env[n]) if keep else (lambda n: self._float(self.env[n]))
+        copy = self.graph.node_copy(node, lookup)
+        if node.op in ("call_module", "get_attr"):
+            self.modules[str(node.target)] = self._attr(str(node.target))
+        touches_int8 = any(self.env.get(n) in self.grids for n in node.all_input_nodes)
+        if touches_int8 and not keep:
+            self.float_notes[copy] = f"{node.name}: {_describe(node)} has no int8 kernel here; runs in float"
+        return copy
+
+    def _attr(self, target: str) -> Any:
+        owner, _, name = target.rpartition(".")
+        return getattr(self.source.get_submodule(owner) if owner else self.source, name)
+
+    def _keeps_grid(self, node: fx.Node) -> bool:
+        if not node.args or not isinstance(node.args[0], fx.Node):
+            return False
+        if node.op == "call_module":
+            return isinstance(self._module(node), _SAME_GRID_MODULES)
+        if node.op == "call_function":
+            return node.target in _SAME_GRID_FUNCTIONS
+        return node.op == "call_method" and node.target in _SAME_GRID_METHODS
+
+    # -- quantized ops --------------------------------------------------------------------
+    def _layer(self, node: fx.Node) -> fx.Node:
+        layer: QuantizedLayer = self._module(node)
+        why = _why_float(layer)
+        source = self.env[node.args[0]]
+        if layer.frozen and layer.output_scale is None and layer.act_bits == 8 and layer.weight_grid() is not None:
+            name = str(node.target).replace(".", "_") + "_float"  # float output: a float kernel, weights baked in
+            self.modules[name] = _float_layer(layer)
+            on_grid = self._quantized(source, (layer.input_scale, layer.input_zero_point))
+            call = self.graph.call_module(name, (self._float(on_grid),))
+            self.float_notes[call] = f"{node.target}: its output stays float (the model's output); float kernel, int8-grid weights"
+            return call
+        if why is not None:  # the fake-quant layer itself, on float input: same numbers, float speed
+            self.modules[str(node.target)] = layer
+            call = self.graph.call_module(str(node.target), (self._float(source),))
+            self.float_notes[call] = f"{node.target}: {why}; runs as fake quantization in float"
+            return call
+        weight, scale = layer.weight_grid()
+        name = str(node.target).replace(".", "_") + "_int8"
+        self.modules[name] = Int8Layer(layer, weight, scale)
+        kind = "conv2d" if isinstance(layer.layer, nn.Conv2d) else "linear"
+        self.result.kernels[f"quantized::{kind}" + ("_relu" if layer.activation is not None else "")] += 1
+        out = self.graph.call_module(name, (self._quantized(source, (layer.input_scale, layer.input_zero_point)),))
+        self.grids[out] = (layer.output_scale, layer.output_zero_point)
+        return out
+
+    def _activation_quant(self, node: fx.Node) -> fx.Node:
+        quant: ActivationQuant = self._module(node)
+        grid = (quant.scale, quant.zero_point)
+        fused = self._fused_join(node.args[0], grid)
+        return fused if fused is not None else self._quantized(self.env[node.args[0]], grid)
+
+    def _fused_join(self, read: fx.Node, grid: Grid) -> fx.Node | None:
+        """``quantized::add(_relu)`` or ``quantized::cat`` for an add/concat of quint8 tensors
+        whose output (or the ReLU after it) this quantizer quantizes."""
+        join, relu = read, False
+        if _is_plain_relu(self.source, read) and isinstance(read.args[0], fx.Node) and len(read.args[0].users) == 1:
+            join, relu = read.args[0], True
+        if join.op == "call_function" and join.target in (operator.add, operator.iadd, torch.add) and not join.kwargs:
+            inputs = [self.env.get(a) for a in join.args[:2]]
+            if len(inputs) == 2 and all(i in self.grids for i in inputs):
+                kernel = torch.ops.quantized.add_relu if relu else torch.ops.quantized.add
+                self.result.kernels["quantized::add" + ("_relu" if relu else "")] += 1
+                out = self.graph.call_function(kernel, (*inputs, grid[0], grid[1]))
+                self.grids[out] = grid
+                return out
+        if not relu and join.op == "call_function" and join.target in (torch.cat, torch.concat):
+            tensors = [self.env.get(a) for a in join.args[0]]
+            dim = join.args[1] if len(join.args) > 1 else join.kwargs.get("dim", 0)
+            if all(t in self.grids for t in tensors):
+                self.result.kernels["quantized::cat"] += 1
+                out = self.graph.call_function(torch.ops.quantized.cat, (tensors, dim, grid[0], grid[1]))
+                self.grids[out] = grid
+                return out
+        return None
+
+
+def _is_plain_relu(source: fx.GraphModule, node: fx.Node) -> bool:
+    """A ReLU (not ReLU6: quantized::add_relu clips at zero only) of one tensor."""
+    if not node.args or not isinstance(node.args[0], fx.Node):
+        return False
+    if node.op == "call_module":
+        return type(source.get_submodule(str(node.target))) is nn.ReLU
+    return node.op in ("call_function", "call_method") and node.target in (torch.relu, F.relu, "relu", "relu_")
+
+
+def _float_layer(quantized: QuantizedLayer) -> nn.Module:
+    """The layer with its quantized weights baked in (and its fused activation), run in float."""
+    layer = copy.deepcopy(quantized.layer)
+    with torch.no_grad():
+        layer.weight.copy_(quantized.weight_grid()[0])
+    return layer if quantized.activation is None else nn.Sequential(layer, quantized.activation)
+
+
+def _why_float(layer: QuantizedLayer) -> str | None:
+    """Why a quantized layer cannot run on an int8 kernel, or None when it can."""
+    if not layer.frozen:
+        return "not calibrated"
+    if layer.output_scale is None:
+        return "its output stays float (the model's output)"
+    if not isinstance(layer.layer, (nn.Conv2d, nn.Linear)):
+        return f"no int8 kernel used here for {type(layer.layer).__name__}"
+    if layer.act_bits == 1:
+        return "sign activations"
+    if layer.weight_grid() is None:
+        return "block weights have no per-channel int8 grid"
+    if isinstance(layer.activation, nn.ReLU6) and layer.output_scale * 255 > 6 + 1e-6:
+        return "ReLU6 clips inside its output range"
+    if layer.activation is not None and not isinstance(layer.activation, (nn.ReLU, nn.ReLU6)):
+        return f"fused {type(layer.activation).__name__}"
+    return None
+
+
+def _describe(node: fx.Node) -> str:
+    if node.op == "call_module":
+        return f"module {node.target}"
+    return getattr(node.target, "__name__", str(node.target))

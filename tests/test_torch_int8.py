@@ -1,0 +1,64 @@
+"""Lowering a quantized graph onto torch's int8 kernels: which kernels, what stays float, how close."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+from digits import split, trained_cnn
+
+from slimfx import compile
+from slimfx.passes.quantize import sqnr_db
+from slimfx.runtime.torch_int8 import lower_int8
+
+torchvision = pytest.importorskip("torchvision")
+
+
+def calibration() -> list[torch.Tensor]:
+    return list(split()["calib"][0].split(100))
+
+
+def test_digits_cnn_runs_on_int8_kernels_and_keeps_its_accuracy() -> None:
+    model = trained_cnn()
+    x, y = split()["test"]
+    result = compile(model, x[:2], "fold-bn,quantize:calib=entropy", calib_data=calibration())
+    lowered = result.to_torch_int8()
+    assert lowered.kernels["quantized::conv2d_relu"] == 4
+    assert [op.split(":")[0] for op in lowered.float_ops] == ["head"]  # the float-output head, and only it
+    with torch.no_grad():
+        simulated, int8 = result.module(x), lowered.module(x)
+        accuracy = float((int8.argmax(-1) == y).float().mean())
+        before = float((model(x).argmax(-1) == y).float().mean())
+    assert not int8.is_quantized and sqnr_db(simulated, int8) >= 30
+    assert accuracy >= before - 0.01
+
+
+def test_resnet_adds_and_pools_stay_in_int8() -> None:
+    model, x = torchvision.models.resnet18().eval(), torch.randn(2, 3, 64, 64)
+    calib = [torch.randn(2, 3, 64, 64) for _ in range(3)]
+    result = compile(model, x[:1], "fold-bn,quantize:calib=minmax", calib_data=calib)
+    lowered = lower_int8(result.module)
+    assert lowered.kernels["quantized::add_relu"] == 8
+    assert lowered.kernels["quantized::conv2d"] + lowered.kernels["quantized::conv2d_relu"] == 20
+    code = lowered.module.code
+    assert "operator.add" not in code and "torch.nn.functional.relu" not in code  # the float adds were replaced
+    with torch.no_grad():
+        assert sqnr_db(result.module(x), lowered.module(x)) >= 30
+
+
+def test_what_has_no_int8_kernel_runs_in_float_and_is_listed() -> None:
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Identity(),
+                          nn.Conv2d(8, 8, 3), nn.Sigmoid(), nn.Flatten(), nn.Linear(8 * 4 * 4, 4)).eval()
+    x = torch.randn(4, 3, 8, 8)
+    result = compile(model, x[:1], "quantize:calib=minmax,weights=block", calib_data=[x])
+    lowered = result.to_torch_int8()
+    assert sum(lowered.kernels[k] for k in lowered.kernels if k.startswith("quantized::conv")) == 0
+    assert any("block weights have no per-channel int8 grid" in op for op in lowered.float_ops)
+    with torch.no_grad():
+        assert torch.allclose(result.module(x), lowered.module(x), atol=1e-5)  # float fallback: the same numbers
+
+
+def test_compile_times_the_int8_lowering_and_says_so() -> None:
+    model, x = trained_cnn(), split()["test"][0][:1]
+    result = compile(model, x, "fold-bn,quantize", calib_data=calibration(), latency_repeats=2)
+    assert "after: torch int8 kernels" in result.report.latency.baseline
+    assert any("quantized::conv2d_relu 4" in note for note in result.report.notes)

@@ -425,3 +425,17 @@ def test_masked_attention_is_declined_with_the_reason() -> None:
     result = compile(model, x[:2], "quantize:calib=minmax", calib_data=[x])
     declined = {d.target: d.reason for d in result.report.passes[0].decisions if d.action == "declined"}
     assert declined == {"attention": "attention left whole: called with a attn_mask (masks are not written out)"}
+
+
+def test_quantize_folds_batchnorm_first_unless_told_not_to() -> None:
+    model, x = trained_cnn(), split()["test"][0]
+    folded = compile(model, x[:2], "quantize:calib=minmax", calib_data=calibration())
+    kept = compile(model, x[:2], "quantize:calib=minmax,fold-bn=false", calib_data=calibration())
+    def batchnorms(module: nn.Module) -> int:
+        return sum(isinstance(m, nn.BatchNorm2d) for m in module.modules())
+
+    assert batchnorms(folded.module) == 0 and batchnorms(kept.module) == 4
+    reasons = [d.reason for d in folded.report.passes[0].decisions if d.action == "folded"]
+    assert len(reasons) == 4 and all(r.endswith("(folded before quantizing)") for r in reasons)
+    with torch.no_grad():
+        assert sqnr_db(model(x), folded.module(x)) >= 30

@@ -11,7 +11,7 @@ from __future__ import annotations
 import fnmatch
 import math
 import operator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Literal
 
 import torch
@@ -22,6 +22,7 @@ from slimfx.errors import PassSpecError
 from slimfx.ir.graph import Graph
 from slimfx.ir.rewrite import Rewriter
 from slimfx.passes.base import Decision, Pass, PassContext, PassResult
+from slimfx.passes.fold_bn import FoldBatchNorm
 from slimfx.passes.registry import register
 from slimfx.quant.attention import AttentionParts, why_not_inlined
 from slimfx.quant.calibrate import AbsHistogram, threshold
@@ -86,6 +87,7 @@ class Quantize(Pass):
     target_size: float | None = None
     target_macs_bits: float | None = None
     exclude: tuple[str, ...] = ()
+    fold_bn: bool = True
 
     def __post_init__(self) -> None:
         if not 0 < self.percentile <= 100:
@@ -110,10 +112,11 @@ class Quantize(Pass):
         if ctx.calib_data is None:
             raise PassSpecError("quantize needs calibration data: pass calib_data=[batch, ...] to slimfx.compile "
                                 "(--calib on the command line)")
+        folded = self._fold_batchnorms(graph, ctx)
         opened = self._open_attention(graph)
         graph.ensure_costs()
         targets, decisions = self._targets(graph)
-        decisions.update(opened)
+        decisions = folded | opened | decisions
         schemes, warnings = {n.name: self.weights for n in targets}, []
         if self.bits == "auto":
             schemes, warnings = self._mixed_precision(graph, targets, ctx)
@@ -127,6 +130,17 @@ class Quantize(Pass):
         listed = [d for d in decisions.values() if d is not None]
         return PassResult(changed=bool(points), decisions=tuple(listed) + (_size_summary(listed),),
                           warnings=tuple(warnings))
+
+    def _fold_batchnorms(self, graph: Graph, ctx: PassContext) -> dict[str, Decision | None]:
+        """Fold BatchNorms into their layers first (exact), as every int8 deployment does:
+        the folded weights are the ones quantized, and no float BatchNorm is left between
+        int8 kernels. ``fold-bn=false`` keeps them."""
+        if not self.fold_bn:
+            return {}
+        result = FoldBatchNorm().run(graph, ctx)
+        return {f"fold {d.target}": replace(d, reason=f"{d.reason} (folded before quantizing)" if d.action == "folded"
+                                               else f"BatchNorm stays float: {d.reason}")
+                for d in result.decisions}
 
     def _open_attention(self, graph: Graph) -> dict[str, Decision | None]:
         """Write each nn.MultiheadAttention call out as projections and matmuls (AttentionParts),

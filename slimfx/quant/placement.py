@@ -16,6 +16,7 @@ say which ops can be fused that way:
 from __future__ import annotations
 
 import operator
+from typing import Any, Callable
 
 import torch
 import torch.fx as fx
@@ -76,11 +77,18 @@ def keeps_grid(graph: Graph, node: fx.Node) -> bool:
     sizes_from_nodes = node.target in (torch.reshape, "view", "reshape")  # x.view(x.size(0), -1)
     if len(node.all_input_nodes) != 1 and not sizes_from_nodes:
         return False
+    return calls_one_of(node, graph.submodule, _GRID_MODULES, _GRID_FUNCTIONS, _GRID_METHODS)
+
+
+def calls_one_of(node: fx.Node, module_of: Callable[[fx.Node], nn.Module], modules: tuple[type, ...],
+                 functions: set[Any], methods: set[str]) -> bool:
+    """Whether ``node`` calls a module of one of the ``modules`` types, one of the ``functions``,
+    or one of the ``methods`` (by name); ``module_of`` finds a call_module node's module."""
     if node.op == "call_module":
-        return isinstance(graph.submodule(node), _GRID_MODULES)
+        return isinstance(module_of(node), modules)
     if node.op == "call_function":
-        return node.target in _GRID_FUNCTIONS
-    return node.op == "call_method" and node.target in _GRID_METHODS
+        return node.target in functions
+    return node.op == "call_method" and node.target in methods
 
 
 def grid_source(graph: Graph, node: fx.Node) -> list[fx.Node]:
@@ -106,6 +114,4 @@ def is_join(node: fx.Node) -> bool:
 
 def is_pool(graph: Graph, node: fx.Node) -> bool:
     """An average or max pool (module or function)."""
-    if node.op == "call_module":
-        return isinstance(graph.submodule(node), _POOL_MODULES)
-    return node.op == "call_function" and node.target in _POOL_FUNCTIONS
+    return calls_one_of(node, graph.submodule, _POOL_MODULES, _POOL_FUNCTIONS, set())

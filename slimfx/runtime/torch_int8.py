@@ -32,6 +32,7 @@ import torch.nn.functional as F
 
 from slimfx.errors import SlimfxError
 from slimfx.quant.modules import ActivationQuant, QuantizedLayer
+from slimfx.quant.placement import calls_one_of
 
 Grid = tuple[float, int]
 
@@ -184,11 +185,7 @@ class _Lowering:
     def _keeps_grid(self, node: fx.Node) -> bool:
         if not node.args or not isinstance(node.args[0], fx.Node):
             return False
-        if node.op == "call_module":
-            return isinstance(self._module(node), _SAME_GRID_MODULES)
-        if node.op == "call_function":
-            return node.target in _SAME_GRID_FUNCTIONS
-        return node.op == "call_method" and node.target in _SAME_GRID_METHODS
+        return calls_one_of(node, self._module, _SAME_GRID_MODULES, _SAME_GRID_FUNCTIONS, _SAME_GRID_METHODS)
 
     # -- quantized ops --------------------------------------------------------------------
     def _layer(self, node: fx.Node) -> fx.Node:

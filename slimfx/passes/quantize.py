@@ -1,10 +1,14 @@
-"""quantize: calibrated int8 quantize/dequantize on the inputs and weights of convs and linears.
+"""quantize: calibrated int8 quantize/dequantize on convs, linears, matmuls and what joins them.
 
-Calibration streams ``calib_data`` through the model once, keeping one |x| histogram per
-layer input (``quant.calibrate``); a threshold rule (``calib=minmax|percentile|entropy|mse``)
-turns each histogram into a uint8 scale. Weights get per-channel symmetric int8 scales. Each
-layer becomes a ``quant.modules.QuantizedLayer`` (still a runnable fx graph), which exports to
-ONNX as QuantizeLinear/DequantizeLinear pairs that onnxruntime runs with int8 kernels.
+BatchNorms are folded first. Unfrozen quantizers go in (``quant.placement`` says where: each
+conv/linear with the ReLU after it fused, matmul inputs, and the outputs of adds, concats and
+pools of quantized tensors); one streaming pass over ``calib_data`` fills their |x|
+histograms (``quant.calibrate``); a threshold rule (``calib=minmax|percentile|entropy|mse``)
+turns each into a uint8 grid, and a quantizer that reads an already-quantized tensor takes
+that grid instead. Weights get per-channel symmetric int8 scales (or a low-bit scheme).
+``nn.MultiheadAttention`` calls are first written out so their parts quantize too. The
+result is still a runnable fx graph, which exports to ONNX as QuantizeLinear/
+DequantizeLinear pairs that onnxruntime runs with int8 kernels.
 """
 from __future__ import annotations
 
@@ -167,7 +171,7 @@ class Quantize(Pass):
     def _insert_quantizers(self, graph: Graph, targets: list[fx.Node], schemes: dict[str, str]) -> list[_Point]:
         """Unfrozen quantizers (float pass-through while calibrating), in topological order:
         every target layer (with the ReLU that alone follows it fused in), both inputs of every
-        matmul, and the outputs of adds, concats and average pools whose inputs are quantized."""
+        matmul, and the outputs of adds, concats and pools whose inputs are quantized."""
         target_names = {n.name for n in targets}
         points: list[_Point] = []
         on_grid: set[fx.Node] = set()  # nodes whose output will be quantized
@@ -246,12 +250,11 @@ class Quantize(Pass):
             out_t = threshold(observed.outputs, self.calib, self.percentile)
             out_scale, out_zero_point = activation_qparams(out_t, observed.outputs.non_negative)
             grids[point.node] = (out_scale, out_zero_point, f"{point.label}'s output")
+        module.freeze(scale, zero_point, out_scale, out_zero_point)
         error = None
         if observed.sample is not None:
             with torch.no_grad():
-                reference = module.float_forward(observed.sample)
-                error = sqnr_db(reference, module.freeze(scale, zero_point, out_scale, out_zero_point)(observed.sample))
-        module.freeze(scale, zero_point, out_scale, out_zero_point)
+                error = sqnr_db(module.float_forward(observed.sample), module(observed.sample))
         return self._layer_decision(point, module, hist, t, how, observed.outputs, out_t, error, macs)
 
     def _layer_decision(self, point: _Point, module: QuantizedLayer, hist: AbsHistogram, t: float | None, how: str,

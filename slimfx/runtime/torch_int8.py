@@ -118,7 +118,7 @@ class _Lowering:
         self.grids: dict[fx.Node, Grid] = {}  # new-graph values that are quint8 tensors
         self.dequantized: dict[fx.Node, fx.Node] = {}
         self.float_notes: dict[fx.Node, str] = {}  # new nodes that run in float next to int8 ones
-        self.result = Lowered(module=None)  # type: ignore[arg-type]
+        self.kernels: Counter[str] = Counter()
 
     def run(self) -> Lowered:
         for node in self.source.graph.nodes:
@@ -140,9 +140,7 @@ class _Lowering:
         lowered.delete_all_unused_submodules()
         lowered.recompile()
         alive = set(lowered.graph.nodes)
-        self.result.float_ops = [note for node, note in self.float_notes.items() if node in alive]
-        self.result.module = lowered
-        return self.result
+        return Lowered(lowered, self.kernels, [note for node, note in self.float_notes.items() if node in alive])
 
     # -- values ---------------------------------------------------------------------------
     def _module(self, node: fx.Node) -> nn.Module:
@@ -164,7 +162,7 @@ class _Lowering:
         self.modules[name] = Quantize(*grid)
         node = self.graph.call_module(name, (self._float(value),))
         self.grids[node] = grid
-        self.result.kernels["quantize_per_tensor"] += 1
+        self.kernels["quantize_per_tensor"] += 1
         return node
 
     def _copy(self, node: fx.Node, keep: bool) -> fx.Node:
@@ -208,7 +206,7 @@ class _Lowering:
         name = str(node.target).replace(".", "_") + "_int8"
         self.modules[name] = Int8Layer(layer, weight, scale)
         kind = "conv2d" if isinstance(layer.layer, nn.Conv2d) else "linear"
-        self.result.kernels[f"quantized::{kind}" + ("_relu" if layer.activation is not None else "")] += 1
+        self.kernels[f"quantized::{kind}" + ("_relu" if layer.activation is not None else "")] += 1
         out = self.graph.call_module(name, (self._quantized(source, (layer.input_scale, layer.input_zero_point)),))
         self.grids[out] = (layer.output_scale, layer.output_zero_point)
         return out
@@ -229,7 +227,7 @@ class _Lowering:
             inputs = [self.env.get(a) for a in join.args[:2]]
             if len(inputs) == 2 and all(i in self.grids for i in inputs):
                 kernel = torch.ops.quantized.add_relu if relu else torch.ops.quantized.add
-                self.result.kernels["quantized::add" + ("_relu" if relu else "")] += 1
+                self.kernels["quantized::add" + ("_relu" if relu else "")] += 1
                 out = self.graph.call_function(kernel, (*inputs, grid[0], grid[1]))
                 self.grids[out] = grid
                 return out
@@ -237,7 +235,7 @@ class _Lowering:
             tensors = [self.env.get(a) for a in join.args[0]]
             dim = join.args[1] if len(join.args) > 1 else join.kwargs.get("dim", 0)
             if all(t in self.grids for t in tensors):
-                self.result.kernels["quantized::cat"] += 1
+                self.kernels["quantized::cat"] += 1
                 out = self.graph.call_function(torch.ops.quantized.cat, (tensors, dim, grid[0], grid[1]))
                 self.grids[out] = grid
                 return out

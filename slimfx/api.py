@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Sequence
@@ -159,20 +160,25 @@ def _int8_for_timing(module: nn.Module) -> tuple[nn.Module, tuple[str, ...]]:
     """What to time for a quantized graph: its lowering onto torch's int8 kernels (the fake-quant
     graph is a float simulation whose speed means nothing), and a note saying so."""
     from slimfx.errors import SlimfxError
+    from slimfx.runtime.early_exit import EarlyExitModel
     from slimfx.runtime.torch_int8 import lower_int8
 
-    if not isinstance(module, fx.GraphModule):
-        return module, ("the after latency is the fake-quant graph (with early exits), a float simulation; "
-                        "pass --onnx OUT.onnx for int8 speed",)
+    graphs = list(module.stages) if isinstance(module, EarlyExitModel) else [module]
     try:
-        lowered = lower_int8(module)
+        lowered = [lower_int8(g) for g in graphs]
     except SlimfxError as exc:
         return module, (f"the after latency is the fake-quant graph, a float simulation ({exc}); "
                         "pass --onnx OUT.onnx for int8 speed",)
-    kernels = ", ".join(f"{k} {v}" for k, v in sorted(lowered.kernels.items(), key=lambda kv: (-kv[1], kv[0])))
-    floats = f"; in float: {'; '.join(lowered.float_ops)}" if lowered.float_ops else ""
-    return lowered.module, (f"after latency: the quantized graph lowered onto torch's int8 kernels "
-                            f"(engine {torch.backends.quantized.engine}: {kernels}){floats}",)
+    kernels: Counter[str] = sum((low.kernels for low in lowered), Counter())
+    listed = ", ".join(f"{k} {v}" for k, v in sorted(kernels.items(), key=lambda kv: (-kv[1], kv[0])))
+    float_ops = [op for low in lowered for op in low.float_ops]
+    floats = f"; in float: {'; '.join(float_ops)}" if float_ops else ""
+    where = " (each stage of the early-exit model; the exit heads run in float)" if len(lowered) > 1 else ""
+    note = (f"after latency: the quantized graph lowered onto torch's int8 kernels{where} "
+            f"(engine {torch.backends.quantized.engine}: {listed}){floats}")
+    if isinstance(module, EarlyExitModel):
+        return EarlyExitModel([low.module for low in lowered], module.heads, module.thresholds), (note,)
+    return lowered[0].module, (note,)
 
 
 def _with_exits(graph: Graph) -> tuple[nn.Module, dict[str, Any] | None]:

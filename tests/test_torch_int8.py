@@ -62,3 +62,15 @@ def test_compile_times_the_int8_lowering_and_says_so() -> None:
     result = compile(model, x, "fold-bn,quantize", calib_data=calibration(), latency_repeats=2)
     assert "after: torch int8 kernels" in result.report.latency.baseline
     assert any("quantized::conv2d_relu 4" in note for note in result.report.notes)
+
+
+def test_early_exit_stages_are_lowered_for_timing_too() -> None:
+    from slimfx.api import _int8_for_timing
+
+    model, (x, _) = trained_cnn(), split()["test"]
+    result = compile(model, x[:2], "fold-bn,quantize,add-exits:exits=2", calib_data=calibration(), latency_repeats=1)
+    assert any("each stage of the early-exit model" in note for note in result.report.notes)
+    lowered, _ = _int8_for_timing(result.module)
+    with torch.no_grad():
+        agree = float((lowered(x).argmax(-1) == result.module(x).argmax(-1)).float().mean())
+    assert type(lowered) is type(result.module) and agree >= 0.98

@@ -175,7 +175,7 @@ def _int8_for_timing(module: nn.Module) -> tuple[nn.Module, tuple[str, ...]]:
     floats = f"; in float: {'; '.join(float_ops)}" if float_ops else ""
     where = " (each stage of the early-exit model; the exit heads run in float)" if len(lowered) > 1 else ""
     note = (f"after latency: the quantized graph lowered onto torch's int8 kernels{where} "
-            f"(engine {torch.backends.quantized.engine}: {listed}){floats}")
+            f"(engine {lowered[0].engine}: {listed}){floats}")
     if isinstance(module, EarlyExitModel):
         return EarlyExitModel([low.module for low in lowered], module.heads, module.thresholds), (note,)
     return lowered[0].module, (note,)

@@ -74,3 +74,19 @@ def test_early_exit_stages_are_lowered_for_timing_too() -> None:
     with torch.no_grad():
         agree = float((lowered(x).argmax(-1) == result.module(x).argmax(-1)).float().mean())
     assert type(lowered) is type(result.module) and agree >= 0.98
+
+
+def test_engine_without_int16_saturation_is_preferred() -> None:
+    from slimfx.runtime.torch_int8 import choose_engine
+
+    assert choose_engine(["qnnpack", "x86", "fbgemm", "onednn"]) == "onednn"
+    assert choose_engine(["x86", "fbgemm"]) == "x86" and choose_engine([]) is None
+    # efficientnet's depthwise convs read signed (zero point 128) inputs: fbgemm on CPUs without
+    # VNNI saturates its int16 pair sums there (about 13 dB against the simulation); oneDNN does not
+    if "onednn" not in torch.backends.quantized.supported_engines:
+        pytest.skip("this torch build has no oneDNN int8 engine")
+    model, x = torchvision.models.efficientnet_b0().eval(), torch.randn(4, 3, 64, 64)
+    result = compile(model, x[:1], "quantize:calib=minmax", calib_data=[x])
+    lowered = result.to_torch_int8()
+    with torch.no_grad():
+        assert sqnr_db(result.module(x), lowered.module(x)) >= 25

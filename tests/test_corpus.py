@@ -1,5 +1,6 @@
 """Every torchvision classification model captures, gets shapes on every node and a report,
-and prunes at ratio 0.3 (or declines each group with a reason) and still runs.
+and prunes at ratio 0.3 (or declines each group with a reason) and still runs; one model per
+family quantizes, lowers onto torch's int8 kernels and (conv families) exports to int8 ONNX.
 
 One test per model builds it once and checks both, to keep the corpus lean in CI.
 """
@@ -63,3 +64,33 @@ def check_prunes(name: str, model: torch.nn.Module, x: torch.Tensor) -> None:
     assert all(d.details["channels_after"] < d.details["channels_before"] for d in pruned)
     if pruned:
         assert result.report.after.totals.macs < result.report.before.totals.macs
+
+
+# one model per family: quantize (with attention opened, BatchNorm folded), the torch int8
+# lowering and, for the conv families, the ONNX export that onnxruntime runs in int8
+QUANTIZE_FAMILIES = ["resnet18", "mobilenet_v3_small", "efficientnet_b0", "densenet121", "googlenet", "shufflenet_v2_x0_5",
+                     "squeezenet1_0", "regnet_y_400mf", "mnasnet0_5", "convnext_tiny", "swin_t", "vit_b_32", "maxvit_t"]
+
+
+@pytest.mark.corpus
+@pytest.mark.parametrize("name", QUANTIZE_FAMILIES)
+def test_quantizes(name: str, tmp_path) -> None:
+    from slimfx.passes.quantize import sqnr_db
+
+    torch.manual_seed(0)
+    model = torchvision.models.get_model(name, weights=None).eval()
+    x = input_for(name)
+    result = compile(model, x, passes="quantize:calib=minmax", calib_data=[x])
+    quantized = [d for d in result.report.passes[0].decisions if d.action == "quantized"]
+    assert quantized, f"{name}: nothing quantized"
+    lowered = result.to_torch_int8()
+    with torch.no_grad():
+        simulated, int8 = result.module(x), lowered.module(x)
+    assert simulated.shape == int8.shape == (1, 1000) and bool(torch.isfinite(int8).all())
+    assert sqnr_db(simulated, int8) >= 20, name  # torch's int8 kernels against the simulation
+    if name in ("resnet18", "efficientnet_b0", "densenet121", "mobilenet_v3_small"):
+        pytest.importorskip("onnxruntime")
+        from slimfx.runtime import onnx as ort_tools
+
+        kernels = ort_tools.kernel_census(result.export_onnx(tmp_path / f"{name}.onnx"))
+        assert kernels.get("QLinearConv", 0) > 0 and kernels.get("Conv", 0) == 0, kernels

@@ -178,6 +178,7 @@ def test_onnx_export_runs_in_int8_and_agrees(tmp_path: Path) -> None:
     assert close.mean() >= 0.99, f"{close.mean():.4f} of outputs within one step ({step:.4g})"
     kernels = ort_tools.kernel_census(path)
     assert kernels.get("QLinearConv", 0) == 4 and kernels.get("Conv", 0) == 0  # no conv left in fp32
+    assert kernels.get("QGemm", 0) == 1 and "Gemm" not in kernels  # the float-output head too (int32 bias)
 
 
 @pytest.mark.parametrize("weights", ["int4", "ternary", "binary"])

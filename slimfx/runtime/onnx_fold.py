@@ -3,9 +3,10 @@
 torch's exporter writes each fake-quantized weight as float initializer -> QuantizeLinear ->
 DequantizeLinear. Folding the QuantizeLinear stores the weight as int8 (a quarter of the
 bytes, as any int8 deployment ships it). A DequantizeLinear of a constant whose consumer
-cannot become an int8 kernel (a Conv/Gemm/MatMul whose output is not quantized, like the
-model's float head) would run on every inference; it is folded to the float values it
-produces, the same numbers, computed once here.
+cannot become an int8 kernel (a Conv whose output is not quantized) would run on every
+inference; it is folded to the float values it produces, the same numbers, computed once
+here. A Gemm of two dequantized inputs (the model's float head) gets its bias as int32, so
+onnxruntime runs it as QGemm with a float output.
 """
 from __future__ import annotations
 
@@ -59,6 +60,7 @@ def fold_constant_quantization(model: Any) -> dict[str, int]:
     graph = model.graph
     constants = _Constants(graph)
     consumers: dict[str, list[Any]] = {}
+    producers = {out: node for node in graph.node for out in node.output}
     for node in graph.node:
         for name in node.input:
             consumers.setdefault(name, []).append(node)
@@ -70,7 +72,7 @@ def fold_constant_quantization(model: Any) -> dict[str, int]:
             x, scale, zero_point = (constants.values[n] for n in node.input)
             value = _quantize(x, scale, zero_point, axis)
         elif (node.op_type == "DequantizeLinear" and len(node.input) == 3 and constants.all(node.input)
-              and not _feeds_integer_kernel(node, consumers)):
+              and not _feeds_integer_kernel(node, consumers, producers)):
             q, scale, zero_point = (constants.values[n] for n in node.input)
             value = _dequantize(q, scale, zero_point, axis)
         else:
@@ -83,17 +85,53 @@ def fold_constant_quantization(model: Any) -> dict[str, int]:
     del graph.node[:]
     graph.node.extend(kept)
     graph.initializer.extend(new_initializers)
+    folded["Gemm bias"] = _quantize_gemm_biases(graph, constants)
     _drop_unused(graph)
-    return dict(folded)
+    return {k: v for k, v in folded.items() if v}
 
 
-def _feeds_integer_kernel(dq: Any, consumers: dict[str, list[Any]]) -> bool:
+def _feeds_integer_kernel(dq: Any, consumers: dict[str, list[Any]], producers: dict[str, Any]) -> bool:
     """Whether some consumer of this DequantizeLinear can become an int8 kernel: a
-    Conv/Gemm/MatMul whose output is quantized, or any other op (left alone to be safe)."""
+    Conv/Gemm/MatMul whose output is quantized, a Gemm/MatMul whose other input is
+    dequantized too (onnxruntime's QGemm and MatMulIntegerToFloat give float outputs), or any
+    other op (left alone to be safe)."""
     for user in consumers.get(dq.output[0], []):
         if user.op_type not in _INTEGER_KERNEL_OPS or _reaches_quantize(user, consumers):
             return True
+        other = producers.get(user.input[0]) if user.input[1] == dq.output[0] else None
+        if user.op_type in ("Gemm", "MatMul") and other is not None and other.op_type == "DequantizeLinear":
+            return True
     return False
+
+
+def _quantize_gemm_biases(graph: Any, constants: _Constants) -> int:
+    """Give each Gemm of two dequantized inputs its bias as int32 on the grid input scale x
+    weight scale (zero point 0), as onnxruntime needs to fuse it into QGemm: the bias moves
+    by at most half of that step, far below one step of the input."""
+    from onnx import helper, numpy_helper
+
+    producers = {out: node for node in graph.node for out in node.output}
+    count = 0
+    for gemm in [n for n in graph.node if n.op_type == "Gemm" and len(n.input) == 3]:
+        a, b = producers.get(gemm.input[0]), producers.get(gemm.input[1])
+        attrs = {x.name: helper.get_attribute_value(x) for x in gemm.attribute}
+        if (a is None or b is None or a.op_type != "DequantizeLinear" or b.op_type != "DequantizeLinear"
+                or gemm.input[2] not in constants.values or attrs.get("beta", 1.0) != 1.0 or attrs.get("transB", 0) != 1
+                or not (constants.all(a.input[1:2]) and constants.all(b.input[1:2]))):
+            continue
+        bias = constants.values[gemm.input[2]].astype(np.float64)
+        scale = (np.float64(constants.values[a.input[1]]) * constants.values[b.input[1]].astype(np.float64)).reshape(-1)
+        scale = np.broadcast_to(scale, bias.shape).astype(np.float32)
+        integers = np.rint(bias / scale).astype(np.int32)
+        name = f"{gemm.input[2]}_int32"
+        graph.initializer.extend([numpy_helper.from_array(integers, name), numpy_helper.from_array(scale, f"{name}_scale"),
+                                  numpy_helper.from_array(np.zeros_like(integers), f"{name}_zero_point")])
+        dq = helper.make_node("DequantizeLinear", [name, f"{name}_scale", f"{name}_zero_point"], [f"{name}_dequantized"],
+                              axis=0, name=f"{gemm.name}_bias_dequantize")
+        graph.node.insert(0, dq)
+        gemm.input[2] = dq.output[0]
+        count += 1
+    return count
 
 
 def _reaches_quantize(node: Any, consumers: dict[str, list[Any]]) -> bool:

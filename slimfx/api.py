@@ -160,6 +160,7 @@ def _int8_for_timing(module: nn.Module) -> tuple[nn.Module, tuple[str, ...]]:
     """What to time for a quantized graph: its lowering onto torch's int8 kernels (the fake-quant
     graph is a float simulation whose speed means nothing), and a note saying so."""
     from slimfx.errors import SlimfxError
+    from slimfx.report.tables import counts_text
     from slimfx.runtime.early_exit import EarlyExitModel
     from slimfx.runtime.torch_int8 import lower_int8
 
@@ -170,13 +171,14 @@ def _int8_for_timing(module: nn.Module) -> tuple[nn.Module, tuple[str, ...]]:
         return module, (f"the after latency is the fake-quant graph, a float simulation ({exc}); "
                         "pass --onnx OUT.onnx for int8 speed",)
     kernels: Counter[str] = sum((low.kernels for low in lowered), Counter())
-    listed = ", ".join(f"{k} {v}" for k, v in sorted(kernels.items(), key=lambda kv: (-kv[1], kv[0])))
+    listed = counts_text(kernels)
     float_ops = [op for low in lowered for op in low.float_ops]
     floats = f"; in float: {'; '.join(float_ops)}" if float_ops else ""
-    where = " (each stage of the early-exit model; the exit heads run in float)" if len(lowered) > 1 else ""
+    early_exit = isinstance(module, EarlyExitModel)
+    where = " (each stage of the early-exit model; the exit heads run in float)" if early_exit else ""
     note = (f"after latency: the quantized graph lowered onto torch's int8 kernels{where} "
             f"(engine {lowered[0].engine}: {listed}){floats}")
-    if isinstance(module, EarlyExitModel):
+    if early_exit:
         return EarlyExitModel([low.module for low in lowered], module.heads, module.thresholds), (note,)
     return lowered[0].module, (note,)
 

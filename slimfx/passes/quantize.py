@@ -34,8 +34,8 @@ from slimfx.quant.mixed import allocate_widths
 from slimfx.quant.modules import ActivationQuant, QuantizedLayer, activation_qparams
 from slimfx.quant.placement import (
     grid_source,
-    is_join,
     is_pool,
+    join_inputs,
     relu_kind,
     sole_relu_user,
 )
@@ -71,11 +71,12 @@ def sqnr_db(reference: torch.Tensor, approximation: torch.Tensor) -> float:
 @register
 @dataclass(frozen=True)
 class Quantize(Pass):
-    """Calibrated int8 quantization of conv and linear layers (weights per channel, inputs per tensor)."""
+    """Calibrated int8 quantization: conv and linear layers (weights per channel, inputs and
+    outputs per tensor), matmul inputs, and the adds, concats and pools between them."""
 
     name = "quantize"
     exact = False
-    summary = "calibrated int8 quantize/dequantize on conv/linear inputs and weights"
+    summary = "calibrated int8 quantize/dequantize on convs, linears, matmuls and the adds/pools between them"
     runs_after = {
         "prune-channels": "quantize the final structure",
         "factorize-convs": "quantize the final structure",
@@ -182,7 +183,7 @@ class Quantize(Pass):
                     continue
                 if node.name in target_names:
                     relu = sole_relu_user(graph, node)
-                    activation = relu_kind(graph, relu)() if relu is not None else None
+                    activation = relu_kind(graph.submodule, relu)() if relu is not None else None
                     layer = QuantizedLayer(graph.submodule(node), activation, schemes[node.name], self.block_size, self.act_bits)
                     rewriter.replace_module(node, layer)
                     if relu is not None:
@@ -209,26 +210,21 @@ class Quantize(Pass):
     @staticmethod
     def _inherits(graph: Graph, point: fx.Node, on_grid: set[fx.Node]) -> bool:
         """Whether the quantizer at ``point`` reads a tensor already on a grid (through ReLU, max pool...)."""
-        return grid_source(graph, point.args[0])[-1] in on_grid
+        return grid_source(graph, point.args[0]) in on_grid
 
     @staticmethod
     def _output_worth_quantizing(graph: Graph, node: fx.Node, on_grid: set[fx.Node]) -> bool:
         """An add/concat of quantized tensors, or a pool of one: onnxruntime runs it in int8
         (QLinearAdd, QLinearConcat, QLinearAveragePool, uint8 MaxPool) when its output is quantized too."""
-        if is_join(node):
-            inputs = node.args[0] if node.target in (torch.cat, torch.concat) else node.args[:2]
-        elif is_pool(graph, node):
-            inputs = node.args[:1]
-        else:
-            return False
-        return all(grid_source(graph, t)[-1] in on_grid for t in inputs)
+        inputs = join_inputs(node) or (node.args[:1] if is_pool(graph, node) else None)
+        return inputs is not None and all(grid_source(graph, t) in on_grid for t in inputs)
 
     def _freeze(self, graph: Graph, point: _Point, observed: _Observed, grids: dict[fx.Node, tuple[float, int, str]],
                 macs: int | None) -> Decision:
         """Set the point's grids, its input's from the tensor it reads when that is already
         quantized (through ReLU, max pool, reshape...) and from its own histogram otherwise."""
         module = graph.submodule(point.node)
-        source = grid_source(graph, point.node.args[0])[-1]
+        source = grid_source(graph, point.node.args[0])
         hist = observed.inputs
         if isinstance(module, QuantizedLayer) and self.act_bits == 1:
             scale, zero_point, t, how = 1.0, 128, None, "sign (+-1) activations"

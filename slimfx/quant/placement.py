@@ -47,10 +47,13 @@ _POOL_FUNCTIONS = {F.avg_pool1d, F.avg_pool2d, F.avg_pool3d, F.adaptive_avg_pool
                    F.adaptive_avg_pool3d, F.max_pool1d, F.max_pool2d, F.max_pool3d}
 
 
-def relu_kind(graph: Graph, node: fx.Node) -> type[nn.Module] | None:
-    """nn.ReLU or nn.ReLU6 when ``node`` applies one to its first input (and nothing else), else None."""
+def relu_kind(module_of: Callable[[fx.Node], nn.Module], node: fx.Node) -> type[nn.Module] | None:
+    """nn.ReLU or nn.ReLU6 when ``node`` applies one to its first input (and nothing else), else
+    None; ``module_of`` finds a call_module node's module."""
+    if not node.args or not isinstance(node.args[0], fx.Node):
+        return None
     if node.op == "call_module":
-        module = graph.submodule(node)
+        module = module_of(node)
         return type(module) if type(module) in _RELU_MODULES else None
     if set(node.kwargs) - {"inplace"}:
         return None
@@ -65,7 +68,7 @@ def relu_kind(graph: Graph, node: fx.Node) -> type[nn.Module] | None:
 def sole_relu_user(graph: Graph, node: fx.Node) -> fx.Node | None:
     """The ReLU/ReLU6 that is ``node``'s only user, if there is one."""
     users = list(node.users)
-    if len(users) == 1 and users[0].args[:1] == (node,) and relu_kind(graph, users[0]) is not None:
+    if len(users) == 1 and users[0].args[:1] == (node,) and relu_kind(graph.submodule, users[0]) is not None:
         return users[0]
     return None
 
@@ -91,25 +94,27 @@ def calls_one_of(node: fx.Node, module_of: Callable[[fx.Node], nn.Module], modul
     return node.op == "call_method" and node.target in methods
 
 
-def grid_source(graph: Graph, node: fx.Node) -> list[fx.Node]:
-    """``node`` and the ops it reads through grid-keeping ops, nearest first."""
-    chain = [node]
-    while keeps_grid(graph, chain[-1]):
-        chain.append(chain[-1].args[0])
-    return chain
+def grid_source(graph: Graph, node: fx.Node) -> fx.Node:
+    """The node whose values ``node`` carries: ``node`` itself, or what it reads through
+    grid-keeping ops (ReLU, max pool, reshape...)."""
+    while keeps_grid(graph, node):
+        node = node.args[0]
+    return node
 
 
-def is_join(node: fx.Node) -> bool:
-    """An add or concat of two or more tensors."""
+def join_inputs(node: fx.Node) -> list[fx.Node] | None:
+    """The tensors an add or concat of two or more tensors joins; None for any other node."""
     if node.op == "call_function" and node.target in _JOIN_FUNCTIONS:
         tensors = node.args[0] if node.target in (torch.cat, torch.concat) else node.args[:2]
     elif node.op == "call_method" and node.target in _JOIN_METHODS:
         tensors = node.args[:2]
     else:
-        return False
+        return None
     if node.target in (torch.add, "add", "add_") and "alpha" in node.kwargs:
-        return False
-    return isinstance(tensors, (list, tuple)) and len(tensors) >= 2 and all(isinstance(t, fx.Node) for t in tensors)
+        return None
+    if isinstance(tensors, (list, tuple)) and len(tensors) >= 2 and all(isinstance(t, fx.Node) for t in tensors):
+        return list(tensors)
+    return None
 
 
 def is_pool(graph: Graph, node: fx.Node) -> bool:

@@ -4,7 +4,7 @@ from __future__ import annotations
 import csv
 import io
 import json
-from typing import Any
+from typing import Any, Mapping
 
 from tabulate import tabulate
 
@@ -21,6 +21,11 @@ def si(value: float, unit: str = "") -> str:
             scaled = f"{value / factor:.3f}"
             return f"{scaled} {prefix}B" if unit == "B" else f"{scaled}{prefix} {unit}".rstrip()
     return f"{value:g} {unit}".rstrip()
+
+
+def counts_text(counts: Mapping[str, int]) -> str:
+    """``"QLinearConv 20, QLinearAdd 8, ..."``: most frequent first, ties by name."""
+    return ", ".join(f"{k} {v}" for k, v in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
 
 
 def totals_line(cost: Cost) -> str:
@@ -115,7 +120,7 @@ def render_compile(result: CompileReport, fmt: str = "table") -> str:
         )
     if result.onnx:
         o = result.onnx
-        kernels = ", ".join(f"{k} {v}" for k, v in sorted(o["kernels"].items(), key=lambda kv: (-kv[1], kv[0])))
+        kernels = counts_text(o["kernels"])
         parts.append(f"onnxruntime ({o['baseline']}): original {o['fp32_ms']:.2f} ms, compiled {o['compiled_ms']:.2f} ms, "
                      f"speedup {o['speedup']:.2f}x; wrote {o['path']} (what onnxruntime runs: {kernels})")
     parts.extend(result.notes)

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import operator
 import warnings
 from collections import Counter
 from dataclasses import dataclass, field
@@ -33,7 +32,7 @@ import torch.nn.functional as F
 
 from slimfx.errors import SlimfxError
 from slimfx.quant.modules import ActivationQuant, QuantizedLayer
-from slimfx.quant.placement import calls_one_of
+from slimfx.quant.placement import calls_one_of, join_inputs, relu_kind
 
 Grid = tuple[float, int]
 
@@ -246,34 +245,22 @@ class _Lowering:
         """``quantized::add(_relu)`` or ``quantized::cat`` for an add/concat of quint8 tensors
         whose output (or the ReLU after it) this quantizer quantizes."""
         join, relu = read, False
-        if _is_plain_relu(self.source, read) and isinstance(read.args[0], fx.Node) and len(read.args[0].users) == 1:
+        if relu_kind(self._module, read) is nn.ReLU and len(read.args[0].users) == 1:  # not ReLU6: add_relu clips at 0 only
             join, relu = read.args[0], True
-        if join.op == "call_function" and join.target in (operator.add, operator.iadd, torch.add) and not join.kwargs:
-            inputs = [self.env.get(a) for a in join.args[:2]]
-            if len(inputs) == 2 and all(i in self.grids for i in inputs):
-                kernel = torch.ops.quantized.add_relu if relu else torch.ops.quantized.add
-                self.kernels["quantized::add" + ("_relu" if relu else "")] += 1
-                out = self.graph.call_function(kernel, (*inputs, grid[0], grid[1]))
-                self.grids[out] = grid
-                return out
-        if not relu and join.op == "call_function" and join.target in (torch.cat, torch.concat):
-            tensors = [self.env.get(a) for a in join.args[0]]
-            dim = join.args[1] if len(join.args) > 1 else join.kwargs.get("dim", 0)
-            if all(t in self.grids for t in tensors):
-                self.kernels["quantized::cat"] += 1
-                out = self.graph.call_function(torch.ops.quantized.cat, (tensors, dim, grid[0], grid[1]))
-                self.grids[out] = grid
-                return out
-        return None
-
-
-def _is_plain_relu(source: fx.GraphModule, node: fx.Node) -> bool:
-    """A ReLU (not ReLU6: quantized::add_relu clips at zero only) of one tensor."""
-    if not node.args or not isinstance(node.args[0], fx.Node):
-        return False
-    if node.op == "call_module":
-        return type(source.get_submodule(str(node.target))) is nn.ReLU
-    return node.op in ("call_function", "call_method") and node.target in (torch.relu, F.relu, "relu", "relu_")
+        joined = join_inputs(join)
+        if joined is None or any(self.env.get(a) not in self.grids for a in joined):
+            return None
+        inputs = [self.env[a] for a in joined]
+        if join.target in (torch.cat, torch.concat):
+            if relu:
+                return None
+            kind, args = "cat", (inputs, join.args[1] if len(join.args) > 1 else join.kwargs.get("dim", 0))
+        else:
+            kind, args = "add_relu" if relu else "add", tuple(inputs)
+        self.kernels[f"quantized::{kind}"] += 1
+        out = self.graph.call_function(getattr(torch.ops.quantized, kind), (*args, grid[0], grid[1]))
+        self.grids[out] = grid
+        return out
 
 
 def _float_layer(quantized: QuantizedLayer) -> nn.Module:

@@ -13,7 +13,6 @@ SQNR against fp32, and the convs onnxruntime left in fp32. Peers come from the `
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 import tempfile
 import time
@@ -27,6 +26,7 @@ from tabulate import tabulate
 import slimfx
 from slimfx.passes.quantize import sqnr_db
 from slimfx.runtime import onnx as ort_tools
+from slimfx.runtime.timing import module_latency_ms
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from digits import split, trained_cnn  # noqa: E402
@@ -98,18 +98,6 @@ def torch_ao(model: torch.nn.Module, example: torch.Tensor, calib: list[torch.Te
     return quantized, time.perf_counter() - start
 
 
-def eager_ms(module: torch.nn.Module, x: torch.Tensor, repeats: int) -> float:
-    with torch.inference_mode():
-        for _ in range(3):
-            module(x)
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            module(x)
-            times.append((time.perf_counter() - start) * 1000)
-    return statistics.median(times)
-
-
 def ort_row(path: Path, test: torch.Tensor, reference: torch.Tensor, repeats: int, shape: tuple[int, ...]) -> dict:
     sess = ort_tools.session(path)
     (out,) = ort_tools.run(sess, [test])
@@ -173,8 +161,8 @@ def main() -> None:
         for label, (module, seconds) in eager.items():
             with torch.no_grad():
                 out = module(test)
-            b1 = eager_ms(module, torch.randn(1, *shape), args.repeats)
-            b8 = eager_ms(module, torch.randn(8, *shape), args.repeats)
+            b1 = module_latency_ms(module, [torch.randn(1, *shape)], args.repeats)
+            b8 = module_latency_ms(module, [torch.randn(8, *shape)], args.repeats)
             accuracy = "" if labels is None else f"{float((out.argmax(-1) == labels).float().mean()):.4f}"
             rows.append([name, label, f"{seconds:.2f}", f"{b1:.2f}", f"{b8:.2f}",
                          f"{base['b1'] / b1:.2f}x", f"{base['b8'] / b8:.2f}x", f"{sqnr_db(reference, out):.1f}", accuracy, "-"])

@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import collections
 import os
-import statistics
 import tempfile
-import time
 import warnings
 from pathlib import Path
 from typing import Any, Sequence
@@ -21,6 +19,7 @@ import torch.nn as nn
 
 from slimfx.errors import OutputError, SlimfxError
 from slimfx.runtime.onnx_fold import fold_constant_quantization
+from slimfx.runtime.timing import median_ms
 
 OPSET = 17
 
@@ -83,14 +82,7 @@ def run(sess: Any, inputs: Sequence[torch.Tensor]) -> list[Any]:
 def latency_ms(sess: Any, inputs: Sequence[torch.Tensor], repeats: int = 20) -> float:
     """Median latency of one session on its own (warm-up first, never interleaved)."""
     feed = {i.name: x.detach().numpy() for i, x in zip(sess.get_inputs(), inputs)}
-    for _ in range(3):
-        sess.run(None, feed)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        sess.run(None, feed)
-        times.append((time.perf_counter() - start) * 1000)
-    return statistics.median(times)
+    return median_ms(lambda: sess.run(None, feed), repeats, warmup=3)
 
 
 def kernel_census(path: str | Path) -> dict[str, int]:

@@ -17,7 +17,7 @@ from tabulate import tabulate
 from torch.utils.flop_counter import FlopCounterMode
 
 import slimfx
-from slimfx.runtime.timing import median_ms
+from slimfx.backends.timing import median_ms
 
 MODELS = ["resnet18", "resnet50", "mobilenet_v2", "efficientnet_b0", "densenet121", "inception_v3",
           "convnext_tiny", "regnet_y_400mf", "vit_b_16"]
@@ -59,7 +59,7 @@ def main() -> None:
         results = {}
         for tool, fn in (("slimfx", slimfx_macs), ("FlopCounterMode", flop_counter_macs), ("fvcore", fvcore_macs)):
             macs = fn(model, x)
-            ms = median_ms(lambda: fn(model, x), args.repeats, warmup=1) if macs is not None else None
+            ms = median_ms(lambda fn=fn, model=model, x=x: fn(model, x), args.repeats, warmup=1) if macs is not None else None
             results[tool] = (macs, ms)
         s_macs, s_ms = results["slimfx"]
         f_macs, f_ms = results["FlopCounterMode"]

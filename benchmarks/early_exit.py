@@ -93,13 +93,12 @@ def main() -> None:
         with torch.no_grad():
             outputs, exits = runtime(x_test, return_exits=True)
             reference = model(x_test)
-        heads = len(result.report.exits["exits"]) - 1
-        shares = torch.bincount(exits, minlength=heads + 1).float() / len(exits)
         plan = result.report.exits
+        shares = torch.bincount(exits, minlength=len(plan.stats) + 1).float() / len(exits)
         # expected MACs on the test digits, from the counted per-exit costs
-        costs = torch.tensor([e["macs_to_exit_per_sample"] for e in plan["exits"]])
+        costs = torch.tensor([s.macs_to_exit_per_sample for s in plan.stats] + [plan.final_macs_per_sample])
         expected = float((shares * costs).sum())
-        mac_speedup = plan["full_macs_per_sample"] / expected
+        mac_speedup = plan.full_macs_per_sample / expected
         one_orig, one_exit = batch_one_ms(model, runtime, x_test)
         big_orig, big_exit = batch_64_ms(model, runtime, x_test, args.repeats)
         speedup64 = big_orig / big_exit

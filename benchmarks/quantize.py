@@ -24,9 +24,9 @@ import torchvision
 from tabulate import tabulate
 
 import slimfx
-from slimfx.passes.quantize import sqnr_db
-from slimfx.runtime import onnx as ort_tools
-from slimfx.runtime.timing import module_latency_ms
+from slimfx.backends import onnx as ort_tools
+from slimfx.backends.timing import module_latency_ms
+from slimfx.metrics import sqnr_db
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from digits import split, trained_cnn  # noqa: E402

@@ -1,26 +1,35 @@
-"""``slimfx.analyze`` and ``slimfx.compile``: capture -> PassManager -> reports."""
+"""``slimfx.analyze`` and ``slimfx.compile``: a straight list of stages, no pass named here.
+
+compile: resolve the pipeline (requirements inserted, order and data needs checked) ->
+capture -> count -> run the passes (each verified) -> count again -> report -> measure.
+"""
 from __future__ import annotations
 
 import copy
-from collections import Counter
-from dataclasses import dataclass
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 import torch
 import torch.fx as fx
 import torch.nn as nn
 
+from slimfx.backends.early_exit import EarlyExitModel
+from slimfx.backends.timing import baseline_name, module_latency_ms
+from slimfx.cost_model.counts import ensure_costs
+from slimfx.data import batches, check_reusable
+from slimfx.errors import BackendError, OutputError
 from slimfx.ir.capture import LeafSpec, capture
 from slimfx.ir.graph import Graph
 from slimfx.ir.verify import compare_outputs
 from slimfx.passes.base import Pass, PassContext
-from slimfx.passes.manager import EXACT_TOLERANCE, PassManager
+from slimfx.passes.manager import EXACT_TOLERANCE, PassManager, check_data
 from slimfx.passes.registry import resolve_passes
-from slimfx.report.analysis import CompileReport, Latency, Report
-from slimfx.runtime.timing import baseline_name, module_latency_ms
+from slimfx.report.analysis import CompileReport, Latency, OnnxMeasurement, Report, build_report
 
 Inputs = Sequence[torch.Tensor] | torch.Tensor
+LATENCY_BATCHES = 8  # calibration batches an early-exit model is timed on
 
 
 def _as_tuple(example_inputs: Inputs) -> tuple[torch.Tensor, ...]:
@@ -37,7 +46,8 @@ def analyze(
 ) -> Report:
     """Capture ``model`` and report, node by node, where its MACs, params and bytes go."""
     graph = capture(model, _as_tuple(example_inputs), leaf_modules=leaf_modules, concrete_args=concrete_args)
-    return Report.from_graph(graph, name or type(model).__name__)
+    ensure_costs(graph)
+    return build_report(graph, name or type(model).__name__)
 
 
 @dataclass
@@ -54,17 +64,16 @@ class CompileResult:
 
     def export_onnx(self, path: str | Path) -> Path:
         """Write the compiled module as ONNX (QuantizeLinear/DequantizeLinear where quantized)."""
-        from slimfx.runtime.onnx import export_onnx
+        from slimfx.backends.onnx import export_onnx
 
         return export_onnx(self.module, self.graph.example_inputs, path)
 
-    def measure_onnx(self, original: nn.Module, path: str | Path, repeats: int = 20) -> dict[str, Any]:
+    def measure_onnx(self, original: nn.Module, path: str | Path, repeats: int = 20) -> OnnxMeasurement:
         """Export to ``path``, then time it and the original model (exported to a temporary
         file) in onnxruntime, each session on its own; adds the figures to the report."""
-        import dataclasses
         import tempfile
 
-        from slimfx.runtime import onnx as ort_tools
+        from slimfx.backends import onnx as ort_tools
 
         self.export_onnx(path)
         inputs = self.graph.example_inputs
@@ -73,28 +82,21 @@ class CompileResult:
             fp32_ms = ort_tools.latency_ms(ort_tools.session(fp32_path), inputs, repeats)
         compiled_ms = ort_tools.latency_ms(ort_tools.session(path), inputs, repeats)
         batch = inputs[0].shape[0] if inputs[0].dim() else 1
-        info = {
-            "path": str(path), "fp32_ms": fp32_ms, "compiled_ms": compiled_ms, "speedup": fp32_ms / compiled_ms,
-            "baseline": f"onnxruntime fp32, batch {batch}, {torch.get_num_threads()} threads",
-            "kernels": ort_tools.kernel_census(path),
-        }
-        self.report = dataclasses.replace(self.report, onnx=info)
-        return info
+        baseline = f"onnxruntime fp32, batch {batch}, {torch.get_num_threads()} threads"
+        measurement = OnnxMeasurement(str(path), Latency(fp32_ms, compiled_ms, baseline), ort_tools.kernel_census(path))
+        self.report = replace(self.report, onnx=measurement)
+        return measurement
 
     def to_torch_int8(self) -> Any:
-        """The quantized module lowered onto torch's int8 CPU kernels (``runtime.torch_int8.Lowered``:
+        """The quantized module lowered onto torch's int8 CPU kernels (``backends.torch_int8.Lowered``:
         the module, the kernels it calls and what still runs in float)."""
-        from slimfx.errors import SlimfxError
-        from slimfx.runtime.torch_int8 import lower_int8
+        from slimfx.backends.torch_int8 import lower_int8_model
 
-        if not isinstance(self.module, fx.GraphModule):
-            raise SlimfxError(f"int8 lowering needs the graph module, not a {type(self.module).__name__}")
-        return lower_int8(self.module)
+        return lower_int8_model(self.module)
 
     def save(self, path: str | Path) -> None:
         """Write the module in slimfx's safe format (``slimfx report PATH`` loads it back)."""
-        from slimfx.errors import OutputError
-        from slimfx.ir.serialize import save_module
+        from slimfx.files.model_format import save_module
 
         if not isinstance(self.module, fx.GraphModule):
             raise OutputError(f"saving a {type(self.module).__name__} is not supported yet; save result.graph.module "
@@ -107,7 +109,7 @@ def compile(
     example_inputs: Inputs,
     passes: str | Sequence[Pass | str] = "fold-bn",
     *,
-    calib_data: Iterable[Any] | None = None,
+    calib_data: Iterable[Any] | torch.Tensor | None = None,
     seed: int = 0,
     name: str | None = None,
     leaf_modules: Iterable[LeafSpec] = (),
@@ -119,86 +121,69 @@ def compile(
     """Run the ``passes`` pipeline on a copy of ``model``; the original is left untouched.
 
     ``passes`` is a spec string (``"fold-bn,prune-channels:ratio=0.5"``) or pass objects.
-    With ``latency_repeats > 0`` the report includes measured eager latency before/after.
+    ``calib_data`` (a list of batches, ``(inputs, labels)`` pairs, a DataLoader or one tensor)
+    feeds the passes that need data. With ``latency_repeats > 0`` the report includes
+    measured eager latency before/after.
     """
-    pipeline = resolve_passes(passes)
-    manager = PassManager(pipeline, tolerance=tolerance)  # checks the order before any work
     inputs = _as_tuple(example_inputs)
+    manager = PassManager(resolve_passes(passes), tolerance=tolerance)  # requirements and order, before any work
+    check_data(manager.passes, calib_data)
+    if calib_data is not None:
+        check_reusable(calib_data)
+        next(batches(calib_data, inputs), None)  # a malformed first batch fails now, not after capture
     graph = capture(copy.deepcopy(model), inputs, leaf_modules=leaf_modules, concrete_args=concrete_args)
     label = name or type(model).__name__
-    before = Report.from_graph(graph, label)
+    ensure_costs(graph)
+    before = build_report(graph, label)
     torch.manual_seed(seed)
-    records = manager.run(graph, PassContext(calib_data=calib_data, seed=seed, progress=progress))
-    after = Report.from_graph(graph, label)
-    module, exits = _with_exits(graph)
-    with torch.no_grad():
-        error = compare_outputs(manager.outputs_before, [module(*inputs)]).relative_error if exits else \
-            compare_outputs(manager.outputs_before, manager.outputs_after).relative_error
-    quantized = any(r.name == "quantize" and r.changed for r in records)
-    timed: nn.Module = module
-    notes: tuple[str, ...] = ()
-    if quantized and latency_repeats > 0:
-        timed, notes = _int8_for_timing(module)
-    latency = None
+    run = manager.run(graph, PassContext(calib_data=calib_data, example_inputs=inputs, seed=seed, progress=progress))
+    ensure_costs(graph)
+    after = build_report(graph, label)
+    module = run.module
+    error = compare_outputs(run.outputs_before, run.outputs_after).relative_error
+    latency, notes = None, ()
     if latency_repeats > 0:
-        batches = _latency_batches(inputs, calib_data) if exits else [inputs]
-        latency = Latency(
-            sum(module_latency_ms(model, b, latency_repeats) for b in batches) / len(batches),
-            sum(module_latency_ms(timed, b, latency_repeats) for b in batches) / len(batches),
-            baseline_name(batches[0]) + (f", mean over {len(batches)} calibration batches" if exits else "")
-            + ("; after: torch int8 kernels" if timed is not module else ""),
-        )
-    if exits:
-        head_macs = sum(e.get("head_macs_per_sample", 0) for e in exits["exits"])
-        notes += (f"the after totals count the model without its exit heads; the heads add {head_macs:,} MACs per "
-                  "sample in all, included in the early-exit costs above",)
-    report = CompileReport(before, after, tuple(records), error, latency, notes=notes, exits=exits)
+        latency, notes = _measure_latency(model, module, inputs, calib_data if run.exit_plan else None, latency_repeats)
+    if run.exit_plan is not None:
+        notes += (f"the after totals count the model without its exit heads; the heads add "
+                  f"{run.exit_plan.head_macs_per_sample:,} MACs per sample in all, included in the early-exit costs above",)
+    report = CompileReport(before, after, run.records, error, latency, notes=notes, exits=run.exit_plan)
     return CompileResult(module, graph, report)
+
+
+def _measure_latency(original: nn.Module, compiled: nn.Module, inputs: tuple[torch.Tensor, ...],
+                     calib_data: Iterable[Any] | None, repeats: int) -> tuple[Latency, tuple[str, ...]]:
+    """Eager latency before and after; an early-exit model is timed on calibration batches
+    (exits pay off on real data), a quantized one on torch's int8 kernels."""
+    from slimfx.backends.torch_int8 import has_quantized_layers
+
+    timed, notes = (_int8_for_timing(compiled) if has_quantized_layers(compiled) else (compiled, ()))
+    measured = [inputs]
+    if calib_data is not None:
+        measured = [b.inputs for _, b in zip(range(LATENCY_BATCHES), batches(calib_data, inputs))] or [inputs]
+    before = sum(module_latency_ms(original, b, repeats) for b in measured) / len(measured)
+    after = sum(module_latency_ms(timed, b, repeats) for b in measured) / len(measured)
+    baseline = baseline_name(measured[0])
+    if calib_data is not None:
+        baseline += f", mean over {len(measured)} calibration batches"
+    if timed is not compiled:
+        baseline += "; after: torch int8 kernels"
+    return Latency(before, after, baseline), notes
 
 
 def _int8_for_timing(module: nn.Module) -> tuple[nn.Module, tuple[str, ...]]:
     """What to time for a quantized graph: its lowering onto torch's int8 kernels (the fake-quant
     graph is a float simulation whose speed means nothing), and a note saying so."""
-    from slimfx.errors import SlimfxError
+    from slimfx.backends.torch_int8 import lower_int8_model
     from slimfx.report.tables import counts_text
-    from slimfx.runtime.early_exit import EarlyExitModel
-    from slimfx.runtime.torch_int8 import lower_int8
 
-    graphs = list(module.stages) if isinstance(module, EarlyExitModel) else [module]
     try:
-        lowered = [lower_int8(g) for g in graphs]
-    except SlimfxError as exc:
+        lowered = lower_int8_model(module)
+    except BackendError as exc:
         return module, (f"the after latency is the fake-quant graph, a float simulation ({exc}); "
                         "pass --onnx OUT.onnx for int8 speed",)
-    kernels: Counter[str] = sum((low.kernels for low in lowered), Counter())
-    listed = counts_text(kernels)
-    float_ops = [op for low in lowered for op in low.float_ops]
-    floats = f"; in float: {'; '.join(float_ops)}" if float_ops else ""
-    early_exit = isinstance(module, EarlyExitModel)
-    where = " (each stage of the early-exit model; the exit heads run in float)" if early_exit else ""
+    floats = f"; in float: {'; '.join(lowered.float_ops)}" if lowered.float_ops else ""
+    where = " (each stage of the early-exit model; the exit heads run in float)" if isinstance(module, EarlyExitModel) else ""
     note = (f"after latency: the quantized graph lowered onto torch's int8 kernels{where} "
-            f"(engine {lowered[0].engine}: {listed}){floats}")
-    if early_exit:
-        return EarlyExitModel([low.module for low in lowered], module.heads, module.thresholds), (note,)
-    return lowered[0].module, (note,)
-
-
-def _with_exits(graph: Graph) -> tuple[nn.Module, dict[str, Any] | None]:
-    """The early-exit runtime when ``add-exits`` ran, else the graph's module."""
-    from slimfx.passes.early_exit import PLAN_KEY
-    from slimfx.runtime.early_exit import EarlyExitModel, split_at
-
-    plan = graph.attachments.get(PLAN_KEY)
-    if plan is None:
-        return graph.module, None
-    return EarlyExitModel(split_at(graph.module, plan.cuts), plan.heads, plan.thresholds), plan.to_dict()
-
-
-def _latency_batches(inputs: tuple[torch.Tensor, ...], calib_data: Iterable[Any] | None, limit: int = 8) -> list[tuple[torch.Tensor, ...]]:
-    """Early exits pay off on real data: time them on (up to ``limit``) calibration batches."""
-    batches = []
-    for item in calib_data or ():
-        batches.append((item[0] if isinstance(item, (tuple, list)) else item,))
-        if len(batches) == limit:
-            break
-    return batches or [inputs]
+            f"(engine {lowered.engine}: {counts_text(lowered.kernels)}){floats}")
+    return lowered.module, (note,)

@@ -9,8 +9,9 @@ import argparse
 import os
 import sys
 import warnings
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Callable, NoReturn, Sequence
+from typing import NoReturn
 
 import torch
 
@@ -112,15 +113,14 @@ def _emit(text: str, output: str | None) -> None:
     if output is None:
         sys.stdout.write(text)
         return
-    from slimfx.ir.serialize import atomic_write
+    from slimfx.files.atomic import atomic_write
 
     atomic_write(output, lambda f: f.write(text.encode()))
     print(f"wrote {output}", file=sys.stderr)
 
 
 def cmd_report(args: argparse.Namespace) -> None:
-    from slimfx.api import analyze
-    from slimfx.models import load_model
+    from slimfx import analyze, load_model
     from slimfx.report.graphviz import to_dot
     from slimfx.report.tables import render_report
 
@@ -136,13 +136,14 @@ def cmd_report(args: argparse.Namespace) -> None:
 
 
 def cmd_compile(args: argparse.Namespace) -> None:
-    from slimfx.api import compile
-    from slimfx.calib import calibration_batches
-    from slimfx.models import load_model
+    from slimfx import compile, load_model
+    from slimfx.files.calib_spec import calibration_batches
+    from slimfx.passes.manager import PassManager, check_data
     from slimfx.passes.registry import resolve_passes
     from slimfx.report.tables import render_compile
 
-    resolve_passes(args.passes)  # reject a bad spec before loading anything
+    pipeline = PassManager(resolve_passes(args.passes)).passes  # a bad spec or order fails before loading anything
+    check_data(pipeline, args.calib)  # so does a pass that needs --calib without it
     for path in (args.output, args.onnx):
         if path:
             check_writable(path)
@@ -176,8 +177,7 @@ def _terminal_progress() -> Callable[[str], None] | None:
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
-    from slimfx.api import analyze, compile
-    from slimfx.models import load_model
+    from slimfx import analyze, compile, load_model
     from slimfx.report.tables import render_compile, render_report
 
     loaded = load_model(args.model)

@@ -55,3 +55,8 @@ def train_classifier(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, epoc
     """Cross-entropy training in batches of 50 (slimfx's shared loop)."""
     fit(model.parameters(), list(zip(x.split(50), y.split(50))), lambda b: F.cross_entropy(model(b[0]), b[1]),
         epochs=epochs, lr=lr, label="digits")
+
+
+def calibration() -> list[torch.Tensor]:
+    """The calibration split in batches of 100."""
+    return list(split()["calib"][0].split(100))

@@ -5,11 +5,13 @@ import pytest
 import torch
 import torch.nn as nn
 
-from slimfx.errors import CaptureError, ShapeError, VerificationError
+from slimfx.errors import CaptureError, RewriteError, ShapeError, VerificationError
 from slimfx.ir.capture import capture
-from slimfx.ir.nodeinfo import META_KEY, NodeInfo
+from slimfx.ir.meta import META_KEY, NodeInfo
 from slimfx.ir.rewrite import Rewriter
-from slimfx.ir.verify import compare, lint, relative_error
+from slimfx.ir.shapes import ensure_shapes
+from slimfx.ir.verify import compare, lint
+from slimfx.metrics import relative_error
 
 
 class Branchy(nn.Module):
@@ -84,7 +86,10 @@ def test_rewrite_stamps_provenance_and_lint_catches_dangling_modules() -> None:
     conv = graph.node("_0")
     with Rewriter(graph, "my-pass") as rewriter:
         rewriter.replace_module(conv, nn.Conv2d(3, 3, 1))
-    assert graph.info(conv).provenance == "my-pass"
+    with pytest.raises(RewriteError, match="ensure_shapes"):  # shapes of the old graph are never read as current
+        graph.info(conv)
+    ensure_shapes(graph)
+    assert graph.info(conv).provenance == "my-pass" and graph.info(conv).out_shape == (1, 3, 4, 4)
     delattr(graph.module, "1")
     with pytest.raises(VerificationError, match="_1"):
         lint(graph)
@@ -108,5 +113,6 @@ def test_inserted_module_takes_over_the_uses_and_is_stamped() -> None:
         rewriter.replace_uses(conv, scale)
     assert scale.target == "0_1"  # a unique name next to the module it follows
     assert [u.name for u in conv.users] == [scale.name]
+    ensure_shapes(graph)
     assert graph.info(scale).provenance == "my-pass" and graph.info(scale).out_shape == (1, 3, 4, 4)
     torch.testing.assert_close(graph.run(x), model(x))

@@ -3,15 +3,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
-from test_prune_exact import (
-    Concat,
-    Grouped,
-    Residual,
-    Shuffle,
-    Split,
-    SqueezeExcite,
-    conv_bn,
-)
+from nets import Concat, Grouped, Residual, Shuffle, Split, SqueezeExcite, conv_bn
 
 from slimfx.ir.capture import capture
 from slimfx.ir.channels import ChannelAnalysis, analyze_channels

@@ -11,6 +11,7 @@ from slimfx.cost_model.counts import (
     attention_macs,
     conv_macs,
     einsum_macs,
+    ensure_costs,
     matmul_macs,
     total_cost,
 )
@@ -19,7 +20,7 @@ from slimfx.ir.capture import capture
 
 def node_costs(model: nn.Module, *inputs: torch.Tensor) -> dict[str, object]:
     graph = capture(model.eval(), inputs)
-    graph.ensure_costs()
+    ensure_costs(graph)
     return {node.name: graph.info(node).cost for node in graph.nodes()}
 
 

@@ -11,12 +11,13 @@ from digits import split, trained_cnn
 
 import slimfx
 from slimfx import compile
-from slimfx.errors import PassError, PassOrderError, PassSpecError
+from slimfx.backends.early_exit import EarlyExitModel
+from slimfx.errors import DataError, PassError, PassOrderError, PassSpecError
+from slimfx.exits.thresholds import choose_thresholds, prediction_entropy
 from slimfx.ir.capture import capture
 from slimfx.ir.dominators import output_dominators
-from slimfx.passes.early_exit import choose_thresholds
+from slimfx.ir.rewrite import split_at
 from slimfx.passes.registry import parse_pipeline
-from slimfx.runtime.early_exit import EarlyExitModel, prediction_entropy, split_at
 
 torchvision = pytest.importorskip("torchvision")
 
@@ -63,9 +64,10 @@ def test_a_model_whose_every_path_branches_is_declined() -> None:
 def runtime_for(model: nn.Module, x: torch.Tensor, thresholds: list[float]) -> tuple[EarlyExitModel, list[nn.Module]]:
     graph = capture(model, (x,))
     heads = [nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(c, 10)) for c in (32, 64)]
-    return EarlyExitModel(split_at(graph.module, ["block2_3", "block3_3"]), heads, thresholds), heads
+    return EarlyExitModel(split_at(graph.module, ["block2_3", "block3_3"], "test"), heads, thresholds), heads
 
 
+@pytest.mark.slow
 def test_runtime_equals_the_original_when_no_exit_fires() -> None:
     model = trained_cnn()
     x = split()["test"][0][:40]
@@ -114,6 +116,7 @@ def test_choose_thresholds_keeps_the_agreement_greedily() -> None:
 
 
 # -- a trained model: the acceptance case ---------------------------------------------------------
+@pytest.mark.slow
 def test_digits_cnn_agrees_while_a_third_exits_early() -> None:
     model = trained_cnn()
     x_test, _ = split()["test"]
@@ -125,17 +128,17 @@ def test_digits_cnn_agrees_while_a_third_exits_early() -> None:
     early = float((exits < 2).float().mean())
     assert agreement >= 0.99, f"agreement {agreement:.4f} on held-out digits"
     assert early >= 0.3, f"only {early:.1%} left early"
-    report = result.report.exits
-    assert report["expected_macs_per_sample"] < report["full_macs_per_sample"]
-    assert sum(e["share"] for e in report["exits"]) == pytest.approx(1.0)
-    assert all(e["head_macs_per_sample"] > 0 for e in report["exits"][:-1])
+    plan = result.report.exits
+    assert plan.expected_macs_per_sample < plan.full_macs_per_sample
+    assert sum(s.share for s in plan.stats) + plan.final_share == pytest.approx(1.0)
+    assert all(s.head_macs_per_sample > 0 for s in plan.stats)
 
 
 def test_joint_training_with_labels_and_named_exits() -> None:
     model = trained_cnn()
     result = compile(model, split()["test"][0][:2], "add-exits:at=block2,block3,joint=true,epochs=3",
                      calib_data=calibration(300, labels=True))
-    assert [e["node"] for e in result.report.exits["exits"][:-1]] == ["block2_3", "block3_3"]
+    assert [s.node for s in result.report.exits.stats] == ["block2_3", "block3_3"]
     with torch.no_grad():
         assert result.module(split()["test"][0][:8]).shape == (8, 10)
 
@@ -146,7 +149,7 @@ def test_an_exit_inside_a_residual_block_is_declined() -> None:
     result = compile(model, x[:2], "add-exits:at=layer1.0.conv1,layer2,epochs=1,agreement=0.5", calib_data=[x])
     decisions = {d.target: d for d in result.report.passes[0].decisions}
     assert decisions["layer1.0.conv1"].declined and "does not dominate" in decisions["layer1.0.conv1"].reason
-    assert [e["node"] for e in result.report.exits["exits"][:-1]] == ["layer2_1_relu_1"]
+    assert [s.node for s in result.report.exits.stats] == ["layer2_1_relu_1"]
 
 
 # -- bad input ------------------------------------------------------------------------------------
@@ -164,8 +167,10 @@ def test_bad_calibration_and_names_are_clear_errors() -> None:
     model, x = trained_cnn(), split()["test"][0][:2]
     with pytest.raises(PassError, match="joint=true trains on labels"):
         compile(model, x, "add-exits:joint=true", calib_data=calibration(100))
-    with pytest.raises(PassError, match="needs calibration data"):
+    with pytest.raises(DataError, match="pass 'add-exits' needs calibration data"):  # before capture
         compile(model, x, "add-exits")
+    with pytest.raises(DataError, match=r"needs labelled training data \(with labels"):
+        compile(model, x, "add-exits:joint=true")
     with pytest.raises(PassError, match="at='block9' is not a module"):
         compile(model, x, "add-exits:at=block9", calib_data=calibration(100))
     with pytest.raises(PassOrderError, match="'fold-bn' must run before 'add-exits'"):

@@ -8,7 +8,8 @@ import torch.nn as nn
 import slimfx
 from slimfx import compile
 from slimfx.errors import PassOrderError, PassSpecError
-from slimfx.passes import lowrank
+from slimfx.lowrank import decompose as lowrank
+from slimfx.metrics import relative_error
 from slimfx.passes.registry import parse_pipeline
 
 torchvision = pytest.importorskip("torchvision")
@@ -58,9 +59,19 @@ def test_full_rank_is_exact(method: str, model_class: type[nn.Module], shape: tu
     names = dict(result.module.named_modules())
     assert all(p in names for p in parts), f"expected {parts} in the module tree"
     (decision,) = [d for d in result.report.passes[0].decisions if d.action == "factorized"]
-    assert decision.error <= 1e-5 and decision.details["output_error"] <= 1e-4
-    assert decision.details["ranks"] == decision.details["full_ranks"]
+    assert decision.error <= 1e-5 and decision.details.output_error <= 1e-4
+    assert decision.details.ranks == decision.details.full_ranks
     assert result.report.passes[0].warnings, "a full rank costs more MACs: the report must warn"
+
+
+@pytest.mark.parametrize(("method", "model_class", "shape", "parts"), FULL_RANK, ids=[m[0] for m in FULL_RANK])
+def test_full_rank_ratio_is_claimed_exact_and_verified(method: str, model_class: type[nn.Module],
+                                                      shape: tuple[int, ...], parts: list[str]) -> None:
+    model, x = model_class().eval(), torch.randn(shape)
+    record = compile(model, x, f"factorize-convs:method={method},rank-ratio=1").report.passes[0]
+    assert record.exact and record.changed and record.output_error <= 1e-4  # checked by the pass manager
+    assert not compile(model, x, "factorize-convs:method=cp,rank-ratio=1").report.passes[0].exact  # CP: no guarantee
+    assert not compile(model, x, f"factorize-convs:method={method},rank-ratio=0.5").report.passes[0].exact
 
 
 def test_cp_recovers_a_kernel_of_known_rank() -> None:
@@ -85,11 +96,11 @@ def test_cp_is_deterministic_for_a_seed() -> None:
 def test_error_does_not_grow_with_rank() -> None:
     generator = torch.Generator().manual_seed(1)
     w2, w3, wl = torch.randn(8, 6, 3, 3, generator=generator), torch.randn(5, 4, 3, 3, 3, generator=generator), torch.randn(9, 7, generator=generator)
-    spatial = [lowrank.relative_error(lowrank.compose_spatial(*lowrank.spatial_svd(w2, r)), w2) for r in range(1, 19)]
-    tucker = [lowrank.relative_error(lowrank.compose_tucker2(lowrank.tucker2(w2, min(r, 6), r)), w2) for r in range(1, 9)]
-    linear = [lowrank.relative_error(torch.mm(*reversed(lowrank.linear_svd(wl, r))), wl) for r in range(1, 8)]
+    spatial = [relative_error(w2, lowrank.compose_spatial(*lowrank.spatial_svd(w2, r))) for r in range(1, 19)]
+    tucker = [relative_error(w2, lowrank.compose_tucker2(lowrank.tucker2(w2, min(r, 6), r))) for r in range(1, 9)]
+    linear = [relative_error(wl, torch.mm(*reversed(lowrank.linear_svd(wl, r)))) for r in range(1, 8)]
     full_width = len(lowrank.separable_first_svd(w3)[1])
-    separable = [lowrank.relative_error(lowrank.compose_separable_3d(lowrank.separable_3d(w3, r, 3 * r)), w3)
+    separable = [relative_error(w3, lowrank.compose_separable_3d(lowrank.separable_3d(w3, r, 3 * r)))
                  for r in range(1, full_width + 1)]
     for errors in (spatial, tucker, linear, separable):
         assert all(later <= earlier + 1e-6 for earlier, later in zip(errors, errors[1:])), errors
@@ -117,6 +128,7 @@ def test_declines_what_it_cannot_or_should_not_factorize() -> None:
     assert "6" not in reasons  # a Linear is not a spatial-svd candidate
 
 
+@pytest.mark.slow
 def test_target_macs_spends_the_budget_from_the_cost_model() -> None:
     model, x = torchvision.models.resnet18(weights=None).eval(), torch.randn(1, 3, 64, 64)
     result = compile(model, x, "factorize-convs:method=spatial-svd,target-macs=0.6")
@@ -129,13 +141,15 @@ def test_target_macs_spends_the_budget_from_the_cost_model() -> None:
     assert any("not needed" in d.reason for d in record.decisions)
 
 
+@pytest.mark.slow
 def test_round_to_rounds_ranks_up() -> None:
     model, x = torchvision.models.resnet18(weights=None).eval(), torch.randn(1, 3, 64, 64)
     result = compile(model, x, "factorize-convs:method=spatial-svd,rank-ratio=0.3,round-to=16")
-    ranks = [d.details["ranks"][0] for d in result.report.passes[0].decisions if d.action == "factorized"]
+    ranks = [d.details.ranks[0] for d in result.report.passes[0].decisions if d.action == "factorized"]
     assert ranks and all(r % 16 == 0 for r in ranks)
 
 
+@pytest.mark.slow
 def test_factorized_model_saves_and_folds(tmp_path) -> None:
     model = torchvision.models.resnet18(weights=None).eval()
     x = torch.randn(1, 3, 64, 64)

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn as nn
-from conftest import randomize_batchnorm
+from nets import randomize_batchnorm
 
 from slimfx import compile
 from slimfx.passes.fold_bn import fold_bn_weights

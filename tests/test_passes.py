@@ -1,8 +1,9 @@
 """Pipeline spec parsing, order constraints, verification and error history."""
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Iterator, Literal
+from typing import Literal
 
 import pytest
 import torch
@@ -115,7 +116,7 @@ def test_order_constraints_name_both_passes() -> None:
 
 def test_manager_times_and_measures_every_pass() -> None:
     graph = small_graph()
-    records = PassManager(parse_pipeline("test-scale:factor=1.5,fold-bn")).run(graph)
+    records = PassManager(parse_pipeline("test-scale:factor=1.5,fold-bn")).run(graph).records
     assert [r.name for r in records] == ["test-scale", "fold-bn"]
     assert records[0].seconds > 0 and records[0].changed
     assert records[0].output_error > 0.05  # lossy: measured and recorded, not rejected
@@ -130,7 +131,7 @@ def test_exact_pass_that_changes_outputs_fails_verification_with_history() -> No
     assert "pass 'test-claims-exact:factor=2.0' (2 of 2)" in message
     assert "claims to be exact" in message and "Passes run before it: fold-bn" in message
     graph = small_graph()
-    assert PassManager(parse_pipeline("test-claims-exact:factor=1")).run(graph)[0].output_error == 0
+    assert PassManager(parse_pipeline("test-claims-exact:factor=1")).run(graph).records[0].output_error == 0
 
 
 def test_crashing_pass_is_named_with_its_history() -> None:

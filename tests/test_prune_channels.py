@@ -6,13 +6,13 @@ import itertools
 import pytest
 import torch
 import torch.nn as nn
-from conftest import randomize_batchnorm
-from test_prune_exact import Residual, conv_bn
+from nets import Residual, conv_bn, randomize_batchnorm
 
 import slimfx
 from slimfx import compile
-from slimfx.errors import PassError, PassOrderError, PassSpecError
-from slimfx.passes.channel_selection import (
+from slimfx.errors import DataError, PassOrderError, PassSpecError
+from slimfx.passes.registry import parse_pipeline
+from slimfx.prune.selection import (
     choose_removed,
     common_partition,
     greedy_removal_order,
@@ -20,7 +20,6 @@ from slimfx.passes.channel_selection import (
     least_squares_scales,
     removal_count,
 )
-from slimfx.passes.registry import parse_pipeline
 
 torchvision = pytest.importorskip("torchvision")
 
@@ -87,9 +86,9 @@ def test_ratio_mode_prunes_each_group_by_the_ratio_and_reports_why() -> None:
     result = compile(resnet18(), X, "prune-channels:ratio=0.5,criterion=bn-scale")
     decisions = result.report.passes[0].decisions
     pruned = pruned_decisions(result)
-    assert len(pruned) == 12 and all(d.details["channels_after"] * 2 == d.details["channels_before"] for d in pruned)
-    assert all(d.macs_after < d.macs_before and d.details["macs_saved_alone"] > 0 for d in pruned)
-    assert all(d.details["importance"]["removed_max"] <= d.details["importance"]["kept_min"] for d in pruned)
+    assert len(pruned) == 12 and all(d.details.channels_after * 2 == d.details.channels_before for d in pruned)
+    assert all(d.macs_after < d.macs_before and d.details.macs_saved_alone > 0 for d in pruned)
+    assert all(d.details.importance.removed_max <= d.details.importance.kept_min for d in pruned)
     (declined,) = [d for d in decisions if d.declined]
     assert declined.target == "fc" and "model output" in declined.reason
     assert result.module(X).shape == (1, 1000)
@@ -98,17 +97,17 @@ def test_ratio_mode_prunes_each_group_by_the_ratio_and_reports_why() -> None:
 def test_global_mode_prunes_unevenly_with_a_floor() -> None:
     result = compile(resnet18(), X, "prune-channels:ratio=0.5,criterion=l1,global=true,min-channels=8")
     pruned = pruned_decisions(result)
-    shares = {d.details["channels_after"] / d.details["channels_before"] for d in pruned}
+    shares = {d.details.channels_after / d.details.channels_before for d in pruned}
     assert len(shares) > 1, "global ranking should not cut every group alike"
-    assert all(d.details["channels_after"] >= 8 for d in pruned)
-    before = sum(d.details["channels_before"] for d in pruned)
-    after = sum(d.details["channels_after"] for d in pruned)
+    assert all(d.details.channels_after >= 8 for d in pruned)
+    before = sum(d.details.channels_before for d in pruned)
+    after = sum(d.details.channels_after for d in pruned)
     assert after == pytest.approx(before / 2, rel=0.02)
 
 
 def test_round_to_keeps_widths_multiples() -> None:
     result = compile(resnet18(), X, "prune-channels:ratio=0.3,round-to=16")
-    assert all(d.details["channels_after"] % 16 == 0 for d in pruned_decisions(result))
+    assert all(d.details.channels_after % 16 == 0 for d in pruned_decisions(result))
 
 
 def test_target_macs_is_met_from_the_cost_model() -> None:
@@ -189,8 +188,8 @@ def test_thinet_refit_lowers_the_next_layers_error() -> None:
     assert result.report.passes[0].output_error < 0.5
 
 
-def test_thinet_without_calibration_data_is_a_clear_error() -> None:
-    with pytest.raises(PassError, match="criterion=thinet needs calibration data"):
+def test_thinet_without_calibration_data_is_a_clear_error_before_capture() -> None:
+    with pytest.raises(DataError, match="'prune-channels:criterion=thinet' needs calibration data"):
         compile(Residual().eval(), torch.randn(1, 3, 8, 8), "prune-channels:criterion=thinet")
 
 

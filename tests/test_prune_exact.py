@@ -10,14 +10,13 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
-from conftest import randomize_batchnorm
+from nets import Concat, FlattenLinear, Grouped, Residual, Shuffle, Split, SqueezeExcite, randomize_batchnorm
 
 from slimfx import compile
 from slimfx.ir.capture import capture
 from slimfx.ir.channels import analyze_channels
-from slimfx.passes.channel_importance import bn_scale_scores
-from slimfx.passes.channel_selection import (
+from slimfx.prune.importance import bn_scale_scores
+from slimfx.prune.selection import (
     choose_removed,
     common_partition,
     removal_count,
@@ -66,97 +65,7 @@ def assert_dead_channels_pruned_exactly(model: nn.Module, x: torch.Tensor) -> No
     before, after = result.report.before.totals, result.report.after.totals
     assert after.params < before.params and after.macs < before.macs
     pruned = [d for d in result.report.passes[0].decisions if d.action == "pruned"]
-    assert sum(d.details["channels_before"] - d.details["channels_after"] for d in pruned) == killed
-
-
-# -- small hand-built models, one coupling pattern each ----------------------------------------
-def conv_bn(cin: int, cout: int, groups: int = 1) -> nn.Sequential:
-    return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1, groups=groups, bias=False), nn.BatchNorm2d(cout), nn.ReLU())
-
-
-class Concat(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.a, self.b, self.c = conv_bn(3, 8), conv_bn(3, 12), conv_bn(20, 16)
-        self.head = nn.Linear(16, 5)
-
-    def forward(self, x):
-        y = torch.cat([self.a(x), self.b(x)], dim=1)
-        return self.head(self.c(y).mean((2, 3)))
-
-
-class Split(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.a, self.left, self.right = conv_bn(3, 16), conv_bn(8, 8), conv_bn(8, 8)
-        self.head = nn.Linear(16, 5)
-
-    def forward(self, x):
-        left, right = self.a(x).chunk(2, dim=1)
-        y = torch.cat([self.left(left), self.right(right)], 1)
-        return self.head(F.adaptive_avg_pool2d(y, 1).flatten(1))
-
-
-class Grouped(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.a, self.g, self.c = conv_bn(3, 16), conv_bn(16, 24, groups=4), conv_bn(24, 8)
-        self.head = nn.Linear(8, 5)
-
-    def forward(self, x):
-        return self.head(self.c(self.g(self.a(x))).mean((2, 3)))
-
-
-class SqueezeExcite(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.a = conv_bn(3, 16)
-        self.squeeze, self.expand = nn.Conv2d(16, 4, 1), nn.Conv2d(4, 16, 1)
-        self.b = conv_bn(16, 8)
-        self.head = nn.Linear(8, 5)
-
-    def forward(self, x):
-        y = self.a(x)
-        scale = torch.sigmoid(self.expand(F.relu(self.squeeze(F.adaptive_avg_pool2d(y, 1)))))
-        return self.head(self.b(y * scale).mean((2, 3)))
-
-
-class Shuffle(nn.Module):
-    """ShuffleNet's shuffle written out: view into (groups, c/groups), transpose, flatten."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.a, self.b, self.c = conv_bn(3, 8), conv_bn(3, 8), conv_bn(16, 8)
-        self.head = nn.Linear(8, 5)
-
-    def forward(self, x):
-        y = torch.cat([self.a(x), self.b(x)], 1)
-        n, c, h, w = y.size()
-        y = y.view(n, 2, c // 2, h, w).transpose(1, 2).contiguous().view(n, -1, h, w)
-        return self.head(self.c(y).mean((2, 3)))
-
-
-class FlattenLinear(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.a = conv_bn(3, 8)
-        self.fc1, self.bn, self.fc2 = nn.Linear(8 * 4 * 4, 32), nn.BatchNorm1d(32), nn.Linear(32, 5)
-
-    def forward(self, x):
-        y = F.adaptive_avg_pool2d(self.a(x), 4).flatten(1)
-        return self.fc2(F.relu(self.bn(self.fc1(y))))
-
-
-class Residual(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.stem, self.block = conv_bn(3, 16), nn.Sequential(conv_bn(16, 8), nn.Conv2d(8, 16, 1), nn.BatchNorm2d(16))
-        self.head = nn.Linear(16, 5)
-
-    def forward(self, x):
-        y = self.stem(x)
-        y = F.relu(y + self.block(y))
-        return self.head(y.mean((2, 3)))
+    assert sum(d.details.channels_before - d.details.channels_after for d in pruned) == killed
 
 
 SMALL = [Concat, Split, Grouped, SqueezeExcite, Shuffle, FlattenLinear, Residual]

@@ -4,17 +4,13 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn as nn
-from digits import split, trained_cnn
+from digits import calibration, split, trained_cnn
 
 from slimfx import compile
-from slimfx.passes.quantize import sqnr_db
-from slimfx.runtime.torch_int8 import lower_int8
+from slimfx.backends.torch_int8 import lower_int8
+from slimfx.metrics import sqnr_db
 
 torchvision = pytest.importorskip("torchvision")
-
-
-def calibration() -> list[torch.Tensor]:
-    return list(split()["calib"][0].split(100))
 
 
 def test_digits_cnn_runs_on_int8_kernels_and_keeps_its_accuracy() -> None:
@@ -32,6 +28,7 @@ def test_digits_cnn_runs_on_int8_kernels_and_keeps_its_accuracy() -> None:
     assert accuracy >= before - 0.01
 
 
+@pytest.mark.slow
 def test_resnet_adds_and_pools_stay_in_int8() -> None:
     model, x = torchvision.models.resnet18().eval(), torch.randn(2, 3, 64, 64)
     calib = [torch.randn(2, 3, 64, 64) for _ in range(3)]
@@ -64,20 +61,20 @@ def test_compile_times_the_int8_lowering_and_says_so() -> None:
     assert any("quantized::conv2d_relu 4" in note for note in result.report.notes)
 
 
+@pytest.mark.slow
 def test_early_exit_stages_are_lowered_for_timing_too() -> None:
-    from slimfx.api import _int8_for_timing
-
     model, (x, _) = trained_cnn(), split()["test"]
     result = compile(model, x[:2], "fold-bn,quantize,add-exits:exits=2", calib_data=calibration(), latency_repeats=1)
     assert any("each stage of the early-exit model" in note for note in result.report.notes)
-    lowered, _ = _int8_for_timing(result.module)
+    lowered = result.to_torch_int8().module
     with torch.no_grad():
         agree = float((lowered(x).argmax(-1) == result.module(x).argmax(-1)).float().mean())
     assert type(lowered) is type(result.module) and agree >= 0.98
 
 
+@pytest.mark.slow
 def test_engine_without_int16_saturation_is_preferred() -> None:
-    from slimfx.runtime.torch_int8 import choose_engine
+    from slimfx.backends.torch_int8 import choose_engine
 
     assert choose_engine(["qnnpack", "x86", "fbgemm", "onednn"]) == "onednn"
     assert choose_engine(["x86", "fbgemm"]) == "x86" and choose_engine([]) is None

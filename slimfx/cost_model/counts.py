@@ -1,4 +1,4 @@
-"""Per-node cost counts: MACs, element ops, params and bytes, one rule per op kind.
+"""Per-node cost counts: MACs, element ops, params and bytes, from a registry of cost rules.
 
 Units: MACs count multiply-accumulates of conv, linear, matmul and attention (FLOPs are
 2 x MACs). Element ops count the per-element work of normalization, pooling, elementwise
@@ -6,53 +6,27 @@ ops and activations (one per output element; pooling one per window element). By
 activation and weight traffic of ops that touch memory; views and shape arithmetic are free.
 An op that no rule knows gets ``counted=False`` and is listed by the report: never zero in
 silence.
+
+The rules for torch's own layers and functions are registered here; other packages register
+theirs for their own modules (``quant`` for its fake-quantized layers) with
+``register_module_rule``.
 """
 from __future__ import annotations
 
-import functools
 import math
-import operator
-from dataclasses import dataclass, fields, replace
-from typing import TYPE_CHECKING, Any, Callable
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, replace
+from typing import Any
 
 import torch
 import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
-from slimfx.ir.nodeinfo import META_KEY, NodeInfo, TensorMeta, function_name
-from slimfx.quant.modules import ActivationQuant, QuantizedLayer
-
-if TYPE_CHECKING:
-    from slimfx.ir.graph import Graph
-
-
-@dataclass(frozen=True)
-class Cost:
-    """Counts that add up: over nodes, over a graph."""
-
-    macs: int = 0
-    elem_ops: int = 0
-    params: int = 0
-    bytes_read: int = 0
-    bytes_written: int = 0
-
-    def __add__(self, other: Cost) -> Cost:
-        return Cost(*(getattr(self, f.name) + getattr(other, f.name) for f in fields(Cost)))
-
-    @property
-    def flops(self) -> int:
-        return 2 * self.macs
-
-
-@dataclass(frozen=True)
-class NodeCost:
-    """The cost of one node and the rule that computed it (``counted=False``: no rule)."""
-
-    cost: Cost
-    rule: str
-    counted: bool = True
-
+from slimfx.ir import ops
+from slimfx.ir.graph import Graph, attribute
+from slimfx.ir.meta import META_KEY, Cost, NodeCost, NodeInfo, TensorMeta, function_name
+from slimfx.ir.shapes import ensure_shapes
 
 FREE = Cost()
 
@@ -83,6 +57,10 @@ class Op:
             if isinstance(info, NodeInfo) and len(info.outputs) == 1:
                 metas.append(info.outputs[0])
         return metas
+
+    def with_module(self, module: nn.Module) -> Op:
+        """The same node seen as running ``module`` (a wrapper's inner layer)."""
+        return Op(self.node, module, self.outputs)
 
     @property
     def out(self) -> TensorMeta:
@@ -127,7 +105,11 @@ def _resolve(raw: Any) -> Any:
 Rule = Callable[[Op], Cost]
 
 
-# -- rules ------------------------------------------------------------------------------------
+class NoRule(Exception):
+    """A rule saw an op it cannot count; the message says why."""
+
+
+# -- MAC formulas (pure) -------------------------------------------------------------------------
 def conv_macs(out_numel: int, weight_shape: tuple[int, ...]) -> int:
     """Conv: every output element takes (Cin / groups) x kernel volume multiply-adds."""
     return out_numel * math.prod(weight_shape[1:])
@@ -166,15 +148,23 @@ def attention_macs(batch: int, q_len: int, kv_len: int, qk_dim: int, v_dim: int)
     return batch * q_len * kv_len * (qk_dim + v_dim)
 
 
-def _conv(op: Op) -> Cost:
+# -- rules ------------------------------------------------------------------------------------
+def conv_cost(op: Op) -> Cost:
+    """A conv module (transposed or not) on its input."""
     weight = tuple(op.module.weight.shape)
     if getattr(op.module, "transposed", False):
         return op.compute(macs=transposed_conv_macs(op.tensor_inputs()[0].numel, weight))
     return op.compute(macs=conv_macs(op.out_numel, weight))
 
 
-def _linear(op: Op) -> Cost:
+def linear_cost(op: Op) -> Cost:
+    """An nn.Linear on its input."""
     return op.compute(macs=op.out_numel * op.module.in_features)
+
+
+def per_element(op: Op) -> Cost:
+    """One element op per output element."""
+    return op.compute(elem_ops=op.out_numel)
 
 
 def _bilinear(op: Op) -> Cost:
@@ -198,12 +188,8 @@ def _multihead_attention(op: Op) -> Cost:
 def _sdpa(op: Op) -> Cost:
     q, k, v = op.value(0, "query"), op.value(1, "key"), op.value(2, "value")
     batch = math.prod(q.shape[:-2])
-    l, s = q.shape[-2], k.shape[-2]
-    return op.compute(macs=attention_macs(batch, l, s, q.shape[-1], v.shape[-1]), elem_ops=batch * l * s)
-
-
-def _per_element(op: Op) -> Cost:
-    return op.compute(elem_ops=op.out_numel)
+    queries, keys = q.shape[-2], k.shape[-2]
+    return op.compute(macs=attention_macs(batch, queries, keys, q.shape[-1], v.shape[-1]), elem_ops=batch * queries * keys)
 
 
 def _per_input_element(op: Op) -> Cost:
@@ -223,13 +209,13 @@ def _data_movement(op: Op) -> Cost:
     return Cost(bytes_read=op.in_bytes, bytes_written=op.out_bytes)
 
 
-def _view(op: Op) -> Cost:
+def _free(op: Op) -> Cost:
     return FREE
 
 
 def _elementwise_or_scalar(op: Op) -> Cost:
     """Arithmetic on tensors is elementwise; on Python numbers (shape math) it is free."""
-    return _per_element(op) if op.outputs else FREE
+    return per_element(op) if op.outputs else FREE
 
 
 def _matmul(op: Op) -> Cost:
@@ -248,19 +234,19 @@ def _functional_conv(op: Op) -> Cost:
 
 def _einsum(op: Op) -> Cost:
     equation = op.value(0, "equation")
-    operands = [v for v in op.node.args[1:]]
+    operands = list(op.node.args[1:])
     if len(operands) == 1 and isinstance(operands[0], (list, tuple)):
         operands = list(operands[0])
     shapes = [_resolve(o).shape for o in operands]
     macs = einsum_macs(equation, shapes)
     if macs is None:
-        raise _NoRule(f"einsum '{equation}' with {len(shapes)} operands is not counted")
+        raise NoRule(f"einsum '{equation}' with {len(shapes)} operands is not counted")
     return op.compute(macs=macs, elem_ops=0 if macs else op.out_numel)
 
 
 def _stochastic_depth(op: Op) -> Cost:
     training = op.value(3, "training", default=True)
-    return _per_element(op) if training else FREE
+    return per_element(op) if training else FREE
 
 
 def _shifted_window_attention(op: Op) -> Cost:
@@ -277,175 +263,144 @@ def _shifted_window_attention(op: Op) -> Cost:
     return op.compute(macs=macs, elem_ops=tokens * per_window * heads)
 
 
-class _NoRule(Exception):
-    """A rule saw an op it cannot count; the message says why."""
+# -- the registry -----------------------------------------------------------------------------
+@dataclass(frozen=True)
+class CostRule:
+    """A named rule: ``count`` turns an ``Op`` into its ``Cost``."""
+
+    name: str
+    count: Rule
 
 
-def _quantized_layer(op: Op) -> Cost:
-    """A fake-quantized conv or linear costs what the layer inside it costs, plus its fused activation."""
-    inner = Op(op.node, op.module.layer, op.outputs)
-    cost = _linear(inner) if isinstance(op.module.layer, nn.Linear) else _conv(inner)
-    return cost if op.module.activation is None else cost + Cost(elem_ops=op.out_numel)
+class CostRules:
+    """Cost rules by module type (first registered match wins), function and tensor method."""
+
+    def __init__(self) -> None:
+        self._modules: list[tuple[tuple[type, ...], CostRule]] = []
+        self._functions: dict[Any, CostRule] = {}
+        self._methods: dict[str, CostRule] = {}
+
+    def add_modules(self, types: Iterable[type], name: str, rule: Rule) -> None:
+        self._modules.append((tuple(types), CostRule(name, rule)))
+
+    def add_functions(self, functions: Iterable[Any], name: str, rule: Rule) -> None:
+        for fn in functions:
+            self._functions[fn] = CostRule(name, rule)
+
+    def add_methods(self, methods: Iterable[str], name: str, rule: Rule) -> None:
+        for method in methods:
+            self._methods[method] = CostRule(name, rule)
+
+    def add(self, ops_: ops.OpSet, name: str, rule: Rule) -> None:
+        """Every module, function and method of an op set."""
+        if ops_.modules:
+            self.add_modules(ops_.modules, name, rule)
+        self.add_functions(ops_.functions, name, rule)
+        self.add_methods(ops_.methods, name, rule)
+
+    def lookup(self, node: fx.Node, module: nn.Module | None) -> CostRule | str:
+        """The rule for a node, or a sentence saying why none applies."""
+        if node.op == "call_module":
+            for types, rule in self._modules:
+                if isinstance(module, types):
+                    return rule
+            return f"no cost rule for module type {type(module).__module__}.{type(module).__name__}"
+        if node.op == "call_function":
+            _register_torchvision_rules()
+            return self._functions.get(node.target) or f"no cost rule for function {function_name(node.target)}"
+        if node.op == "call_method":
+            return self._methods.get(str(node.target)) or f"no cost rule for tensor method .{node.target}()"
+        return f"no cost rule for {node.op} nodes"
 
 
-# -- rule tables ------------------------------------------------------------------------------
-_MODULE_RULES: list[tuple[tuple[type, ...], str, Rule]] = [
-    ((nn.modules.conv._ConvNd,), "conv", _conv),
-    ((QuantizedLayer,), "quantized layer", _quantized_layer),
-    ((ActivationQuant,), "quantize/dequantize", _per_element),
-    ((nn.Linear,), "linear", _linear),
-    ((nn.Bilinear,), "bilinear", _bilinear),
-    ((nn.MultiheadAttention,), "attention", _multihead_attention),
-    (
-        (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm, nn.LocalResponseNorm, nn.RMSNorm),
-        "normalization",
-        _per_element,
-    ),
-    ((nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d), "pooling", _window_pool),
-    (
-        (
-            nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d,
-            nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d,
-        ),
-        "pooling",
-        _per_input_element,
-    ),
-    (
-        (
-            nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU,
-            nn.Mish, nn.Hardswish, nn.Hardsigmoid, nn.Hardtanh, nn.Sigmoid, nn.Tanh, nn.Softplus,
-            nn.Softmax, nn.LogSoftmax, nn.Softmax2d, nn.Threshold, nn.GLU,
-        ),
-        "activation",
-        _per_element,
-    ),
-    ((nn.Upsample, nn.PixelShuffle, nn.PixelUnshuffle, nn.ChannelShuffle), "resample", _per_element),
-    ((nn.Embedding,), "lookup", _data_movement),
-    ((nn.ZeroPad2d, nn.ConstantPad2d, nn.ReflectionPad2d, nn.ReplicationPad2d), "data movement", _data_movement),
-    ((nn.Identity, nn.Flatten, nn.Unflatten, nn.modules.dropout._DropoutNd), "view", _view),
-]
-
-_ELEMENTWISE_FUNCTIONS = [
-    operator.add, operator.sub, operator.mul, operator.truediv, operator.floordiv, operator.mod,
-    operator.pow, operator.neg, operator.iadd, operator.imul,
-    torch.add, torch.sub, torch.mul, torch.div, torch.sigmoid, torch.tanh, torch.relu, torch.exp,
-    torch.sqrt, torch.rsqrt, torch.abs, torch.neg, torch.pow, torch.clamp, torch.where, torch.erf,
-    F.relu, F.relu6, F.gelu, F.silu, F.mish, F.hardswish, F.hardsigmoid, F.hardtanh, F.sigmoid,
-    F.tanh, F.leaky_relu, F.elu, F.softplus, F.softmax, F.log_softmax, torch.softmax, torch.log_softmax,
-    F.layer_norm, F.group_norm,
-    F.batch_norm, F.instance_norm, F.normalize, F.interpolate, F.dropout,
-]
-_SCALAR_FUNCTIONS = [operator.eq, operator.ne, operator.lt, operator.le, operator.gt, operator.ge, torch._assert]
-_VIEW_FUNCTIONS = [
-    torch.flatten, torch.reshape, torch.permute, torch.transpose, torch.swapaxes, torch.squeeze,
-    torch.unsqueeze, torch.chunk, torch.split, torch.narrow, torch.t, operator.getitem, getattr,
-]
-_DATA_MOVEMENT_FUNCTIONS = [torch.cat, torch.stack, torch.roll, F.pad, torch.gather, torch.index_select]
-_REDUCTION_FUNCTIONS = [
-    torch.mean, torch.sum, torch.amax, torch.amin, F.adaptive_avg_pool1d, F.adaptive_avg_pool2d,
-    F.adaptive_avg_pool3d, F.adaptive_max_pool1d, F.adaptive_max_pool2d, F.adaptive_max_pool3d,
-]
-_WINDOW_POOL_FUNCTIONS = [
-    F.max_pool1d, F.max_pool2d, F.max_pool3d, F.avg_pool1d, F.avg_pool2d, F.avg_pool3d,
-    torch._C._nn.avg_pool2d, torch._C._nn.avg_pool3d,
-]
+RULES = CostRules()
 
 
-@functools.cache
-def _function_rules() -> dict[Any, tuple[str, Rule]]:
-    rules: dict[Any, tuple[str, Rule]] = {}
-    for fns, name, rule in [
-        (_ELEMENTWISE_FUNCTIONS, "elementwise", _elementwise_or_scalar),
-        (_SCALAR_FUNCTIONS, "scalar", _view),
-        (_VIEW_FUNCTIONS, "view", _view),
-        (_DATA_MOVEMENT_FUNCTIONS, "data movement", _data_movement),
-        (_REDUCTION_FUNCTIONS, "reduction", _per_input_element),
-        (_WINDOW_POOL_FUNCTIONS, "pooling", _window_pool),
-        ([torch.matmul, operator.matmul, torch.bmm, torch.mm], "matmul", _matmul),
-        ([torch.einsum], "matmul", _einsum),
-        ([F.scaled_dot_product_attention], "attention", _sdpa),
-        ([F.linear], "linear", _functional_linear),
-        ([F.conv1d, F.conv2d, F.conv3d], "conv", _functional_conv),
-    ]:
-        for fn in fns:
-            rules[fn] = (name, rule)
-    rules.update(_torchvision_rules())
-    return rules
+def register_module_rule(types: Iterable[type], name: str, rule: Rule) -> None:
+    """Teach the cost model a module type (e.g. a package's own wrapper layers)."""
+    RULES.add_modules(types, name, rule)
 
 
-def _torchvision_rules() -> dict[Any, tuple[str, Rule]]:
-    """Rules for torchvision functions that fx keeps whole (they are ``torch.fx.wrap``-ed)."""
+def _register_builtin_rules(rules: CostRules) -> None:
+    # modules: the first registered type that matches wins
+    rules.add_modules((nn.modules.conv._ConvNd,), "conv", conv_cost)
+    rules.add_modules((nn.Linear,), "linear", linear_cost)
+    rules.add_modules((nn.Bilinear,), "bilinear", _bilinear)
+    rules.add_modules((nn.MultiheadAttention,), "attention", _multihead_attention)
+    rules.add_modules(ops.NORMALIZATIONS, "normalization", per_element)
+    rules.add_modules(ops.WINDOW_POOLS.modules, "pooling", _window_pool)
+    rules.add_modules(ops.ADAPTIVE_POOLS.modules, "pooling", _per_input_element)
+    rules.add_modules((ops.ACTIVATIONS | ops.CHANNEL_ACTIVATIONS | ops.SOFTMAX).modules, "activation", per_element)
+    rules.add_modules(ops.RESAMPLE.modules, "resample", per_element)
+    rules.add_modules((nn.Embedding,), "lookup", _data_movement)
+    rules.add_modules(ops.PADDING.modules, "data movement", _data_movement)
+    rules.add_modules((ops.IDENTITY | ops.RESHAPES | ops.DROPOUT).modules, "view", _free)
+    # functions and tensor methods
+    arithmetic = ops.BINARY_ARITHMETIC | ops.SCALAR_ARITHMETIC | ops.UNARY_MATH | ops.ACTIVATIONS | ops.SOFTMAX | ops.CLAMP
+    rules.add_functions((*arithmetic.functions, *ops.NORM_FUNCTIONS, F.interpolate, F.dropout), "elementwise",
+                        _elementwise_or_scalar)
+    rules.add_methods(arithmetic.methods, "elementwise", _elementwise_or_scalar)
+    rules.add_functions(ops.COMPARISONS.functions, "scalar", _free)
+    rules.add_functions((ops.VIEWS | ops.SIZES).functions, "view", _free)
+    rules.add_methods((ops.VIEWS | ops.SIZES).methods, "view", _free)
+    rules.add_functions(ops.COPIES.functions, "data movement", _data_movement)
+    rules.add_methods((ops.COPIES | ops.CASTS).methods, "data movement", _data_movement)
+    rules.add_functions((*ops.REDUCTIONS.functions, *ops.ADAPTIVE_POOLS.functions), "reduction", _per_input_element)
+    rules.add_methods(ops.REDUCTIONS.methods, "reduction", _per_input_element)
+    rules.add_functions(ops.WINDOW_POOLS.functions, "pooling", _window_pool)
+    rules.add(ops.MATMULS, "matmul", _matmul)
+    rules.add_functions((torch.einsum,), "matmul", _einsum)
+    rules.add_functions((F.scaled_dot_product_attention,), "attention", _sdpa)
+    rules.add_functions((F.linear,), "linear", _functional_linear)
+    rules.add_functions((F.conv1d, F.conv2d, F.conv3d), "conv", _functional_conv)
+
+
+_register_builtin_rules(RULES)
+_torchvision_registered = False
+
+
+def _register_torchvision_rules() -> None:
+    """Rules for torchvision functions that fx keeps whole (they are ``torch.fx.wrap``-ed);
+    registered on first need so that torchvision stays optional."""
+    global _torchvision_registered
+    if _torchvision_registered:
+        return
+    _torchvision_registered = True
     try:
         from torchvision.models import swin_transformer
         from torchvision.ops import stochastic_depth
     except ImportError:
-        return {}
-    rules: dict[Any, tuple[str, Rule]] = {stochastic_depth: ("stochastic depth", _stochastic_depth)}
+        return
+    RULES.add_functions((stochastic_depth,), "stochastic depth", _stochastic_depth)
     for name, rule_name, rule in [
         ("shifted_window_attention", "attention", _shifted_window_attention),
         ("_get_relative_position_bias", "data movement", _data_movement),
         ("_patch_merging_pad", "data movement", _data_movement),
     ]:
         if hasattr(swin_transformer, name):
-            rules[getattr(swin_transformer, name)] = (rule_name, rule)
-    return rules
-
-
-_METHOD_RULES: dict[str, tuple[str, Rule]] = {
-    **{m: ("view", _view) for m in (
-        "view", "reshape", "permute", "transpose", "flatten", "unflatten", "size", "dim", "unsqueeze",
-        "squeeze", "expand", "expand_as", "chunk", "split", "unbind", "narrow", "t", "view_as",
-    )},
-    **{m: ("data movement", _data_movement) for m in ("contiguous", "clone", "to", "float", "half", "repeat", "roll")},
-    **{m: ("elementwise", _elementwise_or_scalar) for m in (
-        "add", "sub", "mul", "div", "sigmoid", "tanh", "relu", "exp", "sqrt", "pow", "clamp",
-        "masked_fill", "softmax", "neg", "abs", "add_", "mul_", "sigmoid_", "relu_",
-    )},
-    **{m: ("reduction", _per_input_element) for m in ("mean", "sum", "amax", "amin", "max", "min", "norm")},
-    **{m: ("matmul", _matmul) for m in ("matmul", "bmm", "mm")},
-}
-
-_STRUCTURAL_OPS = {"placeholder", "output", "get_attr"}
+            RULES.add_functions((getattr(swin_transformer, name),), rule_name, rule)
 
 
 # -- applying the rules -----------------------------------------------------------------------
-def _lookup(node: fx.Node, module: nn.Module | None) -> tuple[str, Rule] | str:
-    """The (rule name, rule) for a node, or a sentence saying why none applies."""
-    if node.op == "call_module":
-        for types, name, rule in _MODULE_RULES:
-            if isinstance(module, types):
-                return name, rule
-        return f"no cost rule for module type {type(module).__module__}.{type(module).__name__}"
-    if node.op == "call_function":
-        found = _function_rules().get(node.target)
-        return found or f"no cost rule for function {function_name(node.target)}"
-    if node.op == "call_method":
-        return _METHOD_RULES.get(str(node.target)) or f"no cost rule for tensor method .{node.target}()"
-    return f"no cost rule for {node.op} nodes"
+_STRUCTURAL_OPS = {"placeholder", "output", "get_attr"}
 
 
-def count_node(node: fx.Node, module: nn.Module | None) -> NodeCost:
-    """The cost of one node whose NodeInfo (shapes) is current."""
+def count_node(node: fx.Node, module: Any) -> NodeCost:
+    """The cost of one node whose NodeInfo (shapes) is current; ``module`` is what a
+    call_module runs or what a get_attr fetches."""
     if node.op in _STRUCTURAL_OPS:
-        return NodeCost(_attribute_cost(node, module), "structural")
-    found = _lookup(node, module)
+        params = module.numel() if isinstance(module, nn.Parameter) else 0  # a get_attr owns its parameter
+        return NodeCost(Cost(params=params), "structural")
+    found = RULES.lookup(node, module)
     if isinstance(found, str):
         return NodeCost(FREE, found, counted=False)
-    name, rule = found
     op = Op(node, module, node.meta[META_KEY].outputs)
     try:
-        return NodeCost(rule(op), name)
-    except _NoRule as why:
+        return NodeCost(found.count(op), found.name)
+    except NoRule as why:
         return NodeCost(FREE, str(why), counted=False)
     except (AttributeError, IndexError, TypeError) as exc:  # arguments the rule did not expect
-        return NodeCost(FREE, f"{name} rule could not read its arguments ({exc})", counted=False)
-
-
-def _attribute_cost(node: fx.Node, attribute: Any) -> Cost:
-    """A ``get_attr`` of a Parameter owns that parameter's count."""
-    if isinstance(attribute, nn.Parameter):
-        return Cost(params=attribute.numel())
-    return FREE
+        return NodeCost(FREE, f"{found.name} rule could not read its arguments ({exc})", counted=False)
 
 
 def annotate_costs(graph: Graph) -> None:
@@ -454,29 +409,34 @@ def annotate_costs(graph: Graph) -> None:
         if node.op == "call_module":
             target = graph.submodule(node)
         elif node.op == "get_attr":
-            target = _fetch_attr(graph.module, str(node.target))
+            target = attribute(graph.module, str(node.target))
         else:
             target = None
         node.meta[META_KEY] = replace(node.meta[META_KEY], cost=count_node(node, target))
 
 
-def _fetch_attr(root: nn.Module, path: str) -> Any:
-    obj: Any = root
-    for part in path.split("."):
-        obj = getattr(obj, part)
-    return obj
+def ensure_costs(graph: Graph) -> None:
+    """Make sure every node carries current shapes and cost counts (cached per graph version)."""
+    ensure_shapes(graph)
+    graph.cached("costs", lambda: annotate_costs(graph))
 
 
-def total_cost(graph: Graph) -> Cost:
-    """Sum over nodes; a module or attribute used by several nodes counts its params once."""
-    graph.ensure_costs()
+def sum_costs(graph: Graph) -> Cost:
+    """Sum of the annotated node costs; a module or attribute used by several nodes counts its
+    params once. Costs must be current (``ensure_costs``)."""
     total = Cost()
     seen: set[str] = set()
     for node in graph.nodes():
-        cost = node.meta[META_KEY].cost.cost
+        cost = graph.info(node).cost.cost
         if node.op in ("call_module", "get_attr"):
             if str(node.target) in seen:
-                cost = Cost(cost.macs, cost.elem_ops, 0, cost.bytes_read, cost.bytes_written)
+                cost = cost.without_params()
             seen.add(str(node.target))
         total = total + cost
     return total
+
+
+def total_cost(graph: Graph) -> Cost:
+    """The graph's total cost, counting first where the counts are stale."""
+    ensure_costs(graph)
+    return sum_costs(graph)

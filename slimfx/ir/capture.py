@@ -1,13 +1,15 @@
 """Capture: torch.fx symbolic tracing plus shape propagation into an ``ir.Graph``."""
 from __future__ import annotations
 
-from typing import Any, Iterable, Sequence
+from collections.abc import Iterable, Sequence
+from typing import Any
 
 import torch
 import torch.fx as fx
 
 from slimfx.errors import CaptureError, ShapeError
 from slimfx.ir.graph import Graph
+from slimfx.ir.shapes import ensure_shapes
 from slimfx.ir.source import exception_source_line
 
 LeafSpec = type | str
@@ -73,15 +75,15 @@ def capture(
         example_inputs = (example_inputs,)
     if isinstance(model, fx.GraphModule):
         graph = Graph(model, tuple(example_inputs))
-        graph.ensure_shapes()
+        ensure_shapes(graph)
         return graph
     graph = Graph(_trace(model, leaf_modules, concrete_args), tuple(example_inputs))
     try:
-        graph.ensure_shapes()
+        ensure_shapes(graph)
     except ShapeError:
         # Recording source lines makes tracing ~3x slower, so it is done only to explain a failure.
         traced = _trace(model, leaf_modules, concrete_args, record_stack_traces=True)
-        Graph(traced, tuple(example_inputs)).ensure_shapes()
+        ensure_shapes(Graph(traced, tuple(example_inputs)))
         raise
     return graph
 

@@ -16,62 +16,40 @@ that reaches one is reported unprunable with that reason.
 """
 from __future__ import annotations
 
+import enum
 import operator
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable
+from typing import Any
 
 import networkx as nx
 import torch
 import torch.fx as fx
 import torch.nn as nn
-import torch.nn.functional as F
 
+from slimfx.ir import ops
 from slimfx.ir.graph import Graph
-from slimfx.ir.nodeinfo import node_kind
+from slimfx.ir.meta import node_kind
+from slimfx.ir.shapes import ensure_shapes
 from slimfx.ir.source import node_source_line
 
-_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
-_BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
-_ELEMENTWISE_MODULES = (
-    nn.ReLU, nn.ReLU6, nn.SiLU, nn.GELU, nn.Hardswish, nn.Hardsigmoid, nn.Sigmoid, nn.Tanh,
-    nn.LeakyReLU, nn.ELU, nn.Mish, nn.Hardtanh, nn.Softplus, nn.Identity, nn.modules.dropout._DropoutNd,
-)
-_SPATIAL_MODULES = (
-    nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d,
-    nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d,
-    nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d, nn.Upsample,
-)
-_ELEMENTWISE_FUNCTIONS = {
-    F.relu, F.relu6, F.gelu, F.silu, F.hardswish, F.hardsigmoid, F.hardtanh, F.leaky_relu, F.elu,
-    F.mish, F.dropout, torch.relu, torch.sigmoid, torch.tanh, torch.clamp, torch.clip, operator.neg,
-}
-_ELEMENTWISE_METHODS = {
-    "relu", "relu_", "sigmoid", "sigmoid_", "tanh", "tanh_", "clamp", "clamp_", "clip",
-    "contiguous", "clone", "detach", "float", "to", "type_as", "hardtanh_", "neg",
-}
-_BINARY_FUNCTIONS = {
-    operator.add, operator.sub, operator.mul, operator.truediv, operator.iadd, operator.isub,
-    operator.imul, operator.itruediv, torch.add, torch.sub, torch.mul, torch.div,
-}
-_BINARY_METHODS = {"add", "add_", "sub", "sub_", "mul", "mul_", "div", "div_"}
-_SPATIAL_FUNCTIONS = {
-    F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_pool3d, F.adaptive_max_pool1d,
-    F.adaptive_max_pool2d, F.adaptive_max_pool3d, F.avg_pool1d, F.avg_pool2d, F.avg_pool3d,
-    F.max_pool1d, F.max_pool2d, F.max_pool3d, F.interpolate,
-}
-_REDUCTION_FUNCTIONS = {torch.mean, torch.sum, torch.amax}
-_REDUCTION_METHODS = {"mean", "sum", "amax"}
-_SOFTMAX = {F.softmax, torch.softmax, F.log_softmax}
-_APPLY_FUNCTIONS = {torch.flatten, torch.transpose, torch.permute, torch.squeeze, torch.unsqueeze, operator.getitem}
-_APPLY_METHODS = {"flatten", "transpose", "permute", "squeeze", "unsqueeze", "t"}
-_SIZE_METHODS = {"size", "dim", "numel"}
-_MIXING_MODULES = {  # each output channel depends on all channels: removing one changes the rest
-    nn.LayerNorm: "normalizes across channels, so removing one changes the others",
-    nn.GroupNorm: "normalizes across channels, so removing one changes the others",
-    nn.MultiheadAttention: "attention projections mix all channels and are not sliced",
-}
-_MIXING_FUNCTIONS = {F.layer_norm: "normalizes across channels, so removing one changes the others",
-                     F.group_norm: "normalizes across channels, so removing one changes the others"}
+# how each op moves channels: composed from the op taxonomy
+_PASS_THROUGH = ops.ACTIVATIONS | ops.CLAMP | ops.DROPOUT | ops.IDENTITY | ops.CASTS | ops.op_set(
+    (), (operator.neg,), ("neg",))  # channel c of the output is channel c of the input
+_SPATIAL = ops.POOLS | ops.RESIZE  # channel dim kept, spatial dims mixed
+_APPLY = ops.op_set((), (torch.flatten, torch.transpose, torch.permute, torch.squeeze, torch.unsqueeze, operator.getitem),
+                    ("flatten", "transpose", "permute", "squeeze", "unsqueeze", "t"))  # run on the id tensors
+_REDUCTIONS = ops.op_set((), (torch.mean, torch.sum, torch.amax), ("mean", "sum", "amax"))
+_MIXES_CHANNELS = "normalizes across channels, so removing one changes the others"
+
+
+class LayerKind(enum.StrEnum):
+    """How a layer's channels map: a new set of output channels, or each channel to itself."""
+
+    CONV = "conv"
+    LINEAR = "linear"
+    BATCHNORM = "batchnorm"
+    DEPTHWISE = "depthwise"
 
 
 @dataclass(frozen=True)
@@ -84,7 +62,7 @@ class LayerChannels:
 
     node: str
     target: str
-    kind: str  # "conv", "linear", "batchnorm" or "depthwise"
+    kind: LayerKind
     in_units: torch.Tensor
     out_units: torch.Tensor
     groups: int = 1
@@ -92,7 +70,7 @@ class LayerChannels:
     @property
     def per_channel(self) -> bool:
         """True for layers that map each channel to itself (BatchNorm, depthwise conv)."""
-        return self.kind in ("batchnorm", "depthwise")
+        return self.kind in (LayerKind.BATCHNORM, LayerKind.DEPTHWISE)
 
 
 @dataclass
@@ -149,7 +127,7 @@ class _Blocked:
 @dataclass
 class _RawLayer:
     node: fx.Node
-    kind: str
+    kind: LayerKind
     in_ids: torch.Tensor
     out_ids: torch.Tensor
     groups: int = 1
@@ -232,13 +210,12 @@ class _CouplingBuilder:
 
     # -- build -------------------------------------------------------------------------------
     def build(self) -> ChannelAnalysis:
-        self.graph.ensure_shapes()
-        calls = self.graph.module_calls()
+        ensure_shapes(self.graph)
         for node in self.graph.nodes():
-            self.values[node] = self._visit(node, calls)
+            self.values[node] = self._visit(node)
         return self._resolve()
 
-    def _visit(self, node: fx.Node, calls: dict[str, int]) -> Any:
+    def _visit(self, node: fx.Node) -> Any:
         if node.op == "placeholder":
             return self.blocked(f"model input '{node.name}' (its channels are never pruned)")
         if node.op == "get_attr":
@@ -250,7 +227,7 @@ class _CouplingBuilder:
         if not self.graph.info(node).outputs:
             return None  # sizes, shapes, asserts: no tensor flows here
         try:
-            result = self._dispatch(node, calls)
+            result = self._dispatch(node)
         except _Unsupported as why:
             return self._unknown(node, str(why))
         except (TypeError, ValueError, IndexError, RuntimeError, AttributeError) as exc:  # fail closed
@@ -271,42 +248,42 @@ class _CouplingBuilder:
         line = node_source_line(node)
         return what + (f" at {line}" if line else "")
 
-    def _dispatch(self, node: fx.Node, calls: dict[str, int]) -> Any:
+    def _dispatch(self, node: fx.Node) -> Any:
         if node.op == "call_module":
-            return self._module(node, self.graph.submodule(node), calls[str(node.target)])
+            return self._module(node, self.graph.submodule(node))
         target = node.target
         if node.op == "call_method":
             return self._method(node, str(target))
-        if target in _ELEMENTWISE_FUNCTIONS or _is_stochastic_depth(target):
+        if target in _PASS_THROUGH.functions or ops.is_stochastic_depth(target):
             return self.tensor_ids(node.args[0]) if _first_is_tensor(node) else NotImplemented
-        if target in _BINARY_FUNCTIONS:
+        if target in ops.BINARY_ARITHMETIC.functions:
             return self._binary(node)
-        if target in _SPATIAL_FUNCTIONS:
+        if target in _SPATIAL.functions:
             return self._spatial(node)
-        if target in _REDUCTION_FUNCTIONS:
+        if target in _REDUCTIONS.functions:
             return self._reduce(node, _arg(node, 1, "dim"), _arg(node, 2, "keepdim", False))
-        if target in _SOFTMAX:
+        if target in ops.SOFTMAX.functions:
             return self._softmax(node, _arg(node, 1, "dim"))
-        if target is torch.cat or target is torch.concat:
+        if target in ops.CONCATS.functions:
             return self._cat(node)
         if target is torch.reshape:
             return self._reshape(node, _arg(node, 1, "shape"))
         if target in (torch.chunk, torch.split):
             return self._split(node, str(getattr(target, "__name__", "")), node.args[1], _arg(node, 2, "dim", 0))
-        if target in _APPLY_FUNCTIONS:
+        if target in _APPLY.functions:
             return self._apply(node, target, node.args, node.kwargs)
-        if target in _MIXING_FUNCTIONS:
-            raise _Unsupported(_MIXING_FUNCTIONS[target])
+        if target in ops.CROSS_CHANNEL_NORMS.functions:
+            raise _Unsupported(_MIXES_CHANNELS)
         return NotImplemented
 
     def _method(self, node: fx.Node, name: str) -> Any:
-        if name in _SIZE_METHODS:
+        if name in ops.SIZES.methods:
             return None
-        if name in _ELEMENTWISE_METHODS:
+        if name in _PASS_THROUGH.methods:
             return self.tensor_ids(node.args[0])
-        if name in _BINARY_METHODS:
+        if name in ops.BINARY_ARITHMETIC.methods:
             return self._binary(node)
-        if name in _REDUCTION_METHODS:
+        if name in _REDUCTIONS.methods:
             return self._reduce(node, _arg(node, 1, "dim"), _arg(node, 2, "keepdim", False))
         if name == "softmax":
             return self._softmax(node, _arg(node, 1, "dim"))
@@ -318,39 +295,40 @@ class _CouplingBuilder:
         if name == "expand":
             ids = self.tensor_ids(node.args[0])
             return self._checked(node, ids.unsqueeze(0).expand((1, *self.shape(node)[1:])).squeeze(0))
-        if name in _APPLY_METHODS:
+        if name in _APPLY.methods:
             return self._apply(node, lambda t, *a, **k: getattr(t, name)(*a, **k), node.args, node.kwargs)
         return NotImplemented
 
     # -- modules -----------------------------------------------------------------------------
-    def _module(self, node: fx.Node, module: nn.Module, calls: int) -> Any:
+    def _module(self, node: fx.Node, module: nn.Module) -> Any:
         ids = self.tensor_ids(node.args[0]) if node.args else None
-        if isinstance(module, (*_CONVS, nn.Linear, *_BATCHNORMS)):
-            if len(node.args) != 1 or node.kwargs or ids is None:
-                raise _Unsupported("called with extra arguments")
-            if calls > 1:
-                raise _Unsupported(f"module called {calls} times; its weights cannot be sliced for one call")
-        if isinstance(module, _CONVS):
+        if isinstance(module, (*ops.WEIGHTED_LAYERS, *ops.BATCHNORMS)):
+            why = self.graph.why_not_single_call(node) or (None if ids is not None else "called with extra arguments")
+            if why is not None:
+                more = "; its weights cannot be sliced for one call" if why.startswith("module called") else ""
+                raise _Unsupported(why + more)
+        if isinstance(module, ops.CONVS):
             return self._conv(node, module, ids)
         if isinstance(module, nn.Linear):
             in_ids = self.squash(ids, ids.dim() - 1)
             out = self.new_ids(module.out_features)
             self._add_source(node, out)
-            self.layers[node.name] = _RawLayer(node, "linear", in_ids, out)
+            self.layers[node.name] = _RawLayer(node, LayerKind.LINEAR, in_ids, out)
             return out.expand(self.shape(node)[1:])
-        if isinstance(module, _BATCHNORMS):
+        if isinstance(module, ops.BATCHNORMS):
             channel = self.squash(ids, 0)
-            self.layers[node.name] = _RawLayer(node, "batchnorm", channel, channel)
+            self.layers[node.name] = _RawLayer(node, LayerKind.BATCHNORM, channel, channel)
             return ids
-        if isinstance(module, _ELEMENTWISE_MODULES):
+        if isinstance(module, _PASS_THROUGH.modules):
             return ids
-        if isinstance(module, _SPATIAL_MODULES):
+        if isinstance(module, _SPATIAL.modules):
             return self._spatial(node)
         if isinstance(module, (nn.Softmax, nn.LogSoftmax)):
             return self._softmax(node, module.dim)
-        for kind, why in _MIXING_MODULES.items():
-            if isinstance(module, kind):
-                raise _Unsupported(why)
+        if isinstance(module, ops.CROSS_CHANNEL_NORMS.modules):
+            raise _Unsupported(_MIXES_CHANNELS)
+        if isinstance(module, nn.MultiheadAttention):
+            raise _Unsupported("attention projections mix all channels and are not sliced")
         if isinstance(module, nn.Flatten):
             return self._apply(node, lambda t: torch.flatten(t, module.start_dim, module.end_dim), node.args, {})
         return NotImplemented
@@ -359,11 +337,11 @@ class _CouplingBuilder:
         in_ids = self.squash(ids, 0)
         out_shape = self.shape(node)[1:]
         if conv.groups == conv.in_channels == conv.out_channels:  # depthwise: channel c stays c
-            self.layers[node.name] = _RawLayer(node, "depthwise", in_ids, in_ids, conv.groups)
+            self.layers[node.name] = _RawLayer(node, LayerKind.DEPTHWISE, in_ids, in_ids, conv.groups)
             return in_ids.reshape(-1, *([1] * (len(out_shape) - 1))).expand(out_shape)
         out = self.new_ids(conv.out_channels)
         self._add_source(node, out)
-        self.layers[node.name] = _RawLayer(node, "conv", in_ids, out, conv.groups)
+        self.layers[node.name] = _RawLayer(node, LayerKind.CONV, in_ids, out, conv.groups)
         return out.reshape(-1, *([1] * (len(out_shape) - 1))).expand(out_shape)
 
     def _add_source(self, node: fx.Node, ids: torch.Tensor) -> None:
@@ -593,9 +571,4 @@ def _flatten_args(args: Any) -> list[Any]:
     out: list[Any] = []
     fx.node.map_aggregate(args, out.append)
     return out
-
-
-def _is_stochastic_depth(target: Any) -> bool:
-    return getattr(target, "__name__", "") == "stochastic_depth" and "torchvision" in getattr(target, "__module__", "")
-
 

@@ -1,23 +1,38 @@
-"""The IR: an always-executable fx GraphModule plus typed node info and cached analyses."""
+"""The IR: an always-executable fx GraphModule, its example inputs and a per-version cache.
+
+``Graph`` knows structure only. Analyses (shapes, costs, channel groups) are functions over
+a Graph that keep their results in its cache (``ensure_shapes`` in ``ir.shapes``,
+``ensure_costs`` in ``cost_model.counts``); the Graph imports none of them.
+"""
 from __future__ import annotations
 
-import copy
-from typing import Any, Callable, Iterator, TypeVar
+from collections.abc import Callable, Iterator
+from typing import Any, TypeVar
 
 import networkx as nx
 import torch
 import torch.fx as fx
 
-from slimfx.ir.nodeinfo import META_KEY, NodeInfo
+from slimfx.errors import RewriteError
+from slimfx.ir.meta import META_KEY, NodeInfo
 
 T = TypeVar("T")
+SHAPES = "shapes"  # the cache key shape propagation stores under
+
+
+def attribute(root: torch.nn.Module, path: str) -> Any:
+    """The submodule, parameter or buffer at dotted ``path`` of ``root`` (AttributeError if none)."""
+    value: Any = root
+    for part in path.split(".") if path else ():
+        value = getattr(value, part)
+    return value
 
 
 class Graph:
     """Owns a GraphModule, its example inputs and analyses cached per graph version.
 
     Only ``slimfx.ir.rewrite`` mutates the graph; it calls :meth:`invalidate`, which bumps
-    the version so that shapes, costs and the networkx view are recomputed on next use.
+    the version so that every cached analysis is recomputed on next use.
     """
 
     def __init__(self, module: fx.GraphModule, example_inputs: tuple[torch.Tensor, ...]):
@@ -25,7 +40,6 @@ class Graph:
         self.example_inputs = tuple(example_inputs)
         self.version = 0
         self._cache: dict[str, tuple[int, Any]] = {}
-        self.attachments: dict[str, Any] = {}  # what passes hand to the API beside the graph (exit heads)
 
     # -- structure -------------------------------------------------------------------------
     @property
@@ -41,10 +55,49 @@ class Graph:
                 return node
         raise KeyError(f"no node named {name!r} in the graph")
 
+    def output_node(self) -> fx.Node:
+        return next(n for n in self.module.graph.nodes if n.op == "output")
+
     def submodule(self, node: fx.Node) -> torch.nn.Module:
         """The module a ``call_module`` node runs."""
-        assert node.op == "call_module", f"{node.name} is a {node.op} node, not call_module"
+        if node.op != "call_module":
+            raise RewriteError(f"node '{node.name}' is a {node.op} node, not call_module: it runs no module")
         return self.module.get_submodule(str(node.target))
+
+    def module_calls(self) -> dict[str, int]:
+        """How many ``call_module`` nodes run each module path (a shared module runs more than once)."""
+
+        def count() -> dict[str, int]:
+            counts: dict[str, int] = {}
+            for node in self.module.graph.nodes:
+                if node.op == "call_module":
+                    counts[str(node.target)] = counts.get(str(node.target), 0) + 1
+            return counts
+
+        return self.cached("module_calls", count)
+
+    def why_not_single_call(self, node: fx.Node, one_input: bool = True) -> str | None:
+        """Why the layer that ``node`` calls cannot be rewritten for this call alone, or None:
+        its module runs at other nodes too, or (``one_input``) the call passes more than one input."""
+        calls = self.module_calls().get(str(node.target), 0)
+        if calls > 1:
+            return f"module called {calls} times"
+        if one_input and (len(node.args) != 1 or node.kwargs or not isinstance(node.args[0], fx.Node)):
+            return "called with extra arguments"
+        return None
+
+    def to_networkx(self) -> nx.DiGraph:
+        """A DiGraph of node names with an edge for each data dependency."""
+
+        def build() -> nx.DiGraph:
+            g = nx.DiGraph()
+            for node in self.module.graph.nodes:
+                g.add_node(node.name, op=node.op)
+                for inp in node.all_input_nodes:
+                    g.add_edge(inp.name, node.name)
+            return g
+
+        return self.cached("networkx", build)
 
     # -- cached analyses -------------------------------------------------------------------
     def invalidate(self) -> None:
@@ -60,56 +113,23 @@ class Graph:
         self._cache[key] = (self.version, value)
         return value
 
-    def ensure_shapes(self) -> None:
-        """Make sure every node carries current shape information."""
-        from slimfx.ir.shapes import propagate_shapes
-
-        self.cached("shapes", lambda: propagate_shapes(self))
-
-    def ensure_costs(self) -> None:
-        """Make sure every node carries current cost counts."""
-        from slimfx.cost_model.counts import annotate_costs
-
-        self.ensure_shapes()
-        self.cached("costs", lambda: annotate_costs(self))
-
-    def module_calls(self) -> dict[str, int]:
-        """How many ``call_module`` nodes run each module path (a shared module runs more than once)."""
-
-        def count() -> dict[str, int]:
-            counts: dict[str, int] = {}
-            for node in self.module.graph.nodes:
-                if node.op == "call_module":
-                    counts[str(node.target)] = counts.get(str(node.target), 0) + 1
-            return counts
-
-        return self.cached("module_calls", count)
+    def is_current(self, key: str) -> bool:
+        """Whether analysis ``key`` was computed for the current graph version."""
+        hit = self._cache.get(key)
+        return hit is not None and hit[0] == self.version
 
     def info(self, node: fx.Node) -> NodeInfo:
-        """Typed info for ``node`` (shapes always current; cost when costs were computed)."""
-        self.ensure_shapes()
+        """Typed info for ``node``: shapes (and costs, once counted) of the current version.
+
+        Raises when the graph changed since shapes were last propagated: call
+        ``ir.shapes.ensure_shapes(graph)`` (or ``cost_model.counts.ensure_costs``) first.
+        """
+        if not self.is_current(SHAPES):
+            raise RewriteError("the graph changed since its shapes were computed; call ensure_shapes(graph) first")
         return node.meta[META_KEY]
-
-    def to_networkx(self) -> nx.DiGraph:
-        """A DiGraph of node names with an edge for each data dependency."""
-
-        def build() -> nx.DiGraph:
-            g = nx.DiGraph()
-            for node in self.module.graph.nodes:
-                g.add_node(node.name, op=node.op)
-                for inp in node.all_input_nodes:
-                    g.add_edge(inp.name, node.name)
-            return g
-
-        return self.cached("networkx", build)
 
     # -- running ---------------------------------------------------------------------------
     def run(self, *inputs: torch.Tensor) -> Any:
         """Run the module on ``inputs`` (the example inputs when none are given)."""
         with torch.no_grad():
             return self.module(*(inputs or self.example_inputs))
-
-    def clone(self) -> Graph:
-        """A deep copy whose module and node info can be changed independently."""
-        module = copy.deepcopy(self.module)
-        return Graph(module, self.example_inputs)

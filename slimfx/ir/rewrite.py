@@ -1,21 +1,28 @@
-"""The one way to mutate a graph.
+"""The one way to mutate or copy a graph.
 
 Passes open a ``Rewriter`` on a graph; every change goes through its methods, which stamp
 the pass's name as provenance on what they create or replace. Leaving the ``with`` block
 cleans up (dead code, unused submodules), lints, recompiles and invalidates cached analyses.
+
+New graphs made from an existing one (the stages of an early-exit model, a module that also
+returns inner values, the int8 lowering) are built with ``GraphBuilder``: copied nodes keep
+their info and provenance, new nodes are stamped with the builder's.
 """
 from __future__ import annotations
 
 import operator
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from types import TracebackType
-from typing import Any, Sequence
+from typing import Any
 
 import torch.fx as fx
 import torch.nn as nn
 
+from slimfx.errors import RewriteError
 from slimfx.ir.graph import Graph
-from slimfx.ir.nodeinfo import META_KEY, NodeInfo, node_kind
+from slimfx.ir.meta import META_KEY, NodeInfo, node_kind
+from slimfx.ir.verify import lint
 
 
 class Rewriter:
@@ -36,7 +43,7 @@ class Rewriter:
     # -- changes ---------------------------------------------------------------------------
     def replace_module(self, node: fx.Node, new_module: nn.Module) -> None:
         """Make ``node`` (a call_module) run ``new_module`` instead of its current module."""
-        assert node.op == "call_module", f"{node.name} is a {node.op} node"
+        _require_module_call(node)
         self.graph.module.set_submodule(str(node.target), new_module)
         self._stamp(node, new_module)
 
@@ -62,7 +69,9 @@ class Rewriter:
         The parts become submodules ``<target>.<name>`` (``layer1.0.conv1.v``), so reports
         keep showing where they came from; the old module's path holds them as a container.
         """
-        assert node.op == "call_module" and len(node.args) == 1 and not node.kwargs, f"{node.name} is not a one-input call"
+        _require_module_call(node)
+        if len(node.args) != 1 or node.kwargs:
+            raise RewriteError(f"node '{node.name}' is not a one-input call; only those can become a chain of layers")
         target = str(node.target)
         container = nn.Module()
         for name, module in parts:
@@ -86,7 +95,7 @@ class Rewriter:
         Returns what the body returns, in the graph (a node, or a tuple of nodes and constants);
         ``getitem`` users of a tuple-returning call read the matching element directly.
         """
-        assert node.op == "call_module", f"{node.name} is a {node.op} node"
+        _require_module_call(node)
         target = str(node.target)
         body = fx.symbolic_trace(module).graph
         self.graph.module.set_submodule(target, module)
@@ -97,7 +106,7 @@ class Rewriter:
         with self.graph.fx_graph.inserting_before(node):
             for placeholder in placeholders:
                 if placeholder.target not in bound:
-                    raise ValueError(f"{target}: no value for argument {placeholder.target!r} of the inlined body")
+                    raise RewriteError(f"{target}: no value for argument {placeholder.target!r} of the inlined body")
                 value_map[placeholder] = bound[placeholder.target]
             for inner in body.nodes:
                 if inner.op == "placeholder":
@@ -114,13 +123,13 @@ class Rewriter:
             if isinstance(result, tuple) and user.op == "call_function" and user.target is operator.getitem:
                 element = result[user.args[1]]
                 if user.users and not isinstance(element, fx.Node):
-                    raise ValueError(f"{target}: output {user.args[1]} is {element!r} after inlining but is used")
+                    raise RewriteError(f"{target}: output {user.args[1]} is {element!r} after inlining but is used")
                 if isinstance(element, fx.Node):
                     user.replace_all_uses_with(element)
                 self.graph.fx_graph.erase_node(user)
         if node.users:
             if not isinstance(result, fx.Node):
-                raise ValueError(f"{target}: its result is used whole, but the inlined body returns {type(result).__name__}")
+                raise RewriteError(f"{target}: its result is used whole, but the inlined body returns {type(result).__name__}")
             node.replace_all_uses_with(result)
         self.graph.fx_graph.erase_node(node)
         return result
@@ -138,8 +147,6 @@ class Rewriter:
     # -- bookkeeping -----------------------------------------------------------------------
     def finish(self) -> None:
         """Clean up, lint, recompile and invalidate cached analyses."""
-        from slimfx.ir.verify import lint
-
         gm = self.graph.module
         gm.graph.eliminate_dead_code()
         gm.delete_all_unused_submodules()
@@ -162,3 +169,121 @@ class Rewriter:
         while candidate in existing:
             candidate, i = f"{name}_{i}", i + 1
         return candidate
+
+
+def _require_module_call(node: fx.Node) -> None:
+    if node.op != "call_module":
+        raise RewriteError(f"node '{node.name}' is a {node.op} node; only a call_module node's module can be replaced")
+
+
+# -- new graphs from old ones -------------------------------------------------------------------------
+class GraphBuilder:
+    """Builds a new GraphModule node by node from the nodes of existing graphs.
+
+    ``copy`` keeps a node's meta (shapes, provenance); every other method creates a node
+    stamped with ``provenance``. ``modules`` collects what new call_module nodes run.
+    """
+
+    def __init__(self, provenance: str):
+        self.provenance = provenance
+        self.graph = fx.Graph()
+        self.modules: dict[str, Any] = {}
+
+    def copy(self, node: fx.Node, lookup: Callable[[fx.Node], Any]) -> fx.Node:
+        return self.graph.node_copy(node, lookup)
+
+    def placeholder(self, name: str) -> fx.Node:
+        return self._stamped(self.graph.placeholder(name), "input")
+
+    def get_attr(self, target: str) -> fx.Node:
+        return self._stamped(self.graph.get_attr(target), "attribute")
+
+    def call_module(self, name: str, module: nn.Module, args: tuple[Any, ...]) -> fx.Node:
+        self.modules[name] = module
+        return self._stamped(self.graph.call_module(name, args), type(module).__name__)
+
+    def call_function(self, fn: Callable[..., Any], args: tuple[Any, ...]) -> fx.Node:
+        node = self.graph.call_function(fn, args)
+        return self._stamped(node, node_kind(node, None))
+
+    def call_method(self, name: str, args: tuple[Any, ...]) -> fx.Node:
+        return self._stamped(self.graph.call_method(name, args), f".{name}")
+
+    def output(self, value: Any) -> None:
+        self.graph.output(value)
+
+    def build(self, root: nn.Module | None = None) -> fx.GraphModule:
+        """The GraphModule: its modules and attributes come from ``root`` (shared), or from
+        what was collected in ``modules``; dead code and unused submodules are dropped."""
+        module = fx.GraphModule(root if root is not None else self.modules, self.graph)
+        module.graph.eliminate_dead_code()
+        module.delete_all_unused_submodules()
+        module.recompile()
+        return module
+
+    def _stamped(self, node: fx.Node, kind: str) -> fx.Node:
+        node.meta[META_KEY] = NodeInfo(kind=kind, provenance=self.provenance)
+        return node
+
+
+def with_outputs(module: fx.GraphModule, names: Sequence[str], provenance: str) -> fx.GraphModule:
+    """A module that returns the values of nodes ``names`` and then the model's output; it
+    shares ``module``'s weights."""
+    builder, env = GraphBuilder(provenance), {}
+    by_name = {n.name: n for n in module.graph.nodes}
+    missing = [name for name in names if name not in by_name]
+    if missing:
+        raise RewriteError(f"no node named {missing[0]!r} to return")
+    result = None
+    for node in module.graph.nodes:
+        if node.op == "output":
+            result = fx.map_arg(node.args[0], lambda n: env[n])
+        else:
+            env[node] = builder.copy(node, lambda n: env[n])
+    builder.output((*[env[by_name[name]] for name in names], result))
+    return builder.build(module)
+
+
+def split_at(module: fx.GraphModule, cuts: Sequence[str], provenance: str) -> list[fx.GraphModule]:
+    """Stages of ``module``: stage 0 computes node ``cuts[0]`` from the inputs, stage k
+    computes ``cuts[k]`` from ``cuts[k-1]``, the last computes the output.
+
+    Each cut must dominate the output (see ``ir.dominators``), so no other value crosses it;
+    attributes (parameters used as tensors) are read by every stage that needs them.
+    """
+    nodes = list(module.graph.nodes)
+    by_name = {n.name: n for n in nodes}
+    missing = [c for c in cuts if c not in by_name]
+    if missing:
+        raise RewriteError(f"no node named {missing[0]!r} to cut at")
+    stage_of: dict[fx.Node, int] = {}
+    stage = 0
+    for node in nodes:
+        stage_of[node] = stage
+        if node.name in cuts:
+            stage += 1
+    output = next(n for n in nodes if n.op == "output")
+    stages = []
+    for k in range(len(cuts) + 1):
+        builder, env = GraphBuilder(provenance), {}
+        if k == 0:
+            for node in nodes:
+                if node.op == "placeholder":
+                    env[node] = builder.copy(node, lambda n: n)
+        else:
+            env[by_name[cuts[k - 1]]] = builder.placeholder("features")
+
+        def lookup(arg: fx.Node, builder: GraphBuilder = builder, env: dict = env, k: int = k) -> fx.Node:
+            if arg not in env:
+                if arg.op != "get_attr":
+                    raise RewriteError(f"node {arg.name!r} crosses the cut into stage {k}: cut at a dominator")
+                env[arg] = builder.get_attr(str(arg.target))
+            return env[arg]
+
+        for node in nodes:
+            if stage_of[node] == k and node.op not in ("placeholder", "output", "get_attr"):
+                env[node] = builder.copy(node, lookup)
+        builder.output(fx.map_arg(output.args[0], lookup) if k == len(cuts) else env[by_name[cuts[k]]])
+        stages.append(builder.build(module))
+    return stages
+

@@ -5,7 +5,7 @@ a real forward pass. Parameters are swapped for meta copies per module call.
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 import torch.fx as fx
@@ -14,19 +14,16 @@ from torch.func import functional_call
 from torch.utils._pytree import tree_flatten, tree_map
 
 from slimfx.errors import ShapeError
-from slimfx.ir.nodeinfo import META_KEY, NodeInfo, TensorMeta, node_kind
+from slimfx.ir import ops
+from slimfx.ir.graph import SHAPES, Graph
+from slimfx.ir.meta import META_KEY, NodeInfo, TensorMeta, node_kind
 from slimfx.ir.source import node_source_line
-
-if TYPE_CHECKING:
-    from slimfx.ir.graph import Graph
-
 
 # Modules whose output has exactly their input's shape and dtype: computed without running
 # them, because several (hardtanh, hardswish, ...) have slow Python meta implementations.
 _SHAPE_PRESERVING = (
-    nn.ReLU, nn.ReLU6, nn.SiLU, nn.GELU, nn.Hardswish, nn.Hardsigmoid, nn.Sigmoid, nn.Tanh,
-    nn.LeakyReLU, nn.ELU, nn.Mish, nn.Hardtanh, nn.Softplus, nn.Softmax, nn.LogSoftmax,
-    nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm, nn.modules.dropout._DropoutNd, nn.Identity,
+    *ops.ACTIVATIONS.modules, *ops.SOFTMAX.modules, *ops.DROPOUT.modules, nn.Identity,
+    nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm,
 )
 
 
@@ -67,6 +64,11 @@ class _MetaShapeProp(_RealShapeProp):
 
     def get_attr(self, target: Any, args: Any, kwargs: Any) -> Any:
         return _to_meta(super().get_attr(target, args, kwargs))
+
+
+def ensure_shapes(graph: Graph) -> None:
+    """Make sure every node carries shape information of the current graph version."""
+    graph.cached(SHAPES, lambda: propagate_shapes(graph))
 
 
 def propagate_shapes(graph: Graph) -> None:

@@ -1,15 +1,16 @@
 """Graph lint and numerical comparison of two graphs on the same inputs."""
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
 
 import torch
 import torch.nn as nn
 from torch.utils._pytree import tree_flatten
 
 from slimfx.errors import VerificationError
-from slimfx.ir.graph import Graph
+from slimfx.ir.graph import Graph, attribute
+from slimfx.metrics import relative_error
 
 
 def lint(graph: Graph) -> None:
@@ -21,26 +22,11 @@ def lint(graph: Graph) -> None:
     for node in graph.nodes():
         if node.op in ("call_module", "get_attr"):
             try:
-                graph.module.get_submodule(str(node.target)) if node.op == "call_module" else _attr(graph, str(node.target))
+                attribute(graph.module, str(node.target))
             except AttributeError as exc:
                 raise VerificationError(
                     f"node '{node.name}' ({node.op}) refers to '{node.target}', which the module does not have"
                 ) from exc
-
-
-def _attr(graph: Graph, path: str) -> Any:
-    obj: Any = graph.module
-    for part in path.split("."):
-        obj = getattr(obj, part)
-    return obj
-
-
-def relative_error(reference: torch.Tensor, candidate: torch.Tensor) -> float:
-    """||candidate - reference|| / ||reference|| (Frobenius; absolute when the reference is 0)."""
-    ref = reference.detach().double()
-    diff = (candidate.detach().double() - ref).norm().item()
-    scale = ref.norm().item()
-    return diff / scale if scale > 0 else diff
 
 
 @dataclass(frozen=True)

@@ -1,12 +1,32 @@
-"""Pass, PassContext, PassResult and Decision: the contract every pass follows."""
+"""The contract every pass follows: Pass, PassContext, PassResult, Decision and its typed details."""
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
-from typing import Any, Callable, ClassVar, Iterable, Mapping
+import enum
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
-from slimfx.errors import PassSpecError
+import torch
+
+from slimfx.data import Batch, batches
+from slimfx.details import Details
+from slimfx.errors import DataError, PassSpecError
+from slimfx.exits.plan import ExitPlan
 from slimfx.ir.graph import Graph
+
+
+class Action(enum.StrEnum):
+    """What a pass did to one target (the JSON ``action`` is the value)."""
+
+    DECLINED = "declined"
+    FOLDED = "folded"
+    REMOVED = "removed"
+    PRUNED = "pruned"
+    FACTORIZED = "factorized"
+    QUANTIZED = "quantized"
+    EXIT = "exit"
+    SUMMARY = "summary"  # a row about the whole pass (quantize's model size), not one layer
 
 
 @dataclass(frozen=True)
@@ -14,54 +34,81 @@ class Decision:
     """What a pass did to one layer, or why it left it alone.
 
     ``error`` is a measured relative error (weight reconstruction or layer output) when the
-    pass measured one; ``None`` means not measured, never "zero". ``action == "summary"``
-    marks a row about the whole pass (quantize's model size), not about one layer.
+    pass measured one; ``None`` means not measured, never "zero".
     """
 
     target: str
-    action: str
+    action: Action
     reason: str
     macs_before: int | None = None
     macs_after: int | None = None
     error: float | None = None
-    details: Mapping[str, Any] = field(default_factory=dict)
+    details: Details | None = None
 
     @property
     def declined(self) -> bool:
-        return self.action == "declined"
+        return self.action is Action.DECLINED
+
+    @property
+    def changed_a_layer(self) -> bool:
+        return self.action not in (Action.DECLINED, Action.SUMMARY)
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "target": self.target,
-            "action": self.action,
+            "action": str(self.action),
             "reason": self.reason,
             "macs_before": self.macs_before,
             "macs_after": self.macs_after,
             "error": self.error,
-            "details": dict(self.details),
+            "details": self.details.to_dict() if self.details is not None else {},
         }
 
 
 @dataclass(frozen=True)
 class PassResult:
-    """Whether the graph changed, one Decision per layer touched or declined, warnings."""
+    """Whether the graph changed, one Decision per layer touched or declined, warnings, and
+    what the pass hands on beside the graph (an early-exit plan)."""
 
     changed: bool
     decisions: tuple[Decision, ...] = ()
     warnings: tuple[str, ...] = ()
+    exit_plan: ExitPlan | None = None
+
+
+class DataNeed(enum.Enum):
+    """What data a configured pass needs besides the graph."""
+
+    NONE = "none"
+    CALIBRATION = "calibration data"  # inputs (labels optional)
+    LABELLED = "labelled training data"  # inputs and labels
 
 
 @dataclass
 class PassContext:
-    """What passes need besides the graph."""
+    """What passes need besides the graph: data (as ``Batch`` objects), the seed, progress."""
 
-    calib_data: Iterable[Any] | None = None
+    calib_data: Iterable[Any] | torch.Tensor | None = None
+    example_inputs: Sequence[torch.Tensor] = ()
     seed: int = 0
     progress: Callable[[str], None] | None = None
 
     def report_progress(self, message: str) -> None:
         if self.progress is not None:
             self.progress(message)
+
+    def batches(self, pass_name: str) -> Iterator[Batch]:
+        """The calibration data as checked ``Batch`` objects; a clear error names the pass
+        when there is none."""
+        if self.calib_data is None:
+            raise DataError(f"{pass_name} needs calibration data: pass calib_data=[batch, ...] to slimfx.compile "
+                            "(--calib on the command line)")
+        count = 0
+        for batch in batches(self.calib_data, self.example_inputs):
+            count += 1
+            yield batch
+        if count == 0:
+            raise DataError(f"{pass_name}: calib_data is empty")
 
 
 @dataclass(frozen=True)
@@ -70,6 +117,9 @@ class Pass:
 
     ``runs_after`` maps pass names that must come earlier in a pipeline (when both are in
     it) to the reason; ``runs_before`` likewise for names that must come later.
+    ``requires()`` lists passes the pipeline builder inserts before this one when absent;
+    ``data_need()`` what data it needs (checked before capture); ``is_exact()`` whether the
+    configured pass must keep the outputs (the manager then verifies it).
     """
 
     name: ClassVar[str] = ""
@@ -80,6 +130,15 @@ class Pass:
 
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
         raise NotImplementedError(f"pass {self.name!r} does not implement run()")
+
+    def requires(self) -> tuple[Pass, ...]:
+        return ()
+
+    def data_need(self) -> DataNeed:
+        return DataNeed.NONE
+
+    def is_exact(self) -> bool:
+        return self.exact
 
     def options(self) -> dict[str, Any]:
         """Option values keyed by the names users type (kebab-case)."""

@@ -8,13 +8,20 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
+from slimfx.cost_model.counts import ensure_costs
+from slimfx.details import Details
+from slimfx.ir import ops
 from slimfx.ir.graph import Graph
 from slimfx.ir.rewrite import Rewriter
-from slimfx.passes.base import Decision, Pass, PassContext, PassResult
+from slimfx.passes.base import Action, Decision, Pass, PassContext, PassResult
 from slimfx.passes.registry import register
 
-_BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
-_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+@dataclass(frozen=True)
+class FoldDetails(Details):
+    """A folded BatchNorm: the element ops its removal saves."""
+
+    elem_ops_saved: int | None
 
 
 def fold_bn_weights(
@@ -52,17 +59,17 @@ class FoldBatchNorm(Pass):
     runs_after = {"prune-channels": "pruning reads the BatchNorm scales that fold-bn removes"}
 
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
-        graph.ensure_costs()
+        ensure_costs(graph)
         decisions = []
         with Rewriter(graph, self.name) as rewriter:
             for bn_node in [n for n in graph.nodes() if self._is_batchnorm(graph, n)]:
                 decisions.append(self._fold_one(graph, rewriter, bn_node))
-        folded = any(d.action == "folded" for d in decisions)
+        folded = any(d.action is Action.FOLDED for d in decisions)
         return PassResult(changed=folded, decisions=tuple(decisions))
 
     @staticmethod
     def _is_batchnorm(graph: Graph, node: fx.Node) -> bool:
-        return node.op == "call_module" and isinstance(graph.submodule(node), _BATCHNORMS)
+        return node.op == "call_module" and isinstance(graph.submodule(node), ops.BATCHNORMS)
 
     def _fold_one(self, graph: Graph, rewriter: Rewriter, bn_node: fx.Node) -> Decision:
         bn = graph.submodule(bn_node)
@@ -70,7 +77,7 @@ class FoldBatchNorm(Pass):
         target = str(bn_node.target)
         why_not = self._why_not(graph, bn_node, bn)
         if why_not:
-            return Decision(target, "declined", why_not)
+            return Decision(target, Action.DECLINED, why_not)
         layer_node = bn_node.args[0]
         layer = graph.submodule(layer_node)
         macs = graph.info(layer_node).cost.cost.macs
@@ -78,11 +85,11 @@ class FoldBatchNorm(Pass):
         rewriter.bypass(bn_node)
         return Decision(
             target,
-            "folded",
+            Action.FOLDED,
             f"folded into {layer_node.target} ({type(layer).__name__})",
             macs_before=macs,
             macs_after=macs,
-            details={"elem_ops_saved": bn_cost.cost.elem_ops if bn_cost else None},
+            details=FoldDetails(bn_cost.cost.elem_ops if bn_cost else None),
         )
 
     @staticmethod
@@ -94,19 +101,19 @@ class FoldBatchNorm(Pass):
         producer = bn_node.args[0] if bn_node.args else None
         if len(bn_node.args) != 1 or bn_node.kwargs or not isinstance(producer, fx.Node):
             return "BatchNorm is called with extra arguments"
-        if producer.op != "call_module" or not isinstance(graph.submodule(producer), (*_CONVS, nn.Linear)):
+        if producer.op != "call_module" or not isinstance(graph.submodule(producer), ops.WEIGHTED_LAYERS):
             what = graph.info(producer).kind
             return f"its input comes from {producer.name} ({what}), not a conv or linear layer"
         layer = graph.submodule(producer)
         if len(producer.users) != 1:
             others = ", ".join(u.name for u in producer.users if u is not bn_node)
             return f"{producer.target}'s output is also read by {others}; folding would change them"
-        calls = graph.module_calls()[str(producer.target)]
-        if calls > 1:
-            return f"{producer.target} is called {calls} times; folding would change every call"
+        why = graph.why_not_single_call(producer)
+        if why is not None:
+            return f"{producer.target}: {why}; folding it would change every call"
         if isinstance(layer, nn.Linear) and len(graph.info(producer).out_shape or ()) != 2:
             return "BatchNorm1d after a linear on a sequence normalizes dim 1, not the linear's features"
-        out_channels = layer.out_channels if isinstance(layer, _CONVS) else layer.out_features
+        out_channels = layer.out_channels if isinstance(layer, ops.CONVS) else layer.out_features
         if out_channels != bn.num_features:
             return f"{producer.target} has {out_channels} output channels but BatchNorm has {bn.num_features}"
         return None

@@ -1,16 +1,22 @@
-"""PassManager: order checks, a verified run of each pass, timing and history."""
+"""PassManager: the pipeline builder (requirements, order, data needs) and a verified run of each pass."""
 from __future__ import annotations
 
 import time
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any
 
 import torch
+import torch.fx as fx
+import torch.nn as nn
 
-from slimfx.errors import PassError, PassOrderError, SlimfxError
+from slimfx.backends.early_exit import build_early_exit
+from slimfx.errors import DataError, PassError, PassOrderError, SlimfxError
+from slimfx.exits.plan import ExitPlan
 from slimfx.ir.graph import Graph
+from slimfx.ir.shapes import ensure_shapes
 from slimfx.ir.verify import compare_outputs, lint, run_outputs
-from slimfx.passes.base import Decision, Pass, PassContext
+from slimfx.passes.base import DataNeed, Decision, Pass, PassContext, PassResult
 
 EXACT_TOLERANCE = 1e-4
 
@@ -27,6 +33,7 @@ class PassRecord:
     output_error: float | None
     decisions: tuple[Decision, ...] = ()
     warnings: tuple[str, ...] = field(default_factory=tuple)
+    exit_plan: ExitPlan | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -41,6 +48,34 @@ class PassRecord:
         }
 
 
+@dataclass(frozen=True)
+class PipelineResult:
+    """The records of a run, the graph's outputs on its example inputs before the first pass
+    and after the last, and the module to deploy (the early-exit runtime when a pass planned
+    exits, else the graph's module)."""
+
+    records: tuple[PassRecord, ...]
+    outputs_before: tuple[torch.Tensor, ...]
+    outputs_after: tuple[torch.Tensor, ...]
+    module: nn.Module
+
+    @property
+    def exit_plan(self) -> ExitPlan | None:
+        return next((r.exit_plan for r in reversed(self.records) if r.exit_plan is not None), None)
+
+
+# -- building the pipeline ---------------------------------------------------------------------
+def with_requirements(passes: Sequence[Pass]) -> list[Pass]:
+    """``passes`` with what each requires inserted right before it, unless already earlier."""
+    pipeline: list[Pass] = []
+    for p in passes:
+        for needed in p.requires():
+            if not any(q.name == needed.name for q in pipeline):
+                pipeline.append(needed)
+        pipeline.append(p)
+    return pipeline
+
+
 def check_order(passes: Sequence[Pass]) -> None:
     """Raise PassOrderError naming both passes when the pipeline breaks a declared order."""
     for i, earlier in enumerate(passes):
@@ -53,33 +88,43 @@ def check_order(passes: Sequence[Pass]) -> None:
                 )
 
 
+def check_data(passes: Sequence[Pass], calib_data: Iterable[Any] | None) -> None:
+    """Fail before any work when a pass needs data the caller did not give, naming the pass."""
+    for p in passes:
+        need = p.data_need()
+        if need is not DataNeed.NONE and calib_data is None:
+            labels = " (with labels: (inputs, labels) batches)" if need is DataNeed.LABELLED else ""
+            raise DataError(f"pass '{p.spec()}' needs {need.value}{labels}: pass calib_data=[batch, ...] to "
+                            "slimfx.compile (--calib on the command line)")
+
+
+# -- running it -----------------------------------------------------------------------------------
 class PassManager:
     """Runs passes in order on a Graph, verifying the graph after each one.
 
-    After every pass the graph must lint, run and keep its output shapes; an exact pass must
-    also keep its outputs within ``tolerance`` relative error of the graph before it. The
-    measured error is recorded for every pass, exact or not.
+    The pipeline is completed first (each pass's requirements inserted, in its own record)
+    and its order checked. After every pass the graph must lint, run and keep its output
+    shapes; a pass configured as exact must also keep its outputs within ``tolerance``
+    relative error of the graph before it. A pass that plans early exits has the runtime
+    built from its plan checked the same way. The measured error is recorded for every pass.
     """
 
     def __init__(self, passes: Sequence[Pass], tolerance: float = EXACT_TOLERANCE):
-        self.passes = list(passes)
+        self.passes = with_requirements(passes)
         self.tolerance = tolerance
-        self.outputs_before: list[torch.Tensor] = []
-        self.outputs_after: list[torch.Tensor] = []
         check_order(self.passes)
 
-    def run(self, graph: Graph, ctx: PassContext | None = None) -> list[PassRecord]:
-        """Run every pass in order; afterwards ``outputs_before`` / ``outputs_after`` hold the
-        graph's outputs on its example inputs before the first pass and after the last."""
-        ctx = ctx or PassContext()
+    def run(self, graph: Graph, ctx: PassContext | None = None) -> PipelineResult:
+        ctx = ctx or PassContext(example_inputs=graph.example_inputs)
         history: list[PassRecord] = []
-        self.outputs_before = self.outputs_after = run_outputs(graph.module, graph.example_inputs)
+        before = tuple(run_outputs(graph.module, graph.example_inputs))
+        state = _State(before, graph.module)
         for index, p in enumerate(self.passes):
-            history.append(self._run_one(index, p, graph, ctx, history))
-        return history
+            history.append(self._run_one(index, p, graph, ctx, history, state))
+        return PipelineResult(tuple(history), before, state.outputs, state.module)
 
-    def _run_one(self, index: int, p: Pass, graph: Graph, ctx: PassContext, history: list[PassRecord]) -> PassRecord:
-        reference = self.outputs_after  # each pass is checked against the graph just before it
+    def _run_one(self, index: int, p: Pass, graph: Graph, ctx: PassContext, history: list[PassRecord],
+                 state: _State) -> PassRecord:
         version = graph.version
         start = time.perf_counter()
         try:
@@ -91,15 +136,33 @@ class PassManager:
         seconds = time.perf_counter() - start
         error = None
         if graph.version != version or result.changed:
-            error = self._verify(index, p, graph, reference, history)
-        return PassRecord(p.name, p.spec(), p.exact, result.changed, seconds, error, result.decisions, result.warnings)
+            if state.planned_exits:
+                raise self._failure(index, p, history, "it changed the graph after early exits were planned on it; "
+                                    "put add-exits last")
+            error = self._verify(index, p, graph, graph.module, state, history)
+            state.module = graph.module
+        if result.exit_plan is not None:
+            runtime = self._early_exit_runtime(index, p, graph, result, history)
+            error = self._verify(index, p, graph, runtime, state, history)
+            state.module, state.planned_exits = runtime, True
+        return PassRecord(p.name, p.spec(), p.is_exact(), result.changed, seconds, error, result.decisions,
+                          result.warnings, result.exit_plan)
 
-    def _verify(self, index: int, p: Pass, graph: Graph, reference: list, history: list[PassRecord]) -> float:
+    def _early_exit_runtime(self, index: int, p: Pass, graph: Graph, result: PassResult,
+                            history: list[PassRecord]) -> nn.Module:
+        try:
+            return build_early_exit(graph.module, result.exit_plan)
+        except SlimfxError as exc:
+            raise self._failure(index, p, history, f"its early-exit plan cannot be built: {exc}") from exc
+
+    def _verify(self, index: int, p: Pass, graph: Graph, module: nn.Module | fx.GraphModule, state: _State,
+                history: list[PassRecord]) -> float:
+        """Check ``module`` (the graph's, or a runtime built on it) against the outputs before ``p``."""
         try:
             lint(graph)
-            graph.ensure_shapes()
-            outputs = run_outputs(graph.module, graph.example_inputs)
-            comparison = compare_outputs(reference, outputs)
+            ensure_shapes(graph)
+            outputs = run_outputs(module, graph.example_inputs)
+            comparison = compare_outputs(state.outputs, outputs)
         except SlimfxError as exc:
             raise self._failure(index, p, history, f"the graph it produced is broken: {exc}") from exc
         except Exception as exc:
@@ -109,13 +172,13 @@ class PassManager:
                 index, p, history,
                 f"output shapes changed from {comparison.reference_shapes} to {comparison.candidate_shapes}",
             )
-        if p.exact and comparison.relative_error > self.tolerance:
+        if p.is_exact() and comparison.relative_error > self.tolerance:
             raise self._failure(
                 index, p, history,
                 f"it claims to be exact but changed the outputs by {comparison.relative_error:.3g} relative "
                 f"(tolerance {self.tolerance:g})",
             )
-        self.outputs_after = outputs
+        state.outputs = tuple(outputs)
         return comparison.relative_error
 
     def _failure(self, index: int, p: Pass, history: list[PassRecord], what: str) -> PassError:
@@ -123,3 +186,12 @@ class PassManager:
         return PassError(
             f"pass '{p.spec()}' ({index + 1} of {len(self.passes)}) failed: {what}. Passes run before it: {before}"
         )
+
+
+@dataclass
+class _State:
+    """What the run carries from pass to pass: the latest verified outputs and module."""
+
+    outputs: tuple[torch.Tensor, ...]
+    module: nn.Module
+    planned_exits: bool = False

@@ -1,48 +1,73 @@
 """prune-channels: remove whole channels, physically, one group of coupled channels at a time.
 
 Groups come from ``slimfx.ir.channels`` (which fails closed on anything it does not know);
-scores from ``channel_importance``; how many and which channels each group loses from
-``channel_selection``. The chosen channels are then cut out of every conv, linear and
-BatchNorm that touches them, through ``ir.rewrite``, so the result is really smaller.
+scores from ``prune.importance``; how many and which channels each group loses from
+``prune.selection`` and, for a global ratio or a MAC target, from the planner's allocator
+(``cost_model.planner``). The chosen channels are then cut out of every conv, linear and
+BatchNorm that touches them (``prune.slicing``), through ``ir.rewrite``, so the result is
+really smaller.
 """
 from __future__ import annotations
 
-import copy
-import fnmatch
 from dataclasses import dataclass
 from typing import Literal
 
 import torch
-import torch.nn as nn
 
-from slimfx.cost_model.counts import total_cost
-from slimfx.errors import PassSpecError
-from slimfx.ir.channels import (
-    ChannelAnalysis,
-    ChannelGroup,
-    LayerChannels,
-    analyze_channels,
-)
+from slimfx.cost_model.counts import ensure_costs, total_cost
+from slimfx.cost_model.planner import Item, Option, allocate
+from slimfx.details import Details
+from slimfx.ir.channels import ChannelAnalysis, ChannelGroup, analyze_channels
 from slimfx.ir.graph import Graph
 from slimfx.ir.rewrite import Rewriter
-from slimfx.passes.base import Decision, Pass, PassContext, PassResult
-from slimfx.passes.channel_importance import (
+from slimfx.passes.base import Action, DataNeed, Decision, Pass, PassContext, PassResult
+from slimfx.passes.candidates import excluding_pattern
+from slimfx.passes.registry import register
+from slimfx.prune.importance import (
     UnitScores,
     bn_scale_scores,
     collect_contributions,
     l1_scores,
     thinet_consumers,
 )
-from slimfx.passes.channel_selection import (
+from slimfx.prune.selection import (
     choose_removed,
     common_partition,
     greedy_removal_order,
     kept_channels,
     least_squares_scales,
 )
-from slimfx.passes.registry import register
+from slimfx.prune.slicing import predicted_macs, sliced_layer
 
 Criterion = Literal["l1", "bn-scale", "thinet"]
+
+
+@dataclass(frozen=True)
+class ImportanceStats(Details):
+    """Scores around the cut: the largest removed, the smallest and median kept."""
+
+    criterion: str
+    removed_max: float | None
+    kept_min: float | None
+    kept_median: float | None
+
+
+@dataclass(frozen=True)
+class PruneDetails(Details):
+    """A group of coupled channels: where its channels come from, the layers it touches,
+    channels before and after, and (pruned or kept) the importance around the cut, or
+    (declined) what blocks it."""
+
+    sources: tuple[str, ...]
+    members: tuple[str, ...]
+    channels_before: int
+    channels_after: int
+    importance: ImportanceStats | None = None
+    macs_saved_alone: int | None = None
+    blocked: tuple[str, ...] | None = None
+
+    def channels(self) -> tuple[int, int]:
+        return self.channels_before, self.channels_after
 
 
 @dataclass
@@ -92,13 +117,11 @@ class PruneChannels(Pass):
             raise self.invalid("target-macs", self.target_macs, "a fraction of the original MACs in (0, 1]")
 
     # -- run ---------------------------------------------------------------------------------
+    def data_need(self) -> DataNeed:
+        return DataNeed.CALIBRATION if self.criterion == "thinet" else DataNeed.NONE
+
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
-        if self.criterion == "thinet" and ctx.calib_data is None:
-            raise PassSpecError(
-                "prune-channels: criterion=thinet needs calibration data; pass calib_data=[batch, ...] "
-                "to slimfx.compile (--calib on the command line), or choose criterion=l1 or bn-scale"
-            )
-        graph.ensure_costs()
+        ensure_costs(graph)
         analysis = analyze_channels(graph)
         layer_macs = {name: _macs(graph, name) for name in analysis.layers}
         scores, contributions = self._scores(graph, analysis, ctx)
@@ -119,7 +142,7 @@ class PruneChannels(Pass):
                     module = graph.module.get_submodule(layer.target)
                     node = graph.node(layer.node)
                     rewriter.replace_module(node, sliced_layer(module, layer, keep_in, keep_out, scales.get(layer.node)))
-        graph.ensure_costs()
+        ensure_costs(graph)
         for plan in plans:
             decisions[plan.group.index] = self._decision(plan, analysis, layer_macs, graph, removed)
         ordered = tuple(decisions[g.index] for g in analysis.groups)
@@ -137,7 +160,7 @@ class PruneChannels(Pass):
             if not group.blocked and not isinstance(consumers, str):
                 readers.update({layer.node: layer for layer in consumers})
         ctx.report_progress(f"prune-channels: ThiNet calibration over {len(readers)} layers")
-        return None, collect_contributions(graph, readers.values(), ctx.calib_data, ctx.seed)
+        return None, collect_contributions(graph, readers.values(), ctx.batches(f"{self.name}: criterion=thinet"), ctx.seed)
 
     def _plan(
         self, group: ChannelGroup, analysis: ChannelAnalysis, scores: UnitScores | None,
@@ -146,10 +169,10 @@ class PruneChannels(Pass):
         if group.blocked:
             more = f" (and {len(group.blocked) - 1} more)" if len(group.blocked) > 1 else ""
             return f"unprunable: {group.blocked[0]}{more}"
-        for pattern in self.exclude:
-            hit = next((s for s in group.sources if fnmatch.fnmatchcase(s, pattern)), None)
-            if hit:
-                return f"excluded by pattern '{pattern}' (matches {hit})"
+        for source in group.sources:
+            pattern = excluding_pattern(source, self.exclude)
+            if pattern is not None:
+                return f"excluded by pattern '{pattern}' (matches {source})"
         rows = common_partition(group.units, group.partitions)
         if isinstance(rows, str):
             return rows
@@ -169,8 +192,11 @@ class PruneChannels(Pass):
     def _choose(self, plans: list[_Plan], analysis: ChannelAnalysis, layer_macs: dict[str, int], graph: Graph) -> list[str]:
         if self.target_macs is not None:
             return self._choose_for_target(plans, analysis, layer_macs, graph)
-        if self.global_:
-            self._remove_by_prefix(plans, _global_order(plans, per_mac=False), round(self.ratio * _count(plans)))
+        if self.global_:  # the lowest normalized scores of all groups: a budget of units to keep
+            items = [_unit_item(i, plan, per_mac=False) for i, plan in enumerate(plans)]
+            units = sum(len(plan.scores) for plan in plans)
+            allocation = allocate(items, units - round(self.ratio * units))
+            self._apply(plans, items, allocation.chosen)
         else:
             for plan in plans:
                 self._remove(plan, int(self.ratio * len(plan.scores) + 1e-9))
@@ -179,37 +205,30 @@ class PruneChannels(Pass):
     def _choose_for_target(
         self, plans: list[_Plan], analysis: ChannelAnalysis, layer_macs: dict[str, int], graph: Graph
     ) -> list[str]:
+        """Least important per MAC saved first, until the model's MACs (predicted from the kept
+        channels of every layer) are within the target."""
         total = total_cost(graph).macs
-        goal = self.target_macs * total
-        order = _global_order(plans, per_mac=True)
+        items = [_unit_item(i, plan, per_mac=True) for i, plan in enumerate(plans)]
 
-        def macs_after(prefix: int) -> int:
-            self._remove_by_prefix(plans, order, prefix)
+        def measured(chosen: dict[str, int]) -> float:
+            self._apply(plans, items, chosen)
             return predicted_macs(analysis, layer_macs, total, _removed_units(plans, analysis))
 
-        low, high = 0, len(order)
-        if macs_after(high) > goal:
-            best = macs_after(high)
-            return [
-                f"prune-channels: target-macs={self.target_macs:g} cannot be reached within min-channels="
-                f"{self.min_channels} and the groups that can be pruned; best reachable is {best:,} MACs "
-                f"({best / total:.3f} of the original)"
-            ]
-        while low < high:  # smallest prefix of the ranking that meets the goal
-            mid = (low + high) // 2
-            if macs_after(mid) <= goal:
-                high = mid
-            else:
-                low = mid + 1
-        macs_after(low)
-        return []
+        allocation = allocate(items, self.target_macs * total, measure=measured)
+        self._apply(plans, items, allocation.chosen)
+        if allocation.met:
+            return []
+        best = int(allocation.total)
+        return [
+            f"prune-channels: target-macs={self.target_macs:g} cannot be reached within min-channels="
+            f"{self.min_channels} and the groups that can be pruned; best reachable is {best:,} MACs "
+            f"({best / total:.3f} of the original)"
+        ]
 
-    def _remove_by_prefix(self, plans: list[_Plan], order: list[tuple[int, int]], prefix: int) -> None:
-        counts = [0] * len(plans)
-        for plan_index, _ in order[:prefix]:
-            counts[plan_index] += 1
-        for plan, count in zip(plans, counts):
-            self._remove(plan, count)
+    def _apply(self, plans: list[_Plan], items: list[Item], chosen: dict[str, int]) -> None:
+        """Remove, from each plan, as many channels as its item's chosen option says."""
+        for plan, item in zip(plans, items):
+            self._remove(plan, chosen[item.name])
 
     def _remove(self, plan: _Plan, count: int) -> None:
         total = len(plan.scores)
@@ -226,44 +245,28 @@ class PruneChannels(Pass):
         after = sum(_macs(graph, m.node) for m in members)
         kept_mask = torch.ones(total, dtype=torch.bool)
         kept_mask[plan.removed] = False
-        details = _group_details(group, analysis, total, total - cut)
-        details["importance"] = {
-            "criterion": self.criterion,
-            "removed_max": _stat(plan.scores[~kept_mask], torch.max),
-            "kept_min": _stat(plan.scores[kept_mask], torch.min),
-            "kept_median": _stat(plan.scores[kept_mask], torch.median),
-        }
-        details["macs_saved_alone"] = int(plan.macs_per_unit[plan.removed].sum()) if cut else 0
+        importance = ImportanceStats(self.criterion, _stat(plan.scores[~kept_mask], torch.max),
+                                     _stat(plan.scores[kept_mask], torch.min), _stat(plan.scores[kept_mask], torch.median))
+        details = PruneDetails(group.sources, tuple(m.target for m in members), total, total - cut, importance,
+                               int(plan.macs_per_unit[plan.removed].sum()) if cut else 0)
         if cut == 0:
             reason = f"keeps all {total} channels (ratio, min-channels={self.min_channels} and round-to={self.round_to})"
-            return Decision(group.name, "declined", reason, before, after, details=details)
-        importance = details["importance"]
+            return Decision(group.name, Action.DECLINED, reason, before, after, details=details)
         reason = (
             f"{self.criterion}: removed {cut} of {total} channels with the lowest importance "
-            f"(largest removed {importance['removed_max']:.4g}, smallest kept {importance['kept_min']:.4g}"
+            f"(largest removed {importance.removed_max:.4g}, smallest kept {importance.kept_min:.4g}"
         )
-        tied = importance["kept_min"] is not None and importance["removed_max"] >= importance["kept_min"]
+        tied = importance.kept_min is not None and importance.removed_max >= importance.kept_min
         reason += "; ties broken by channel order)" if tied else ")"
         if plan.rows is not None:
             reason += f", {cut // plan.rows.shape[0]} from each of {plan.rows.shape[0]} conv groups"
-        return Decision(group.name, "pruned", reason, before, after, details=details)
+        return Decision(group.name, Action.PRUNED, reason, before, after, details=details)
 
 
 # -- helpers -----------------------------------------------------------------------------------
 def _macs(graph: Graph, node_name: str) -> int:
     cost = graph.info(graph.node(node_name)).cost
     return cost.cost.macs if cost is not None else 0
-
-
-def predicted_macs(analysis: ChannelAnalysis, layer_macs: dict[str, int], total: int, removed: torch.Tensor) -> int:
-    """Total MACs once ``removed`` units are gone: each layer scales with its kept in x out share."""
-    saved = 0.0
-    for layer in analysis.layers.values():
-        keep_in = float((~removed[layer.in_units]).float().mean()) if len(layer.in_units) else 1.0
-        keep_out = keep_in if layer.per_channel else float((~removed[layer.out_units]).float().mean())
-        scale = keep_in if layer.per_channel else keep_in * keep_out
-        saved += layer_macs[layer.node] * (1 - scale)
-    return int(round(total - saved))
 
 
 def _macs_per_unit(analysis: ChannelAnalysis, group: ChannelGroup, layer_macs: dict[str, int]) -> torch.Tensor:
@@ -278,23 +281,20 @@ def _macs_per_unit(analysis: ChannelAnalysis, group: ChannelGroup, layer_macs: d
     return per_unit[group.units]
 
 
-def _global_order(plans: list[_Plan], per_mac: bool) -> list[tuple[int, int]]:
-    """(plan, position) of every unit, least important first; scores normalized per group."""
-    keys, owners = [], []
-    for i, plan in enumerate(plans):
-        normalized = plan.scores.double() / max(float(plan.scores.double().mean()), 1e-12)
-        if per_mac:
-            normalized = normalized / plan.macs_per_unit.clamp_min(1.0)
-        keys.append(normalized)
-        owners.extend((i, p) for p in range(len(plan.scores)))
-    if not keys:
-        return []
-    order = torch.argsort(torch.cat(keys), stable=True).tolist()
-    return [owners[k] for k in order]
+def _unit_item(index: int, plan: _Plan, per_mac: bool) -> Item:
+    """A group as an allocator item: option k removes its k least important units.
 
-
-def _count(plans: list[_Plan]) -> int:
-    return sum(len(p.scores) for p in plans)
+    Scores are normalized by the group's mean so that groups compare; per MAC, each unit's
+    price is its normalized score over the MACs its removal saves alone. Units are taken in
+    order of that price, so every step costs more than the one before it.
+    """
+    normalized = plan.scores.double() / max(float(plan.scores.double().mean()), 1e-12)
+    saved = plan.macs_per_unit.clamp_min(1.0) if per_mac else torch.ones(len(plan.scores), dtype=torch.float64)
+    order = torch.argsort(normalized / saved, stable=True)
+    cost = torch.cat([torch.zeros(1, dtype=torch.float64), torch.cumsum(saved[order], 0)])
+    penalty = torch.cat([torch.zeros(1, dtype=torch.float64), torch.cumsum(normalized[order], 0)])
+    top = float(cost[-1])
+    return Item(str(index), tuple(Option(top - float(c), float(p)) for c, p in zip(cost, penalty)))
 
 
 def _removed_units(plans: list[_Plan], analysis: ChannelAnalysis) -> torch.Tensor:
@@ -340,69 +340,12 @@ def _thinet_refit(analysis: ChannelAnalysis, contributions: dict, removed: torch
     return scales
 
 
-def sliced_layer(
-    module: nn.Module, layer: LayerChannels, keep_in: torch.Tensor, keep_out: torch.Tensor,
-    in_scale: torch.Tensor | None = None,
-) -> nn.Module:
-    """A copy of ``module`` with only the kept channels (weights, bias, running stats sliced)."""
-    new = _shallow_copy(module)
-    if layer.kind == "batchnorm":
-        for name in ("weight", "bias", "running_mean", "running_var"):
-            value = getattr(module, name)
-            if value is not None:
-                sliced = value.detach()[keep_in].clone()
-                setattr(new, name, nn.Parameter(sliced) if isinstance(value, nn.Parameter) else sliced)
-        new.num_features = int(keep_in.sum())
-        return new
-    weight = module.weight.detach()
-    if in_scale is not None:
-        weight = weight * in_scale.reshape(1, -1, *([1] * (weight.dim() - 2)))
-    if layer.kind == "depthwise":
-        new.weight = nn.Parameter(weight[keep_in].clone())
-        new.in_channels = new.out_channels = new.groups = int(keep_in.sum())
-    elif layer.kind == "linear":
-        new.weight = nn.Parameter(weight[keep_out][:, keep_in].clone())
-        new.in_features, new.out_features = int(keep_in.sum()), int(keep_out.sum())
-    else:
-        new.weight = nn.Parameter(_sliced_conv_weight(weight, layer.groups, keep_in, keep_out))
-        new.in_channels, new.out_channels = int(keep_in.sum()), int(keep_out.sum())
-    if module.bias is not None:
-        keep_bias = keep_in if layer.kind == "depthwise" else keep_out
-        new.bias = nn.Parameter(module.bias.detach()[keep_bias].clone())
-    return new
-
-
-def _shallow_copy(module: nn.Module) -> nn.Module:
-    """A new module object with the same settings whose tensors can be replaced independently."""
-    new = copy.copy(module)
-    new._parameters, new._buffers, new._modules = dict(module._parameters), dict(module._buffers), dict(module._modules)
-    return new
-
-
-def _sliced_conv_weight(weight: torch.Tensor, groups: int, keep_in: torch.Tensor, keep_out: torch.Tensor) -> torch.Tensor:
-    """Conv weight (out, in/groups, *k) with kept channels; each group keeps its own inputs."""
-    in_per_group = keep_in.reshape(groups, -1)  # (groups, in/groups)
-    index = torch.stack([row.nonzero().squeeze(1) for row in in_per_group])  # equal counts per group
-    out_group = torch.arange(weight.shape[0]) // (weight.shape[0] // groups)
-    kept = weight[keep_out]
-    gather = index[out_group[keep_out]].reshape(kept.shape[0], -1, *([1] * (weight.dim() - 2)))
-    return torch.gather(kept, 1, gather.expand(-1, -1, *weight.shape[2:])).clone()
-
-
-def _group_details(group: ChannelGroup, analysis: ChannelAnalysis, before: int, after: int) -> dict:
-    return {
-        "sources": list(group.sources),
-        "members": [layer.target for layer in analysis.layers_of(group)],
-        "channels_before": before,
-        "channels_after": after,
-    }
-
-
 def _declined(group: ChannelGroup, analysis: ChannelAnalysis, reason: str, layer_macs: dict[str, int]) -> Decision:
-    details = _group_details(group, analysis, len(group.units), len(group.units))
-    details["blocked"] = list(group.blocked[:5])
-    macs = sum(layer_macs[m.node] for m in analysis.layers_of(group))
-    return Decision(group.name, "declined", reason, macs, macs, details=details)
+    members = analysis.layers_of(group)
+    details = PruneDetails(group.sources, tuple(m.target for m in members), len(group.units), len(group.units),
+                           blocked=tuple(group.blocked[:5]))
+    macs = sum(layer_macs[m.node] for m in members)
+    return Decision(group.name, Action.DECLINED, reason, macs, macs, details=details)
 
 
 def _stat(values: torch.Tensor, fn) -> float | None:

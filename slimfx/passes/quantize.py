@@ -12,45 +12,35 @@ DequantizeLinear pairs that onnxruntime runs with int8 kernels.
 """
 from __future__ import annotations
 
-import fnmatch
-import math
-import operator
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
 import torch.fx as fx
 import torch.nn as nn
 
-from slimfx.errors import PassSpecError
+from slimfx.cost_model.counts import ensure_costs
+from slimfx.details import Details
+from slimfx.errors import NonFiniteError
+from slimfx.ir import ops
 from slimfx.ir.graph import Graph
 from slimfx.ir.rewrite import Rewriter
-from slimfx.passes.base import Decision, Pass, PassContext, PassResult
+from slimfx.ir.shapes import ensure_shapes
+from slimfx.metrics import sqnr_db
+from slimfx.passes.base import Action, DataNeed, Decision, Pass, PassContext, PassResult
+from slimfx.passes.candidates import layer_candidates
 from slimfx.passes.fold_bn import FoldBatchNorm
 from slimfx.passes.registry import register
 from slimfx.quant.attention import AttentionParts, why_not_inlined
 from slimfx.quant.calibrate import AbsHistogram, threshold
+from slimfx.quant.layers import ActivationQuant, QuantizedLayer, activation_qparams
 from slimfx.quant.mixed import allocate_widths
-from slimfx.quant.modules import ActivationQuant, QuantizedLayer, activation_qparams
-from slimfx.quant.placement import (
-    grid_source,
-    is_pool,
-    join_inputs,
-    relu_kind,
-    sole_relu_user,
-)
-from slimfx.quant.schemes import quantize_weight
-from slimfx.quant.size import layer_size
+from slimfx.quant.placement import grid_source, is_pool, sole_relu_user
+from slimfx.quant.schemes import SCHEMES, quantize_weight
+from slimfx.quant.size import WeightSize, layer_size
 
-_LAYERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 WIDTHS = (8, 4, 2)  # candidate weight widths for bits=auto
 _WIDTH_SCHEME = {8: "int8", 4: "int4", 2: "int2"}
-
-
-def _is_matmul(node: fx.Node) -> bool:
-    if node.op == "call_function":
-        return node.target in (torch.matmul, operator.matmul, torch.bmm)
-    return node.op == "call_method" and node.target in ("matmul", "bmm")
 
 
 def _where(node: fx.Node) -> str:
@@ -58,14 +48,38 @@ def _where(node: fx.Node) -> str:
     return str(node.target) if node.op == "call_module" else node.name
 
 
-def sqnr_db(reference: torch.Tensor, approximation: torch.Tensor) -> float:
-    """Signal-to-quantization-noise ratio in dB (inf when equal)."""
-    reference, approximation = reference.detach().double(), approximation.detach().double()
-    noise = float((reference - approximation).pow(2).sum())
-    signal = float(reference.pow(2).sum())
-    if noise == 0:
-        return math.inf
-    return 10 * math.log10(signal / noise) if signal else -math.inf
+@dataclass(frozen=True)
+class ActivationQuantDetails(Details):
+    """A quantized tensor (matmul input, add/concat/pool output): its uint8 grid and where it came from."""
+
+    scheme: str
+    bits: int
+    threshold: float | None  # None: the grid of the tensor it reads
+    observed_max: float | None
+    input_scale: float
+    input_zero_point: int
+
+
+@dataclass(frozen=True)
+class QuantizedLayerDetails(Details):
+    """A quantized conv or linear: weight scheme and size, input and output grids, measured SQNR."""
+
+    scheme: str
+    bits: int
+    calibration: str
+    threshold: float | None
+    observed_max: float | None
+    size: WeightSize
+    input_range: str
+    input_grid: str
+    input_scale: float
+    input_zero_point: int
+    fused_activation: str | None
+    output_threshold: float | None
+    output_observed_max: float
+    weight_scale_min: float
+    weight_scale_max: float
+    output_sqnr_db: float | None
 
 
 @register
@@ -113,15 +127,20 @@ class Quantize(Pass):
             if value is not None and not 0 < value <= 1:
                 raise self.invalid(name, value, "a fraction in (0, 1] (of the fp32 weight bytes / of the 8-bit MACs x bits)")
 
+    def requires(self) -> tuple[Pass, ...]:
+        """BatchNorms are folded first (exact), as every int8 deployment does: the folded
+        weights are the ones quantized, and no float BatchNorm is left between int8 kernels.
+        ``fold-bn=false`` keeps them."""
+        return (FoldBatchNorm(),) if self.fold_bn else ()
+
+    def data_need(self) -> DataNeed:
+        return DataNeed.CALIBRATION
+
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
-        if ctx.calib_data is None:
-            raise PassSpecError("quantize needs calibration data: pass calib_data=[batch, ...] to slimfx.compile "
-                                "(--calib on the command line)")
-        folded = self._fold_batchnorms(graph, ctx)
         opened = self._open_attention(graph)
-        graph.ensure_costs()
+        ensure_costs(graph)
         targets, decisions = self._targets(graph)
-        decisions = folded | opened | decisions
+        decisions = opened | decisions
         schemes, warnings = {n.name: self.weights for n in targets}, []
         if self.bits == "auto":
             schemes, warnings = self._mixed_precision(graph, targets, ctx)
@@ -136,36 +155,23 @@ class Quantize(Pass):
         return PassResult(changed=bool(points), decisions=tuple(listed) + (_size_summary(listed),),
                           warnings=tuple(warnings))
 
-    def _fold_batchnorms(self, graph: Graph, ctx: PassContext) -> dict[str, Decision | None]:
-        """Fold BatchNorms into their layers first (exact), as every int8 deployment does:
-        the folded weights are the ones quantized, and no float BatchNorm is left between
-        int8 kernels. ``fold-bn=false`` keeps them."""
-        if not self.fold_bn:
-            return {}
-        result = FoldBatchNorm().run(graph, ctx)
-        return {f"fold {d.target}": replace(d, reason=f"{d.reason} (folded before quantizing)" if d.action == "folded"
-                                               else f"BatchNorm stays float: {d.reason}")
-                for d in result.decisions}
-
     def _open_attention(self, graph: Graph) -> dict[str, Decision | None]:
         """Write each nn.MultiheadAttention call out as projections and matmuls (AttentionParts),
         so that they quantize like any linear and matmul; calls that cannot be are declined."""
-        declined: dict[str, Decision | None] = {}
-        calls = [n for n in graph.nodes() if n.op == "call_module" and isinstance(graph.submodule(n), nn.MultiheadAttention)]
-        if not calls:
-            return declined
-        graph.ensure_shapes()
+        ensure_shapes(graph)
+
+        def why_not(node: fx.Node, mha: nn.Module) -> str | None:
+            query = node.args[0] if node.args and isinstance(node.args[0], fx.Node) else None
+            unbatched = query is not None and len(graph.info(query).out_shape or ()) != 3
+            return "unbatched (2-D) inputs" if unbatched else why_not_inlined(mha, node)
+
+        found = layer_candidates(graph, (nn.MultiheadAttention,), self.exclude, why_not, one_input=False)
+        declined: dict[str, Decision | None] = {
+            name: Decision(str(graph.node(name).target), Action.DECLINED, f"attention left whole: {why}")
+            for name, why in found.declined.items()}
         with Rewriter(graph, self.name) as rewriter:
-            for node in calls:
-                mha, target = graph.submodule(node), str(node.target)
-                query = node.args[0] if node.args and isinstance(node.args[0], fx.Node) else None
-                unbatched = query is not None and len(graph.info(query).out_shape or ()) != 3
-                why = "unbatched (2-D) inputs" if unbatched else why_not_inlined(mha, node)
-                if why is None and graph.module_calls()[target] > 1:
-                    why = f"module called {graph.module_calls()[target]} times"
-                if why is not None or any(fnmatch.fnmatchcase(target, p) for p in self.exclude):
-                    declined[node.name] = Decision(target, "declined", f"attention left whole: {why or 'excluded by pattern'}")
-                    continue
+            for node in found.eligible:
+                mha = graph.submodule(node)
                 rewriter.inline_module(node, AttentionParts(mha, need_weights=bool(node.kwargs.get("need_weights", True))))
         return declined
 
@@ -183,7 +189,7 @@ class Quantize(Pass):
                     continue
                 if node.name in target_names:
                     relu = sole_relu_user(graph, node)
-                    activation = relu_kind(graph.submodule, relu)() if relu is not None else None
+                    activation = ops.relu_type(relu, graph.submodule)() if relu is not None else None
                     layer = QuantizedLayer(graph.submodule(node), activation, schemes[node.name], self.block_size, self.act_bits)
                     rewriter.replace_module(node, layer)
                     if relu is not None:
@@ -193,7 +199,7 @@ class Quantize(Pass):
                     points.append(_Point(node, str(node.target), self._inherits(graph, node, on_grid), quantize_output=not output))
                     if not output:
                         on_grid.add(node)
-                elif _is_matmul(node) and all(isinstance(a, fx.Node) for a in node.args[:2]):
+                elif ops.is_matmul(node) and all(isinstance(a, fx.Node) for a in node.args[:2]):
                     for position, arg in enumerate(node.args[:2]):
                         quant = rewriter.insert_module_after(arg, f"{node.name}_input{position}_quant", ActivationQuant(), (arg,))
                         rewriter.rewire_input(node, arg, quant)
@@ -216,7 +222,7 @@ class Quantize(Pass):
     def _output_worth_quantizing(graph: Graph, node: fx.Node, on_grid: set[fx.Node]) -> bool:
         """An add/concat of quantized tensors, or a pool of one: onnxruntime runs it in int8
         (QLinearAdd, QLinearConcat, QLinearAveragePool, uint8 MaxPool) when its output is quantized too."""
-        inputs = join_inputs(node) or (node.args[:1] if is_pool(graph, node) else None)
+        inputs = ops.join_inputs(node) or (node.args[:1] if is_pool(graph, node) else None)
         return inputs is not None and all(grid_source(graph, t) in on_grid for t in inputs)
 
     def _freeze(self, graph: Graph, point: _Point, observed: _Observed, grids: dict[fx.Node, tuple[float, int, str]],
@@ -238,9 +244,9 @@ class Quantize(Pass):
         if isinstance(module, ActivationQuant):
             module.freeze(scale, zero_point)
             grids[point.node] = (scale, zero_point, point.label)
-            return Decision(point.label, "quantized", f"uint8 per tensor on {how}",
-                            details={"scheme": "uint8 activation", "bits": 8, "threshold": t, "observed_max": None if t is None else hist.upper,
-                                     "input_scale": scale, "input_zero_point": zero_point})
+            return Decision(point.label, Action.QUANTIZED, f"uint8 per tensor on {how}",
+                            details=ActivationQuantDetails("uint8 activation", 8, t, None if t is None else hist.upper,
+                                                           scale, zero_point))
         out_t, out_scale, out_zero_point = None, None, 0
         if point.quantize_output:
             out_t = threshold(observed.outputs, self.calib, self.percentile)
@@ -258,28 +264,28 @@ class Quantize(Pass):
         layer, scheme = module.layer, module.scheme
         ws = module.weight_scale
         stored = quantize_weight(layer.weight.detach(), scheme, self.block_size)
-        scales = stored.integers.shape[0] * (-(-layer.weight.shape[1] // self.block_size) if scheme == "block" else 1)
+        blocks = 1 if SCHEMES[scheme].per_channel else -(-layer.weight.shape[1] // self.block_size)
+        scales = stored.integers.shape[0] * blocks
         size = layer_size(stored.integers, stored.bits, scales, 0 if layer.bias is None else layer.bias.numel())
         fused = None if module.activation is None else type(module.activation).__name__
-        details = {
-            "scheme": f"{scheme} weights x {'binary' if self.act_bits == 1 else 'uint8 (per tensor)'} input",
-            "bits": stored.bits, "calibration": self.calib, "threshold": t, "observed_max": None if t is None else hist.upper,
-            "size": size, "input_range": "non-negative" if module.input_zero_point == 0 else "signed", "input_grid": how,
-            "input_scale": module.input_scale, "input_zero_point": module.input_zero_point, "fused_activation": fused,
-            "output_threshold": out_t, "output_observed_max": out_hist.upper,
-            "weight_scale_min": float(ws.min()), "weight_scale_max": float(ws.max()), "output_sqnr_db": error,
-        }
+        details = QuantizedLayerDetails(
+            scheme=f"{scheme} weights x {'binary' if self.act_bits == 1 else 'uint8 (per tensor)'} input",
+            bits=stored.bits, calibration=self.calib, threshold=t, observed_max=None if t is None else hist.upper,
+            size=size, input_range="non-negative" if module.input_zero_point == 0 else "signed", input_grid=how,
+            input_scale=module.input_scale, input_zero_point=module.input_zero_point, fused_activation=fused,
+            output_threshold=out_t, output_observed_max=out_hist.upper,
+            weight_scale_min=float(ws.min()), weight_scale_max=float(ws.max()), output_sqnr_db=error,
+        )
         sqnr = "not measured" if error is None else f"{error:.1f} dB"
         with_relu = f" with {fused} fused" if fused else ""
         output = "float output (the model's)" if out_t is None else f"uint8 output, threshold {out_t:.4g}"
         reason = f"{scheme} ({stored.bits}-bit) weights{with_relu}; input on {how}; {output}; output SQNR {sqnr}"
-        return Decision(point.label, "quantized", reason, macs, macs, details=details)
+        return Decision(point.label, Action.QUANTIZED, reason, macs, macs, details=details)
 
     def _mixed_precision(self, graph: Graph, targets: list[fx.Node], ctx: PassContext) -> tuple[dict[str, str], list[str]]:
         """Sensitivity of each layer at 8, 4 and 2 bits (only that layer quantized), then widths
         that meet the budget with the least total sensitivity."""
-        batch = next(iter(ctx.calib_data))
-        inputs = batch if isinstance(batch, (tuple, list)) else (batch,)
+        inputs = next(ctx.batches(self.name)).inputs
         with torch.no_grad():
             reference = graph.module(*inputs)
             sensitivity, cost = {}, {}
@@ -304,26 +310,20 @@ class Quantize(Pass):
                                    "every layer is at its narrowest width"]
         return {name: _WIDTH_SCHEME[bits] for name, bits in widths.items()}, warnings
 
-    def _targets(self, graph: Graph) -> tuple[list[fx.Node], dict[str, Decision]]:
-        calls = graph.module_calls()
-        targets, decisions = [], {}
+    def _targets(self, graph: Graph) -> tuple[list[fx.Node], dict[str, Decision | None]]:
         for node in graph.nodes():
-            if node.op != "call_module" or not isinstance(graph.submodule(node), _LAYERS):
-                continue
-            module, target = graph.submodule(node), str(node.target)
-            if not bool(torch.isfinite(module.weight).all()):
-                raise PassSpecError(f"quantize: layer '{target}' has non-finite weights (inf or nan); fix the model first")
-            why = None
-            if calls[target] > 1:
-                why = f"module called {calls[target]} times"
-            elif len(node.args) != 1 or node.kwargs or not isinstance(node.args[0], fx.Node):
-                why = "called with extra arguments"
-            elif any(fnmatch.fnmatchcase(target, p) for p in self.exclude):
-                why = "excluded by pattern"
-            decisions[node.name] = Decision(target, "declined", why) if why else None
-            if not why:
-                targets.append(node)
-        return targets, decisions
+            if node.op == "call_module" and isinstance(graph.submodule(node), ops.WEIGHTED_LAYERS):
+                if not bool(torch.isfinite(graph.submodule(node).weight).all()):
+                    raise NonFiniteError(f"quantize: layer '{node.target}' has non-finite weights (inf or nan); "
+                                         "fix the model first")
+        found = layer_candidates(graph, ops.WEIGHTED_LAYERS, self.exclude)
+        decisions: dict[str, Decision | None] = {}
+        for node in graph.nodes():  # graph order; the quantized layers fill their places later
+            if node.name in found.declined:
+                decisions[node.name] = Decision(str(node.target), Action.DECLINED, found.declined[node.name])
+            elif node in found.eligible:
+                decisions[node.name] = None
+        return found.eligible, decisions
 
     def _calibrate(self, graph: Graph, points: list[_Point], ctx: PassContext) -> dict[fx.Node, _Observed]:
         """One streaming pass over ``calib_data``: histograms of each quantizer's input (and a
@@ -338,23 +338,19 @@ class Quantize(Pass):
                         seen.inputs.update(args[0])
                     if isinstance(module, QuantizedLayer):
                         seen.outputs.update(result)
-                except ValueError as exc:
-                    raise PassSpecError(f"quantize: {label}: {exc}") from None
+                except NonFiniteError as exc:
+                    raise NonFiniteError(f"quantize: {label}: {exc}") from None
                 if seen.sample is None and isinstance(module, QuantizedLayer):
                     seen.sample = args[0].detach()
             handles.append(graph.submodule(point.node).register_forward_hook(hook))
-        batches = 0
         try:
             with torch.no_grad():
-                for batch in ctx.calib_data:
-                    graph.module(*(batch if isinstance(batch, (tuple, list)) else (batch,)))
-                    batches += 1
-                    ctx.report_progress(f"quantize: calibrating, batch {batches}")
+                for count, batch in enumerate(ctx.batches(self.name), 1):
+                    graph.module(*batch.inputs)
+                    ctx.report_progress(f"quantize: calibrating, batch {count}")
         finally:
             for handle in handles:
                 handle.remove()
-        if batches == 0:
-            raise PassSpecError("quantize: calib_data is empty")
         return observed
 
 
@@ -379,11 +375,7 @@ class _Observed:
 
 def _size_summary(decisions: list[Decision]) -> Decision:
     """Deep Compression's accounting over every quantized layer: fp32, chosen widths, Huffman."""
-    sizes = [d.details["size"] for d in decisions if d.action == "quantized" and "size" in d.details]
-    total = {k: sum(s[k] for s in sizes) for k in ("fp32_bytes", "quantized_bytes", "huffman_bytes")}
-    weights = sum(s["fp32_bytes"] for s in sizes) or 1
-    zero_share = sum(s["zero_share"] * s["fp32_bytes"] for s in sizes) / weights
-    total["zero_share"] = zero_share
-    reason = (f"weights of the quantized layers: fp32 {total['fp32_bytes'] / 1e6:.3f} MB -> {total['quantized_bytes'] / 1e6:.3f} MB "
-              f"at the chosen widths -> {total['huffman_bytes'] / 1e6:.3f} MB Huffman-coded; {zero_share:.1%} of weights are 0")
-    return Decision("(model size)", "summary", reason, details=total)
+    total = sum((d.details.size for d in decisions if isinstance(d.details, QuantizedLayerDetails)), WeightSize(0, 0, 0, 0))
+    reason = (f"weights of the quantized layers: fp32 {total.fp32_bytes / 1e6:.3f} MB -> {total.quantized_bytes / 1e6:.3f} MB "
+              f"at the chosen widths -> {total.huffman_bytes / 1e6:.3f} MB Huffman-coded; {total.zero_share:.1%} of weights are 0")
+    return Decision("(model size)", Action.SUMMARY, reason, details=total)

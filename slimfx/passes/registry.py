@@ -10,7 +10,8 @@ from __future__ import annotations
 import dataclasses
 import types
 import typing
-from typing import Any, Literal, Sequence, Union
+from collections.abc import Sequence
+from typing import Any, Literal, Union
 
 from slimfx.errors import PassSpecError
 from slimfx.passes.base import Pass, option_name
@@ -21,7 +22,7 @@ PASSES: dict[str, type[Pass]] = {}
 def register(cls: type[Pass]) -> type[Pass]:
     """Class decorator adding a pass to the registry under its ``name``."""
     if not cls.name or cls.name in PASSES:
-        raise ValueError(f"pass name {cls.name!r} is empty or already registered")
+        raise PassSpecError(f"pass name {cls.name!r} is empty or already registered; give the pass class a unique name")
     PASSES[cls.name] = cls
     return cls
 

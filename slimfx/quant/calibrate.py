@@ -11,6 +11,8 @@ import math
 
 import torch
 
+from slimfx.errors import NonFiniteError, PassSpecError
+
 BINS = 2048
 
 
@@ -35,7 +37,7 @@ class AbsHistogram:
             return
         low, high = (float(v) for v in torch.aminmax(x))
         if not (math.isfinite(low) and math.isfinite(high)):  # an inf or nan reaches the extremes
-            raise ValueError("calibration saw a non-finite activation (inf or nan)")
+            raise NonFiniteError("calibration saw a non-finite activation (inf or nan)")
         self.minimum, self.maximum = min(self.minimum, low), max(self.maximum, high)
         a = x.abs().float()
         zeros = int((a == 0).sum())
@@ -163,4 +165,4 @@ def threshold(hist: AbsHistogram, method: str, percentile: float = 99.99, bits: 
         return entropy_threshold(hist)
     if method == "mse":
         return mse_threshold(hist, bits)
-    raise ValueError(f"unknown calibration method {method!r}")
+    raise PassSpecError(f"unknown calibration method {method!r}; choose minmax, percentile, entropy or mse")

@@ -12,11 +12,13 @@ invisible to backward), so the same layers train in QAT.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
 
-SCHEME_BITS = {"int8": 8, "int4": 4, "int2": 2, "ternary": 2, "binary": 1, "block": 8}
+from slimfx.errors import PassSpecError
 
 
 class QuantizedWeight(NamedTuple):
@@ -76,20 +78,33 @@ def block(weight: torch.Tensor, block_size: int, bits: int = 8) -> QuantizedWeig
     return QuantizedWeight(_straight_through(weight, dequantized), integers.reshape(cout, -1)[:, : cin * (grouped.shape[2] // block_size)].long(), bits)
 
 
+@dataclass(frozen=True)
+class WeightScheme:
+    """A way to store weights: its bits per weight, whether it has one scale per output
+    channel (an int8 grid per channel), and the function that quantizes."""
+
+    name: str
+    bits: int
+    per_channel: bool
+    quantize: Callable[[torch.Tensor, int], QuantizedWeight]  # (weight, block size)
+
+
+SCHEMES: dict[str, WeightScheme] = {s.name: s for s in (
+    WeightScheme("int8", 8, True, lambda w, _: symmetric(w, 8)),
+    WeightScheme("int4", 4, True, lambda w, _: symmetric(w, 4)),
+    WeightScheme("int2", 2, True, lambda w, _: symmetric(w, 2)),
+    WeightScheme("ternary", 2, True, lambda w, _: ternary(w)),
+    WeightScheme("binary", 1, True, lambda w, _: binary(w)),
+    WeightScheme("block", 8, False, block),
+)}
+SCHEME_BITS = {name: scheme.bits for name, scheme in SCHEMES.items()}
+
+
 def quantize_weight(weight: torch.Tensor, scheme: str, block_size: int = 16) -> QuantizedWeight:
-    if scheme == "int8":
-        return symmetric(weight, 8)
-    if scheme == "int4":
-        return symmetric(weight, 4)
-    if scheme == "int2":
-        return symmetric(weight, 2)
-    if scheme == "ternary":
-        return ternary(weight)
-    if scheme == "binary":
-        return binary(weight)
-    if scheme == "block":
-        return block(weight, block_size)
-    raise ValueError(f"unknown weight scheme {scheme!r}; choose one of {', '.join(SCHEME_BITS)}")
+    """``weight`` stored by ``scheme`` (one of ``SCHEMES``)."""
+    if scheme not in SCHEMES:
+        raise PassSpecError(f"unknown weight scheme {scheme!r}; choose one of {', '.join(SCHEMES)}")
+    return SCHEMES[scheme].quantize(weight, block_size)
 
 
 def binarize_activation(x: torch.Tensor) -> torch.Tensor:

@@ -3,8 +3,11 @@ from __future__ import annotations
 
 import heapq
 import itertools
+from dataclasses import dataclass
 
 import torch
+
+from slimfx.details import Details
 
 
 def huffman_code_lengths(frequencies: dict[int, int]) -> dict[int, int]:
@@ -33,7 +36,23 @@ def huffman_bits(symbols: torch.Tensor) -> int:
     return sum(frequencies[s] * lengths[s] for s in frequencies)
 
 
-def layer_size(integers: torch.Tensor, bits: int, scales: int, extra_params: int = 0) -> dict[str, float]:
+@dataclass(frozen=True)
+class WeightSize(Details):
+    """Bytes of weights at fp32, at their stored width and Huffman-coded, and the share stored as 0."""
+
+    fp32_bytes: float
+    quantized_bytes: float
+    huffman_bytes: float
+    zero_share: float
+
+    def __add__(self, other: WeightSize) -> WeightSize:
+        weights = self.fp32_bytes + other.fp32_bytes
+        zeros = (self.zero_share * self.fp32_bytes + other.zero_share * other.fp32_bytes) / weights if weights else 0.0
+        return WeightSize(weights, self.quantized_bytes + other.quantized_bytes, self.huffman_bytes + other.huffman_bytes,
+                          zeros)
+
+
+def layer_size(integers: torch.Tensor, bits: int, scales: int, extra_params: int = 0) -> WeightSize:
     """Bytes of one layer's weights: fp32, at ``bits`` per weight, and Huffman-coded.
 
     ``scales`` float32 scales and ``extra_params`` float32 values (bias) are added to the
@@ -41,9 +60,5 @@ def layer_size(integers: torch.Tensor, bits: int, scales: int, extra_params: int
     """
     count = integers.numel()
     overhead = 4 * (scales + extra_params)
-    return {
-        "fp32_bytes": 4 * (count + extra_params),
-        "quantized_bytes": count * bits / 8 + overhead,
-        "huffman_bytes": huffman_bits(integers) / 8 + overhead,
-        "zero_share": float((integers == 0).float().mean()) if count else 0.0,
-    }
+    return WeightSize(4 * (count + extra_params), count * bits / 8 + overhead, huffman_bits(integers) / 8 + overhead,
+                      float((integers == 0).float().mean()) if count else 0.0)

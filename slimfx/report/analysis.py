@@ -1,6 +1,8 @@
 """Reports as data: per-node rows, totals and uncounted ops; compile before/after.
 
-``to_dict`` gives the stable JSON schema documented in docs/report-schema.md.
+Reports read what the analyses left on the graph (shapes and costs must be current: the API
+runs ``ensure_costs`` first); they compute nothing themselves. ``to_dict`` gives the stable
+JSON schema documented in docs/report-schema.md.
 """
 from __future__ import annotations
 
@@ -8,8 +10,11 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-from slimfx.cost_model.counts import Cost, total_cost
+from slimfx.cost_model.counts import sum_costs
+from slimfx.errors import RewriteError
+from slimfx.exits.plan import ExitPlan
 from slimfx.ir.graph import Graph
+from slimfx.ir.meta import Cost
 from slimfx.passes.manager import PassRecord
 
 REPORT_SCHEMA = "slimfx.report/1"
@@ -26,11 +31,13 @@ UNITS = {
 
 @dataclass(frozen=True)
 class NodeRow:
-    """One node of the graph as reports show it."""
+    """One node of the graph as reports show it; ``kind`` is the module type or function,
+    ``module`` the module path of a call_module node."""
 
     name: str
     op: str
     kind: str
+    module: str | None
     inputs: tuple[str, ...]
     out_shape: tuple[int, ...] | None
     cost: Cost
@@ -39,11 +46,17 @@ class NodeRow:
     counted: bool
     provenance: str | None
 
+    @property
+    def label(self) -> str:
+        """``Conv2d (layer1.0.conv1)`` for a module call, the function or method otherwise."""
+        return f"{self.kind} ({self.module})" if self.module is not None else self.kind
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "name": self.name,
             "op": self.op,
-            "kind": self.kind,
+            "kind": self.label,
+            "module": self.module,
             "inputs": list(self.inputs),
             "out_shape": list(self.out_shape) if self.out_shape is not None else None,
             "macs": self.cost.macs,
@@ -55,6 +68,16 @@ class NodeRow:
             "rule": self.rule,
             "provenance": self.provenance,
         }
+
+
+@dataclass(frozen=True)
+class KindRow:
+    """Every node of one module type or function, added up."""
+
+    kind: str
+    count: int
+    cost: Cost
+    share: float
 
 
 @dataclass(frozen=True)
@@ -70,30 +93,6 @@ class Report:
     def uncounted(self) -> tuple[NodeRow, ...]:
         return tuple(row for row in self.nodes if not row.counted)
 
-    @classmethod
-    def from_graph(cls, graph: Graph, model: str = "model") -> Report:
-        totals = total_cost(graph)
-        rows = []
-        for node in graph.nodes():
-            info = graph.info(node)
-            assert info.cost is not None
-            rows.append(
-                NodeRow(
-                    name=node.name,
-                    op=node.op,
-                    kind=info.kind if node.op != "call_module" else f"{info.kind} ({node.target})",
-                    inputs=tuple(n.name for n in node.all_input_nodes),
-                    out_shape=info.out_shape,
-                    cost=info.cost.cost,
-                    share=info.cost.cost.macs / totals.macs if totals.macs else 0.0,
-                    rule=info.cost.rule,
-                    counted=info.cost.counted,
-                    provenance=info.provenance,
-                )
-            )
-        shapes = tuple(tuple(t.shape) for t in graph.example_inputs)
-        return cls(model, shapes, tuple(rows), totals)
-
     def top(self, n: int | None) -> list[NodeRow]:
         """The ``n`` nodes with most MACs (then element ops), or every node in graph order."""
         if n is None:
@@ -101,18 +100,16 @@ class Report:
         ranked = sorted(self.nodes, key=lambda r: (r.cost.macs, r.cost.elem_ops, r.cost.bytes_written), reverse=True)
         return ranked[:n]
 
-    def by_kind(self) -> list[dict[str, Any]]:
+    def by_kind(self) -> list[KindRow]:
         """Rows aggregated by module type or function, most MACs first."""
-        groups: dict[str, dict[str, Any]] = {}
+        counts: dict[str, int] = {}
+        costs: dict[str, Cost] = {}
         for row in self.nodes:
-            kind = row.kind.split(" (")[0]
-            g = groups.setdefault(kind, {"kind": kind, "count": 0, "cost": Cost()})
-            g["count"] += 1
-            g["cost"] = g["cost"] + row.cost
-        result = sorted(groups.values(), key=lambda g: (g["cost"].macs, g["cost"].elem_ops), reverse=True)
-        for g in result:
-            g["share"] = g["cost"].macs / self.totals.macs if self.totals.macs else 0.0
-        return result
+            counts[row.kind] = counts.get(row.kind, 0) + 1
+            costs[row.kind] = costs.get(row.kind, Cost()) + row.cost
+        rows = [KindRow(kind, counts[kind], cost, cost.macs / self.totals.macs if self.totals.macs else 0.0)
+                for kind, cost in costs.items()]
+        return sorted(rows, key=lambda r: (r.cost.macs, r.cost.elem_ops), reverse=True)
 
     def to_dict(self, top: int | None = None) -> dict[str, Any]:
         return {
@@ -122,8 +119,33 @@ class Report:
             "units": UNITS,
             "totals": totals_dict(self.totals),
             "nodes": [row.to_dict() for row in self.top(top)],
-            "uncounted": [{"name": r.name, "kind": r.kind, "reason": r.rule} for r in self.uncounted],
+            "uncounted": [{"name": r.name, "kind": r.label, "reason": r.rule} for r in self.uncounted],
         }
+
+
+def build_report(graph: Graph, model: str = "model") -> Report:
+    """The report of ``graph``, read from its current cost annotations."""
+    if not graph.is_current("costs"):
+        raise RewriteError("the graph's costs are stale; run cost_model.counts.ensure_costs(graph) before reporting")
+    totals = sum_costs(graph)
+    rows = []
+    for node in graph.nodes():
+        info = graph.info(node)
+        rows.append(NodeRow(
+            name=node.name,
+            op=node.op,
+            kind=info.kind,
+            module=str(node.target) if node.op == "call_module" else None,
+            inputs=tuple(n.name for n in node.all_input_nodes),
+            out_shape=info.out_shape,
+            cost=info.cost.cost,
+            share=info.cost.cost.macs / totals.macs if totals.macs else 0.0,
+            rule=info.cost.rule,
+            counted=info.cost.counted,
+            provenance=info.provenance,
+        ))
+    shapes = tuple(tuple(t.shape) for t in graph.example_inputs)
+    return Report(model, shapes, tuple(rows), totals)
 
 
 def totals_dict(cost: Cost) -> dict[str, int]:
@@ -145,9 +167,26 @@ class Latency:
     after_ms: float
     baseline: str
 
+    @property
+    def speedup(self) -> float:
+        return self.before_ms / self.after_ms
+
     def to_dict(self) -> dict[str, Any]:
-        return {"before_ms": self.before_ms, "after_ms": self.after_ms, "speedup": self.before_ms / self.after_ms,
-                "baseline": self.baseline}
+        return {"before_ms": self.before_ms, "after_ms": self.after_ms, "speedup": self.speedup, "baseline": self.baseline}
+
+
+@dataclass(frozen=True)
+class OnnxMeasurement:
+    """The exported file, the original and compiled model timed in onnxruntime, and the kernels
+    onnxruntime runs (op type -> count, after its graph optimizations)."""
+
+    path: str
+    latency: Latency
+    kernels: dict[str, int]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"path": self.path, "fp32_ms": self.latency.before_ms, "compiled_ms": self.latency.after_ms,
+                "speedup": self.latency.speedup, "baseline": self.latency.baseline, "kernels": dict(self.kernels)}
 
 
 @dataclass(frozen=True)
@@ -160,8 +199,8 @@ class CompileReport:
     output_error: float
     latency: Latency | None = None
     notes: tuple[str, ...] = field(default_factory=tuple)
-    exits: dict[str, Any] | None = None  # early exits: per-exit share and threshold, expected MACs
-    onnx: dict[str, Any] | None = None  # exported file, onnxruntime latency fp32 vs compiled, kernels
+    exits: ExitPlan | None = None
+    onnx: OnnxMeasurement | None = None
 
     def to_dict(self, top: int | None = None) -> dict[str, Any]:
         return {
@@ -173,8 +212,8 @@ class CompileReport:
             "output_error": self.output_error,
             "latency": self.latency.to_dict() if self.latency else None,
             "notes": list(self.notes),
-            "exits": self.exits,
-            "onnx": self.onnx,
+            "exits": self.exits.to_dict() if self.exits else None,
+            "onnx": self.onnx.to_dict() if self.onnx else None,
         }
 
     def to_json(self, top: int | None = None) -> str:

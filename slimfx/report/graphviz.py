@@ -15,7 +15,7 @@ def to_dot(report: Report) -> str:
     lines = [f"digraph {_quote(report.model)} {{", "  node [shape=box, style=filled, fontname=Helvetica];"]
     for row in report.nodes:
         shape = "x".join(map(str, row.out_shape)) if row.out_shape else ""
-        label = f"{row.name}\\n{row.kind}\\n{shape}"
+        label = f"{row.name}\\n{row.label}\\n{shape}"
         if row.cost.macs:
             label += f"\\n{si(row.cost.macs, 'MACs')} ({100 * row.share:.1f}%)"
         saturation = row.cost.macs / peak

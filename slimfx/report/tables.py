@@ -4,12 +4,15 @@ from __future__ import annotations
 import csv
 import io
 import json
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 from tabulate import tabulate
 
-from slimfx.cost_model.counts import Cost
-from slimfx.report.analysis import CompileReport, Report, totals_dict
+from slimfx.exits.plan import ExitPlan
+from slimfx.ir.meta import Cost
+from slimfx.passes.manager import PassRecord
+from slimfx.report.analysis import CompileReport, KindRow, NodeRow, Report, totals_dict
 
 TABLE_FORMATS = {"table": "simple", "md": "github"}
 
@@ -47,14 +50,14 @@ _NODE_COLUMNS = ["node", "op", "module type / function", "output shape", "MACs",
 _KIND_COLUMNS = ["module type / function", "nodes", "MACs", "share of MACs", "element ops", "params"]
 
 
-def _node_values(row: Any) -> list[Any]:
+def _node_values(row: NodeRow) -> list[Any]:
     shape = "x".join(map(str, row.out_shape)) if row.out_shape else "-"
-    return [row.name, row.op, row.kind, shape, row.cost.macs, f"{100 * row.share:.1f}%", row.cost.elem_ops, row.cost.params]
+    return [row.name, row.op, row.label, shape, row.cost.macs, f"{100 * row.share:.1f}%", row.cost.elem_ops, row.cost.params]
 
 
-def _kind_values(group: dict[str, Any]) -> list[Any]:
-    c = group["cost"]
-    return [group["kind"], group["count"], c.macs, f"{100 * group['share']:.1f}%", c.elem_ops, c.params]
+def _kind_values(group: KindRow) -> list[Any]:
+    c = group.cost
+    return [group.kind, group.count, c.macs, f"{100 * group.share:.1f}%", c.elem_ops, c.params]
 
 
 def render_report(report: Report, fmt: str = "table", top: int | None = None, by: str = "node") -> str:
@@ -82,7 +85,7 @@ def render_report(report: Report, fmt: str = "table", top: int | None = None, by
 def _uncounted_text(report: Report) -> str:
     if not report.uncounted:
         return "uncounted ops: none (every node has a cost rule)"
-    items = "\n".join(f"  {r.name} ({r.kind}): {r.rule}" for r in report.uncounted)
+    items = "\n".join(f"  {r.name} ({r.label}): {r.rule}" for r in report.uncounted)
     return f"uncounted ops ({len(report.uncounted)}; their cost is missing from the totals):\n{items}"
 
 
@@ -116,45 +119,45 @@ def render_compile(result: CompileReport, fmt: str = "table") -> str:
         lat = result.latency
         parts.append(
             f"measured latency ({lat.baseline}): before {lat.before_ms:.2f} ms, after {lat.after_ms:.2f} ms, "
-            f"speedup {lat.before_ms / lat.after_ms:.2f}x"
+            f"speedup {lat.speedup:.2f}x"
         )
     if result.onnx:
         o = result.onnx
-        kernels = counts_text(o["kernels"])
-        parts.append(f"onnxruntime ({o['baseline']}): original {o['fp32_ms']:.2f} ms, compiled {o['compiled_ms']:.2f} ms, "
-                     f"speedup {o['speedup']:.2f}x; wrote {o['path']} (what onnxruntime runs: {kernels})")
+        parts.append(f"onnxruntime ({o.latency.baseline}): original {o.latency.before_ms:.2f} ms, compiled "
+                     f"{o.latency.after_ms:.2f} ms, speedup {o.latency.speedup:.2f}x; wrote {o.path} "
+                     f"(what onnxruntime runs: {counts_text(o.kernels)})")
     parts.extend(result.notes)
     return "\n".join(parts).rstrip() + "\n"
 
 
-def _exits_text(exits: dict[str, Any], tablefmt: str) -> str:
-    rows = [[e["exit"], e.get("node", ""), "" if "threshold" not in e else f"{e['threshold']:.4g}", f"{e['share']:.1%}",
-             si(e["macs_to_exit_per_sample"], "MACs")] for e in exits["exits"]]
+def _exits_text(plan: ExitPlan, tablefmt: str) -> str:
+    rows = [[s.exit, s.node, f"{s.threshold:.4g}", f"{s.share:.1%}", si(s.macs_to_exit_per_sample, "MACs")] for s in plan.stats]
+    rows.append(["full model", "", "", f"{plan.final_share:.1%}", si(plan.final_macs_per_sample, "MACs")])
     table = tabulate(rows, headers=["exit", "after node", "entropy threshold", "share of held-out rows", "cost to answer there"],
                      tablefmt=tablefmt, disable_numparse=True)
     return (
-        f"early exits: expected {si(exits['expected_macs_per_sample'], 'MACs')} per sample vs "
-        f"{si(exits['full_macs_per_sample'], 'MACs')} for the full model "
-        f"({exits['expected_mac_speedup']:.2f}x); agreement with the full model {exits['agreement']:.4f} on held-out rows\n"
+        f"early exits: expected {si(plan.expected_macs_per_sample, 'MACs')} per sample vs "
+        f"{si(plan.full_macs_per_sample, 'MACs')} for the full model "
+        f"({plan.expected_mac_speedup:.2f}x); agreement with the full model {plan.agreement:.4f} on held-out rows\n"
         f"{table}\n"
     )
 
 
-def _pass_text(record: Any, tablefmt: str) -> str:
-    touched = sum(d.action not in ("declined", "summary") for d in record.decisions)
+def _pass_text(record: PassRecord, tablefmt: str) -> str:
+    touched = sum(d.changed_a_layer for d in record.decisions)
     declined = sum(d.declined for d in record.decisions)
     error = "not measured (graph unchanged)" if record.output_error is None else f"{record.output_error:.3g}"
-    exactness = "exact, verified" if record.exact else "lossy"
+    exactness = "exact, verified" if record.exact else "lossy"  # the manager checked every exact pass
     head = (
         f"pass {record.spec} ({exactness}): {'changed' if record.changed else 'no change'}, "
         f"{touched} layer(s) changed, {declined} declined, {record.seconds * 1000:.1f} ms, output error {error}"
     )
     if not record.decisions:
         return head + "\n"
-    headers, columns = ["layer", "decision"], [lambda d: d.target, lambda d: d.action]
-    if any("channels_before" in d.details for d in record.decisions):
+    headers, columns = ["layer", "decision"], [lambda d: d.target, lambda d: str(d.action)]
+    if any(d.details is not None and d.details.channels() is not None for d in record.decisions):
         headers.append("channels")
-        columns.append(lambda d: _arrow(d.details.get("channels_before"), d.details.get("channels_after")))
+        columns.append(lambda d: _arrow(*(d.details.channels() if d.details is not None and d.details.channels() else (None, None))))
     if any(d.macs_before is not None for d in record.decisions):
         headers.append("MACs of its layers")
         columns.append(lambda d: _arrow(d.macs_before, d.macs_after, si))

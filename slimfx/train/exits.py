@@ -1,7 +1,7 @@
 """Training exit heads: self-distillation (backbone frozen) and BranchyNet joint training."""
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn as nn

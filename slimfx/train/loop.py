@@ -1,7 +1,8 @@
 """The one training loop slimfx's helpers share: Adam over batches, mean loss per epoch, progress."""
 from __future__ import annotations
 
-from typing import Any, Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
 
 import torch
 

@@ -7,11 +7,13 @@ for the end of training.
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Iterable
+from collections.abc import Callable, Iterable
+from typing import Any
 
 import torch
 import torch.nn as nn
 
+from slimfx.errors import DataError, InvalidArgumentError
 from slimfx.train.loop import fit
 
 
@@ -21,10 +23,10 @@ def qat(
 ) -> list[float]:
     """Train ``module`` on ``(inputs, targets)`` batches; returns the mean loss of each epoch."""
     if epochs < 1:
-        raise ValueError(f"qat: epochs must be at least 1, got {epochs}")
+        raise InvalidArgumentError(f"qat: epochs must be at least 1, got {epochs}")
     batches = list(data)
     if not batches:
-        raise ValueError("qat: no training data")
+        raise DataError("qat: no training data")
     params = [p for p in module.parameters() if p.requires_grad]
     module.train()
     for m in module.modules():

@@ -16,16 +16,18 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from slimfx.errors import InvalidArgumentError
+
 
 def bn_sparsity_penalty(model: nn.Module, weight: float) -> torch.Tensor:
     """``weight`` x the sum of |gamma| over every affine BatchNorm in ``model`` (differentiable)."""
     if weight < 0:
-        raise ValueError(f"bn_sparsity_penalty: weight must be >= 0, got {weight}")
+        raise InvalidArgumentError(f"bn_sparsity_penalty: weight must be >= 0, got {weight}")
     gammas = [
         m.weight.abs().sum()
         for m in model.modules()
         if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.weight is not None
     ]
     if not gammas:
-        raise ValueError("bn_sparsity_penalty: the model has no affine BatchNorm layer to regularize")
+        raise InvalidArgumentError("bn_sparsity_penalty: the model has no affine BatchNorm layer to regularize")
     return weight * torch.stack(gammas).sum()

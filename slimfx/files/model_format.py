@@ -11,17 +11,17 @@ from __future__ import annotations
 import importlib
 import json
 import math
-import os
-import tempfile
 import types
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 import torch.fx as fx
 import torch.nn as nn
 
 from slimfx.errors import ModelSpecError, OutputError, UnsafeModelFileError
+from slimfx.files.atomic import atomic_write
 
 FORMAT = "slimfx.module/1"
 _MODULE_INIT_ATTRS = frozenset(vars(nn.Module()))
@@ -32,6 +32,9 @@ _FUNCTION_MODULES = {"torch.nn.functional", "operator", "_operator", "math", "to
 _TORCH_FUNCTION_MODULES = {"torch", "torch.functional", "torch._C._nn", "torch._C._VariableFunctions"}
 _DENIED_TORCH_FUNCTIONS = {"from_file", "load", "save", "set_num_threads", "manual_seed", "set_default_device"}
 _ALLOWED_PY_TORCH_FUNCTIONS = {"_assert", "einsum", "split", "chunk", "flatten"}
+
+
+_RENAMED_MODULES = {"slimfx.quant.modules": "slimfx.quant.layers"}  # files written before a module moved
 
 
 class UnsafeToSave(Exception):
@@ -147,26 +150,6 @@ def save_module(
     atomic_write(path, lambda f: torch.save(payload, f))
 
 
-def atomic_write(path: str | Path, write: Any) -> None:
-    """Write through a temporary file in the same folder, renamed into place on success."""
-    target = Path(path)
-    folder = target.parent if str(target.parent) else Path(".")
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", dir=folder)
-    except OSError as exc:
-        raise OutputError(f"cannot write {path}: {exc.strerror or exc}") from None
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-        os.replace(tmp, target)
-    except BaseException as exc:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        if isinstance(exc, OSError):
-            raise OutputError(f"cannot write {path}: {exc.strerror or exc}") from None
-        raise
-
-
 # -- decoding ---------------------------------------------------------------------------------
 def _is_allowed_class(name: str) -> bool:
     module, _, qualname = name.partition(":")
@@ -179,6 +162,7 @@ def _resolve_class(name: str) -> type[nn.Module]:
     if not _is_allowed_class(name):
         raise UnsafeModelFileError(f"model file names class {name!r}, which is not a torch.nn layer; refusing to load it")
     module, _, qualname = name.partition(":")
+    module = _RENAMED_MODULES.get(module, module)
     cls = getattr(importlib.import_module(module), qualname, None)
     if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
         raise ModelSpecError(f"model file names class {name!r}, which this torch does not have")

@@ -22,26 +22,31 @@ import contextlib
 import copy
 import warnings
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
-from slimfx.errors import SlimfxError
-from slimfx.quant.modules import ActivationQuant, QuantizedLayer
-from slimfx.quant.placement import calls_one_of, join_inputs, relu_kind
+from slimfx.backends.early_exit import EarlyExitModel
+from slimfx.errors import BackendError
+from slimfx.ir import ops
+from slimfx.ir.graph import attribute
+from slimfx.ir.rewrite import GraphBuilder
+from slimfx.quant.layers import ActivationQuant, QuantizedLayer
 
 Grid = tuple[float, int]
+PROVENANCE = "torch-int8"
 
-# ops that take a quint8 tensor and return one on the same grid (scale, zero point)
-_SAME_GRID_MODULES = (nn.ReLU, nn.MaxPool1d, nn.MaxPool2d, nn.AdaptiveAvgPool2d, nn.AvgPool2d, nn.Flatten, nn.Dropout,
-                      nn.Identity)
-_SAME_GRID_FUNCTIONS = {torch.relu, F.relu, F.max_pool2d, F.adaptive_avg_pool2d, F.avg_pool2d, torch.flatten, torch.reshape,
-                        F.dropout}
-_SAME_GRID_METHODS = {"relu", "flatten", "view", "reshape", "contiguous"}
+# what torch's quantized CPU kernels run on a quint8 tensor, returning one on the same grid
+_QUINT8_OPS = ops.op_set(
+    (nn.ReLU, nn.MaxPool1d, nn.MaxPool2d, nn.AdaptiveAvgPool2d, nn.AvgPool2d, nn.Flatten, nn.Dropout, nn.Identity),
+    (torch.relu, F.relu, F.max_pool2d, F.adaptive_avg_pool2d, F.avg_pool2d, torch.flatten, torch.reshape, F.dropout),
+    ("relu", "flatten", "view", "reshape", "contiguous"),
+)
 
 
 class Int8Layer(nn.Module):
@@ -77,7 +82,7 @@ def _quantized_tensors_allowed() -> Iterator[None]:
         yield
 
 
-class Quantize(nn.Module):
+class QuantizePerTensor(nn.Module):
     """float -> quint8 on one grid (the entry into a chain of int8 kernels)."""
 
     def __init__(self, scale: float, zero_point: int):
@@ -93,7 +98,7 @@ class Quantize(nn.Module):
 class Lowered:
     """The lowered module, the int8 kernels it calls, and what still runs in float (and why)."""
 
-    module: fx.GraphModule
+    module: nn.Module  # a GraphModule, or an EarlyExitModel of lowered stages
     engine: str
     kernels: Counter[str] = field(default_factory=Counter)
     float_ops: list[str] = field(default_factory=list)
@@ -124,20 +129,19 @@ def lower_int8(module: fx.GraphModule) -> Lowered:
     """A new GraphModule running ``module`` (a quantized slimfx graph) on int8 kernels."""
     engine = choose_engine(list(torch.backends.quantized.supported_engines))
     if engine is None:
-        raise SlimfxError("this torch build has no int8 CPU engine (torch.backends.quantized); use the ONNX export instead")
+        raise BackendError("this torch build has no int8 CPU engine (torch.backends.quantized); use the ONNX export instead")
     try:
         with _engine(engine):
             return _Lowering(module, engine).run()
     except (AttributeError, RuntimeError, NotImplementedError) as exc:  # kernels missing from this torch build
-        raise SlimfxError(f"torch's int8 kernels failed here ({type(exc).__name__}: {str(exc).splitlines()[0]}); "
+        raise BackendError(f"torch's int8 kernels failed here ({type(exc).__name__}: {str(exc).splitlines()[0]}); "
                           "use the ONNX export for int8 speed") from exc
 
 
 class _Lowering:
     def __init__(self, source: fx.GraphModule, engine: str):
         self.source, self.engine = source, engine
-        self.graph = fx.Graph()
-        self.modules: dict[str, Any] = {}
+        self.builder = GraphBuilder(PROVENANCE)
         self.env: dict[fx.Node, Any] = {}
         self.grids: dict[fx.Node, Grid] = {}  # new-graph values that are quint8 tensors
         self.dequantized: dict[fx.Node, fx.Node] = {}
@@ -147,9 +151,9 @@ class _Lowering:
     def run(self) -> Lowered:
         for node in self.source.graph.nodes:
             if node.op == "placeholder":
-                self.env[node] = self.graph.node_copy(node)
+                self.env[node] = self.builder.copy(node, lambda n: n)
             elif node.op == "output":
-                self.graph.output(fx.node.map_arg(node.args[0], lambda n: self._float(self.env[n])))
+                self.builder.output(fx.node.map_arg(node.args[0], lambda n: self._float(self.env[n])))
             elif node.op == "call_module" and isinstance(self._module(node), QuantizedLayer):
                 self.env[node] = self._layer(node)
             elif node.op == "call_module" and isinstance(self._module(node), ActivationQuant):
@@ -159,10 +163,7 @@ class _Lowering:
                 self.grids[self.env[node]] = self.grids[self.env[node.args[0]]]
             else:
                 self.env[node] = self._copy(node, keep=False)
-        lowered = fx.GraphModule(self.modules, self.graph)
-        lowered.graph.eliminate_dead_code()  # the float adds that int8 adds replaced
-        lowered.delete_all_unused_submodules()
-        lowered.recompile()
+        lowered = self.builder.build()  # drops the float adds that int8 adds replaced
         alive = set(lowered.graph.nodes)
         return Lowered(lowered, self.engine, self.kernels, [note for node, note in self.float_notes.items() if node in alive])
 
@@ -174,7 +175,7 @@ class _Lowering:
         """The value as a float tensor (dequantized once, on first need)."""
         if isinstance(value, fx.Node) and value in self.grids:
             if value not in self.dequantized:
-                self.dequantized[value] = self.graph.call_method("dequantize", (value,))
+                self.dequantized[value] = self.builder.call_method("dequantize", (value,))
             return self.dequantized[value]
         return value
 
@@ -182,9 +183,8 @@ class _Lowering:
         """The value as a quint8 tensor on ``grid`` (re-quantized if it is on another one)."""
         if self.grids.get(value) == grid:
             return value
-        name = f"quantize_{len([k for k in self.modules if k.startswith('quantize_')])}"
-        self.modules[name] = Quantize(*grid)
-        node = self.graph.call_module(name, (self._float(value),))
+        name = f"quantize_{len([k for k in self.builder.modules if k.startswith('quantize_')])}"
+        node = self.builder.call_module(name, QuantizePerTensor(*grid), (self._float(value),))
         self.grids[node] = grid
         self.kernels["quantize_per_tensor"] += 1
         return node
@@ -192,22 +192,18 @@ class _Lowering:
     def _copy(self, node: fx.Node, keep: bool) -> fx.Node:
         """The node as it was; inputs dequantized unless ``keep`` (an op that takes quint8)."""
         lookup = (lambda n: self.env[n]) if keep else (lambda n: self._float(self.env[n]))
-        copy = self.graph.node_copy(node, lookup)
+        copy = self.builder.copy(node, lookup)
         if node.op in ("call_module", "get_attr"):
-            self.modules[str(node.target)] = self._attr(str(node.target))
+            self.builder.modules[str(node.target)] = attribute(self.source, str(node.target))
         touches_int8 = any(self.env.get(n) in self.grids for n in node.all_input_nodes)
         if touches_int8 and not keep:
             self.float_notes[copy] = f"{node.name}: {_describe(node)} has no int8 kernel here; runs in float"
         return copy
 
-    def _attr(self, target: str) -> Any:
-        owner, _, name = target.rpartition(".")
-        return getattr(self.source.get_submodule(owner) if owner else self.source, name)
-
     def _keeps_grid(self, node: fx.Node) -> bool:
         if not node.args or not isinstance(node.args[0], fx.Node):
             return False
-        return calls_one_of(node, self._module, _SAME_GRID_MODULES, _SAME_GRID_FUNCTIONS, _SAME_GRID_METHODS)
+        return _QUINT8_OPS.matches(node, self._module)
 
     # -- quantized ops --------------------------------------------------------------------
     def _layer(self, node: fx.Node) -> fx.Node:
@@ -216,22 +212,20 @@ class _Lowering:
         source = self.env[node.args[0]]
         if layer.frozen and layer.output_scale is None and layer.act_bits == 8 and layer.weight_grid() is not None:
             name = str(node.target).replace(".", "_") + "_float"  # float output: a float kernel, weights baked in
-            self.modules[name] = _float_layer(layer)
             on_grid = self._quantized(source, (layer.input_scale, layer.input_zero_point))
-            call = self.graph.call_module(name, (self._float(on_grid),))
+            call = self.builder.call_module(name, _float_layer(layer), (self._float(on_grid),))
             self.float_notes[call] = f"{node.target}: its output stays float (the model's output); float kernel, int8-grid weights"
             return call
         if why is not None:  # the fake-quant layer itself, on float input: same numbers, float speed
-            self.modules[str(node.target)] = layer
-            call = self.graph.call_module(str(node.target), (self._float(source),))
+            call = self.builder.call_module(str(node.target), layer, (self._float(source),))
             self.float_notes[call] = f"{node.target}: {why}; runs as fake quantization in float"
             return call
         weight, scale = layer.weight_grid()
         name = str(node.target).replace(".", "_") + "_int8"
-        self.modules[name] = Int8Layer(layer, weight, scale)
         kind = "conv2d" if isinstance(layer.layer, nn.Conv2d) else "linear"
         self.kernels[f"quantized::{kind}" + ("_relu" if layer.activation is not None else "")] += 1
-        out = self.graph.call_module(name, (self._quantized(source, (layer.input_scale, layer.input_zero_point)),))
+        on_grid = self._quantized(source, (layer.input_scale, layer.input_zero_point))
+        out = self.builder.call_module(name, Int8Layer(layer, weight, scale), (on_grid,))
         self.grids[out] = (layer.output_scale, layer.output_zero_point)
         return out
 
@@ -245,20 +239,20 @@ class _Lowering:
         """``quantized::add(_relu)`` or ``quantized::cat`` for an add/concat of quint8 tensors
         whose output (or the ReLU after it) this quantizer quantizes."""
         join, relu = read, False
-        if relu_kind(self._module, read) is nn.ReLU and len(read.args[0].users) == 1:  # not ReLU6: add_relu clips at 0 only
+        if ops.relu_type(read, self._module) is nn.ReLU and len(read.args[0].users) == 1:  # not ReLU6: add_relu clips at 0 only
             join, relu = read.args[0], True
-        joined = join_inputs(join)
+        joined = ops.join_inputs(join)
         if joined is None or any(self.env.get(a) not in self.grids for a in joined):
             return None
         inputs = [self.env[a] for a in joined]
-        if join.target in (torch.cat, torch.concat):
+        if join.target in ops.CONCATS.functions:
             if relu:
                 return None
             kind, args = "cat", (inputs, join.args[1] if len(join.args) > 1 else join.kwargs.get("dim", 0))
         else:
             kind, args = "add_relu" if relu else "add", tuple(inputs)
         self.kernels[f"quantized::{kind}"] += 1
-        out = self.graph.call_function(getattr(torch.ops.quantized, kind), (*args, grid[0], grid[1]))
+        out = self.builder.call_function(getattr(torch.ops.quantized, kind), (*args, grid[0], grid[1]))
         self.grids[out] = grid
         return out
 
@@ -294,3 +288,21 @@ def _describe(node: fx.Node) -> str:
     if node.op == "call_module":
         return f"module {node.target}"
     return getattr(node.target, "__name__", str(node.target))
+
+
+def lower_int8_model(module: nn.Module) -> Lowered:
+    """``lower_int8`` for a compiled model: a quantized graph, or an early-exit model whose
+    stages are lowered one by one (its exit heads stay in float)."""
+    if not isinstance(module, EarlyExitModel):
+        if not isinstance(module, fx.GraphModule):
+            raise BackendError(f"int8 lowering needs a graph module, not a {type(module).__name__}")
+        return lower_int8(module)
+    stages = [lower_int8(stage) for stage in module.stages]
+    kernels: Counter[str] = sum((stage.kernels for stage in stages), Counter())
+    runtime = EarlyExitModel([stage.module for stage in stages], module.heads, module.thresholds)
+    return Lowered(runtime, stages[0].engine, kernels, [op for stage in stages for op in stage.float_ops])
+
+
+def has_quantized_layers(module: nn.Module) -> bool:
+    """Whether ``module`` holds slimfx's fake-quantized layers (a graph ``quantize`` produced)."""
+    return any(isinstance(m, (QuantizedLayer, ActivationQuant)) for m in module.modules())

@@ -1,15 +1,15 @@
-"""Typed per-node information kept in ``node.meta["slimfx"]``."""
+"""The IR's data: what slimfx knows about each fx node, kept in ``node.meta["slimfx"]``.
+
+Data only: this module imports nothing of slimfx, so every layer (analyses, cost model,
+passes, reports) can use these types without importing one another.
+"""
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from dataclasses import dataclass, fields
 
 import torch
 import torch.fx as fx
-
-if TYPE_CHECKING:
-    from slimfx.cost_model.counts import NodeCost
 
 META_KEY = "slimfx"
 
@@ -39,11 +39,47 @@ def _itemsize(dtype: torch.dtype) -> int:
 
 
 @dataclass(frozen=True)
+class Cost:
+    """Counts that add up: over nodes, over a graph.
+
+    MACs are multiply-accumulates (FLOPs = 2 x MACs); element ops the per-element work of
+    normalization, pooling, elementwise ops and activations; bytes the activation and weight
+    traffic of ops that touch memory.
+    """
+
+    macs: int = 0
+    elem_ops: int = 0
+    params: int = 0
+    bytes_read: int = 0
+    bytes_written: int = 0
+
+    def __add__(self, other: Cost) -> Cost:
+        return Cost(*(getattr(self, f.name) + getattr(other, f.name) for f in fields(Cost)))
+
+    @property
+    def flops(self) -> int:
+        return 2 * self.macs
+
+    def without_params(self) -> Cost:
+        """The same cost with its parameters left out (a module counted once already)."""
+        return Cost(self.macs, self.elem_ops, 0, self.bytes_read, self.bytes_written)
+
+
+@dataclass(frozen=True)
+class NodeCost:
+    """The cost of one node and the rule that computed it (``counted=False``: no rule, and
+    ``rule`` says why)."""
+
+    cost: Cost
+    rule: str
+    counted: bool = True
+
+
+@dataclass(frozen=True)
 class NodeInfo:
     """What slimfx knows about one fx node.
 
-    ``outputs`` lists every tensor in the node's result (tuples flattened in order);
-    ``value`` keeps a non-tensor result (an int from ``x.size(0)``, say) when it is small.
+    ``outputs`` lists every tensor in the node's result (tuples flattened in order).
     ``kind`` names what the node runs: a module class, a function or a method.
     ``cost`` is filled by the cost model; ``provenance`` names the pass that created it.
     """

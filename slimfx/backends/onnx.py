@@ -8,18 +8,20 @@ extra ``onnxscript`` dependency the newer exporter needs.
 from __future__ import annotations
 
 import collections
-import os
+import io
 import tempfile
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 import torch.nn as nn
 
-from slimfx.errors import OutputError, SlimfxError
-from slimfx.runtime.onnx_fold import fold_constant_quantization
-from slimfx.runtime.timing import median_ms
+from slimfx.backends.onnx_fold import fold_constant_quantization
+from slimfx.backends.timing import median_ms
+from slimfx.errors import BackendError
+from slimfx.files.atomic import atomic_write
 
 OPSET = 17
 
@@ -29,7 +31,7 @@ def _require() -> tuple[Any, Any]:
         import onnx
         import onnxruntime
     except ImportError:
-        raise SlimfxError('ONNX export needs onnx and onnxruntime: pip install -e ".[onnx]"') from None
+        raise BackendError('ONNX export needs onnx and onnxruntime: pip install -e ".[onnx]"') from None
     return onnx, onnxruntime
 
 
@@ -39,26 +41,20 @@ def export_onnx(module: nn.Module, example_inputs: Sequence[torch.Tensor], path:
     onnx, _ = _require()
     path = Path(path)
     names = [f"input_{i}" for i in range(len(example_inputs))]
-    folder = path.parent if str(path.parent) else Path(".")
-    handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
-    os.close(handle)
+    buffer = io.BytesIO()
     try:
         with warnings.catch_warnings(), torch.no_grad():
             warnings.simplefilter("ignore")
             torch.onnx.export(
-                module.eval(), tuple(example_inputs), tmp, opset_version=OPSET, dynamo=False,
+                module.eval(), tuple(example_inputs), buffer, opset_version=OPSET, dynamo=False,
                 input_names=names, output_names=["output"],
                 dynamic_axes={**{n: {0: "batch"} for n in names}, "output": {0: "batch"}},
             )
-        model = onnx.load(tmp)
+        model = onnx.load_from_string(buffer.getvalue())
         fold_constant_quantization(model)
-        onnx.save(model, tmp)
-        os.replace(tmp, path)
     except Exception as exc:
-        Path(tmp).unlink(missing_ok=True)
-        if isinstance(exc, OSError):
-            raise OutputError(f"cannot write {path}: {exc}") from None
-        raise SlimfxError(f"ONNX export failed: {type(exc).__name__}: {str(exc).splitlines()[0]}") from exc
+        raise BackendError(f"ONNX export failed: {type(exc).__name__}: {str(exc).splitlines()[0]}") from exc
+    atomic_write(path, lambda f: f.write(model.SerializeToString()))
     return path
 
 

@@ -11,6 +11,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from slimfx.cost_model.counts import Cost, Op, conv_cost, linear_cost, per_element, register_module_rule
 from slimfx.quant.schemes import binarize_activation, quantize_weight
 
 WEIGHT_QMIN, WEIGHT_QMAX = -128, 127  # int8 weights, symmetric (zero point 0)
@@ -137,3 +138,14 @@ class ActivationQuant(nn.Module):
         if self.scale is None:
             return x
         return torch.fake_quantize_per_tensor_affine(x, self.scale, self.zero_point, ACT_QMIN, ACT_QMAX)
+
+
+def _quantized_layer_cost(op: Op) -> Cost:
+    """A fake-quantized conv or linear costs what the layer inside it costs, plus its fused activation."""
+    inner = op.with_module(op.module.layer)
+    cost = linear_cost(inner) if isinstance(op.module.layer, nn.Linear) else conv_cost(inner)
+    return cost if op.module.activation is None else cost + Cost(elem_ops=op.out_numel)
+
+
+register_module_rule((QuantizedLayer,), "quantized layer", _quantized_layer_cost)
+register_module_rule((ActivationQuant,), "quantize/dequantize", per_element)

@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 
 from slimfx.errors import ModelSpecError, UnsafeModelFileError
-from slimfx.ir.serialize import is_slimfx_file, module_from_payload
+from slimfx.files.model_format import is_slimfx_file, module_from_payload
 
 _INPUT_SIZE = {"inception_v3": 299}
 _VIDEO_SHAPE = (1, 3, 16, 112, 112)
@@ -77,7 +77,8 @@ def _factory(spec: str) -> LoadedModel:
             raise ModelSpecError(f"model file {where!r} does not exist")
         module_name = f"_slimfx_user_{path.stem}"
         import_spec = importlib.util.spec_from_file_location(module_name, path)
-        assert import_spec and import_spec.loader
+        if import_spec is None or import_spec.loader is None:
+            raise ModelSpecError(f"cannot import {where!r} as a Python file")
         source = importlib.util.module_from_spec(import_spec)
         sys.modules[module_name] = source
         _exec(lambda: import_spec.loader.exec_module(source), spec)

@@ -1,87 +1,33 @@
 """add-exits: BranchyNet-style early exits at nodes that dominate the output.
 
 The pass picks cut points (dominators of the output, spread by cumulative MACs or named with
-``at=``), attaches a small classifier head after each, trains the heads on ``calib_data``
-(self-distillation by default; BranchyNet joint training with ``joint=true`` and labels),
-and chooses an entropy threshold per exit on held-out rows so that agreement with the full
-model stays at or above ``agreement``. The graph itself is unchanged: the plan is attached to
-it and ``slimfx.compile`` returns ``runtime.early_exit.EarlyExitModel``, which really exits.
+``at=``), attaches a small classifier head after each (``exits.heads``), trains the heads on
+the calibration data (self-distillation by default; BranchyNet joint training with
+``joint=true`` and labels), and chooses an entropy threshold per exit on held-out rows so
+that agreement with the full model stays at or above ``agreement`` (``exits.thresholds``).
+The graph itself is unchanged: the pass returns an ``ExitPlan`` on its result, and the pass
+manager builds the runtime that really exits (``backends.early_exit``) and verifies it.
 """
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass, field
-from typing import Any, Literal, Sequence
+from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.fx as fx
 import torch.nn as nn
 
-from slimfx.errors import PassSpecError
+from slimfx.cost_model.counts import ensure_costs
+from slimfx.errors import DataError, PassSpecError
+from slimfx.exits.heads import head_macs, make_head
+from slimfx.exits.plan import ExitPlan, ExitStat
+from slimfx.exits.thresholds import choose_thresholds, prediction_entropy
 from slimfx.ir.dominators import output_dominators
 from slimfx.ir.graph import Graph
-from slimfx.passes.base import Decision, Pass, PassContext, PassResult
+from slimfx.ir.rewrite import with_outputs
+from slimfx.passes.base import Action, DataNeed, Decision, Pass, PassContext, PassResult
 from slimfx.passes.registry import register
-from slimfx.runtime.early_exit import prediction_entropy
 from slimfx.train.exits import distill_heads, train_branchynet
-
-PLAN_KEY = "early_exits"
-
-
-@dataclass
-class ExitPlan:
-    """What the runtime needs (cut nodes, heads, thresholds) and what the report shows."""
-
-    cuts: list[str]
-    heads: nn.ModuleList
-    thresholds: list[float]
-    stats: list[dict[str, Any]] = field(default_factory=list)
-    full_macs_per_sample: float = 0.0
-    expected_macs_per_sample: float = 0.0
-    agreement: float = 0.0
-    losses: list[float] = field(default_factory=list)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "exits": self.stats,
-            "full_macs_per_sample": self.full_macs_per_sample,
-            "expected_macs_per_sample": self.expected_macs_per_sample,
-            "expected_mac_speedup": self.full_macs_per_sample / self.expected_macs_per_sample if self.expected_macs_per_sample else None,
-            "agreement": self.agreement,
-            "training_losses": self.losses,
-        }
-
-
-def choose_thresholds(
-    entropies: Sequence[torch.Tensor], correct: Sequence[torch.Tensor], final_correct: torch.Tensor, required: float
-) -> list[float]:
-    """Greedy, first exit first: the highest entropy threshold per exit that keeps at least
-    ``required`` rows correct overall (rows not yet answered count with the full model's result).
-    """
-    rows = len(final_correct)
-    remaining = torch.ones(rows, dtype=torch.bool)
-    settled = 0  # correct answers among rows that already left
-    thresholds = []
-    for entropy, right in zip(entropies, correct):
-        candidates = remaining.nonzero().squeeze(1)
-        order = candidates[torch.argsort(entropy[candidates], stable=True)]
-        sorted_entropy = entropy[order]
-        gained = torch.cumsum(right[order].long(), 0)
-        lost = torch.cumsum(final_correct[order].long(), 0)
-        base = settled + int(final_correct[order].sum())
-        best = 0
-        for m in range(len(order), 0, -1):
-            tie_boundary = m == len(order) or sorted_entropy[m - 1] < sorted_entropy[m]
-            if tie_boundary and base + int(gained[m - 1]) - int(lost[m - 1]) >= required - 1e-9:
-                best = m
-                break
-        if best == 0:
-            thresholds.append(-math.inf)
-            continue
-        thresholds.append(float(sorted_entropy[best - 1]))
-        settled += int(gained[best - 1])
-        remaining[order[:best]] = False
-    return thresholds
 
 
 @register
@@ -123,18 +69,22 @@ class AddExits(Pass):
         if not 0 < self.holdout < 1:
             raise self.invalid("holdout", self.holdout, "a share of the calibration rows in (0, 1)")
 
+    def data_need(self) -> DataNeed:
+        return DataNeed.LABELLED if self.joint else DataNeed.CALIBRATION
+
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
         inputs, labels = self._calibration(ctx)
-        graph.ensure_costs()
-        output = next(n for n in graph.nodes() if n.op == "output")
+        ensure_costs(graph)
+        output = graph.output_node()
         if not isinstance(output.args[0], fx.Node) or len(graph.info(output).outputs) != 1:
-            return PassResult(False, (Decision("output", "declined", "the model must return one tensor of class scores"),))
+            return PassResult(False, (Decision("output", Action.DECLINED, "the model must return one tensor of class scores"),))
         cuts, decisions = self._cuts(graph)
         if not cuts:
             reason = "no node dominates the output with work left after it: every path branches, so no exit can cut the model"
-            return PassResult(False, tuple(decisions) + (Decision("model", "declined", reason),))
-        heads = nn.ModuleList(self._head(graph, cut, graph.info(output).out_shape[-1]) for cut in cuts)
-        extractor = _extractor(graph.module, cuts)
+            return PassResult(False, tuple(decisions) + (Decision("model", Action.DECLINED, reason),))
+        classes = graph.info(output).out_shape[-1]
+        heads = nn.ModuleList(make_head(self.head, graph.info(graph.node(cut)).out_shape, classes) for cut in cuts)
+        extractor = with_outputs(graph.module, cuts, self.name)
         rows = len(inputs)
         order = torch.randperm(rows, generator=torch.Generator().manual_seed(ctx.seed))
         held = order[: max(1, int(self.holdout * rows))]
@@ -148,44 +98,38 @@ class AddExits(Pass):
             losses = distill_heads(extractor, heads, [inputs[b] for b in train_batches], temperature=self.temperature,
                                    epochs=self.epochs, lr=self.lr, progress=ctx.progress)
         heads.eval()
-        plan = self._thresholds(graph, extractor, heads, cuts, inputs[held], None if labels is None else labels[held])
-        plan.losses = losses
-        graph.attachments[PLAN_KEY] = plan
-        for cut, stat in zip(cuts, plan.stats):
+        plan = self._plan(graph, extractor, heads, cuts, inputs[held], None if labels is None else labels[held], losses)
+        for stat in plan.stats:
             decisions.append(Decision(
-                cut, "exit",
-                f"exit {stat['exit']}: head {self.head} ({stat['head_macs_per_sample']:,} MACs/sample), entropy threshold "
-                f"{stat['threshold']:.4g}; {stat['share']:.1%} of held-out rows leave here",
+                stat.node, Action.EXIT,
+                f"exit {stat.exit}: head {self.head} ({stat.head_macs_per_sample:,} MACs/sample), entropy threshold "
+                f"{stat.threshold:.4g}; {stat.share:.1%} of held-out rows leave here",
                 details=stat,
             ))
-        return PassResult(changed=True, decisions=tuple(decisions))
+        return PassResult(changed=False, decisions=tuple(decisions), exit_plan=plan)
 
     # -- data ---------------------------------------------------------------------------------
     def _calibration(self, ctx: PassContext) -> tuple[torch.Tensor, torch.Tensor | None]:
-        if ctx.calib_data is None:
-            raise PassSpecError("add-exits needs calibration data to train its heads: pass calib_data=[batch, ...] to slimfx.compile "
-                                "(--calib on the command line)")
+        """All calibration rows (single-input models) and their labels when every batch has them."""
+        if len(ctx.example_inputs) != 1:
+            raise DataError(f"add-exits trains heads on single-input models; this one takes {len(ctx.example_inputs)} inputs")
         xs, ys = [], []
-        for item in ctx.calib_data:
-            if isinstance(item, (tuple, list)) and len(item) == 2 and isinstance(item[1], torch.Tensor) and item[1].dim() == 1:
-                xs.append(item[0])
-                ys.append(item[1])
-            else:
-                xs.append(item[0] if isinstance(item, (tuple, list)) else item)
-        if not xs:
-            raise PassSpecError("add-exits: calib_data is empty")
+        for batch in ctx.batches(self.name):
+            xs.append(batch.inputs[0])
+            if batch.labels is not None:
+                ys.append(batch.labels)
         if self.joint and len(ys) != len(xs):
-            raise PassSpecError("add-exits: joint=true trains on labels: give calib_data as (inputs, labels) batches")
+            raise DataError("add-exits: joint=true trains on labels: give calib_data as (inputs, labels) batches")
         inputs = torch.cat(xs)
         if len(inputs) < 10:
-            raise PassSpecError(f"add-exits: {len(inputs)} calibration rows are too few to train heads and hold some out")
+            raise DataError(f"add-exits: {len(inputs)} calibration rows are too few to train heads and hold some out")
         return inputs, (torch.cat(ys) if len(ys) == len(xs) else None)
 
     # -- where ---------------------------------------------------------------------------------
     def _cuts(self, graph: Graph) -> tuple[list[str], list[Decision]]:
         dominators = [n for n in output_dominators(graph) if self._usable(graph, n)]
         cumulative = _cumulative_macs(graph)
-        total = max(cumulative[next(n for n in graph.nodes() if n.op == "output").name], 1)
+        total = max(cumulative[graph.output_node().name], 1)
         candidates = [n for n in dominators if cumulative[n.name] < total]  # work left after it
         decisions: list[Decision] = []
         if self.at:
@@ -197,7 +141,7 @@ class AddExits(Pass):
                 else:
                     why = ("a branch bypasses it (inside a residual block or concat), so it does not dominate the output"
                            if node not in dominators else "nothing but free ops follows it")
-                    decisions.append(Decision(path, "declined", f"no exit after '{path}' (node {node.name}): {why}"))
+                    decisions.append(Decision(path, Action.DECLINED, f"no exit after '{path}' (node {node.name}): {why}"))
             return chosen, decisions
         # of several cuts with the same MACs before them (conv -> BN -> ReLU -> pool), take the last
         block_ends = [n for i, n in enumerate(candidates)
@@ -229,22 +173,9 @@ class AddExits(Pass):
             raise PassSpecError(f"add-exits: module {path!r} is never called in the traced graph")
         return inside[-1]
 
-    def _head(self, graph: Graph, cut: str, classes: int) -> nn.Module:
-        shape = graph.info(graph.node(cut)).out_shape
-        channels = shape[1] if len(shape) > 2 else shape[-1]
-        layers: list[nn.Module] = []
-        if self.head == "conv-pool-linear" and len(shape) == 4:
-            width = max(16, channels // 4)
-            layers += [nn.Conv2d(channels, width, 1), nn.ReLU()]
-            channels = width
-        if len(shape) > 2:
-            layers += [nn.AdaptiveAvgPool2d(1) if len(shape) == 4 else nn.AdaptiveAvgPool1d(1), nn.Flatten()]
-        layers.append(nn.Linear(channels, classes))
-        return nn.Sequential(*layers)
-
     # -- thresholds and cost ---------------------------------------------------------------------
-    def _thresholds(self, graph: Graph, extractor: nn.Module, heads: nn.ModuleList, cuts: list[str],
-                    inputs: torch.Tensor, labels: torch.Tensor | None) -> ExitPlan:
+    def _plan(self, graph: Graph, extractor: nn.Module, heads: nn.ModuleList, cuts: list[str],
+              inputs: torch.Tensor, labels: torch.Tensor | None, losses: list[float]) -> ExitPlan:
         with torch.no_grad():
             *features, final = extractor(inputs)
             logits = [head(f) for head, f in zip(heads, features)]
@@ -263,21 +194,21 @@ class AddExits(Pass):
             answer_right[leaving] = right[leaving]
         batch = graph.example_inputs[0].shape[0]
         cumulative = _cumulative_macs(graph)
-        full = cumulative[next(n for n in graph.nodes() if n.op == "output").name] / batch
-        head_macs = [_head_macs(head, graph.info(graph.node(c)).out_shape) / batch for head, c in zip(heads, cuts)]
+        full = cumulative[graph.output_node().name] / batch
+        per_head = [head_macs(head, graph.info(graph.node(c)).out_shape) / batch for head, c in zip(heads, cuts)]
         stats, expected = [], 0.0
         for k, cut in enumerate(cuts):
             share = float((exit_of == k).float().mean())
-            cost = cumulative[cut] / batch + sum(head_macs[: k + 1])
+            cost = cumulative[cut] / batch + sum(per_head[: k + 1])
             expected += share * cost
-            stats.append({"exit": k + 1, "node": cut, "threshold": thresholds[k], "share": share,
-                          "head_macs_per_sample": int(head_macs[k]), "macs_to_exit_per_sample": cost,
-                          "agreement_of_exit": float(correct[k][exit_of == k].float().mean()) if share else None})
+            agreement = float(correct[k][exit_of == k].float().mean()) if share else None
+            stats.append(ExitStat(k + 1, cut, thresholds[k], share, int(per_head[k]), cost, agreement))
         final_share = float((exit_of == len(cuts)).float().mean())
-        expected += final_share * (full + sum(head_macs))
-        stats.append({"exit": "full model", "share": final_share, "macs_to_exit_per_sample": full + sum(head_macs)})
-        agreement = float(answer_right.float().mean()) if labels is None else float(answer_right.float().mean() / max(final_correct.float().mean(), 1e-12))
-        return ExitPlan(cuts, heads, thresholds, stats, full, expected, agreement)
+        expected += final_share * (full + sum(per_head))
+        agreement = float(answer_right.float().mean()) if labels is None else \
+            float(answer_right.float().mean() / max(final_correct.float().mean(), 1e-12))
+        return ExitPlan(tuple(cuts), heads, tuple(thresholds), tuple(stats), final_share, full + sum(per_head), full,
+                        expected, agreement, tuple(losses))
 
 
 def _cumulative_macs(graph: Graph) -> dict[str, int]:
@@ -289,17 +220,3 @@ def _cumulative_macs(graph: Graph) -> dict[str, int]:
         result[node.name] = running
     return result
 
-
-def _extractor(module: fx.GraphModule, cuts: list[str]) -> fx.GraphModule:
-    """A module returning the values at ``cuts`` and then the model's output (shares weights)."""
-    graph, env = fx.Graph(), {}
-    result = graph.graph_copy(module.graph, env)
-    by_name = {n.name: n for n in module.graph.nodes}
-    graph.output((*[env[by_name[c]] for c in cuts], result))
-    return fx.GraphModule(module, graph)
-
-
-def _head_macs(head: nn.Module, shape: tuple[int, ...]) -> int:
-    from slimfx.api import analyze
-
-    return analyze(head, torch.zeros(shape)).totals.macs

@@ -29,11 +29,6 @@ def tail_error(singular_values: torch.Tensor, rank: int) -> float:
     return math.sqrt(float(squared[rank:].sum()) / total) if total else 0.0
 
 
-def relative_error(approximation: torch.Tensor, reference: torch.Tensor) -> float:
-    norm = float(reference.norm())
-    return float((approximation - reference).norm()) / norm if norm else float((approximation - reference).norm())
-
-
 def thin_svd(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``U, S, Vh`` of ``matrix`` from the eigenvectors of its smaller Gram matrix.
 

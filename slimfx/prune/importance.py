@@ -5,14 +5,17 @@ filters that produce it). ``has_score`` marks units the criterion has something 
 """
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any, Iterable
+from typing import Any
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from slimfx.ir.channels import ChannelAnalysis, LayerChannels
+from slimfx.data import Batch
+from slimfx.errors import RewriteError
+from slimfx.ir.channels import ChannelAnalysis, LayerChannels, LayerKind
 from slimfx.ir.graph import Graph
 
 
@@ -26,7 +29,7 @@ def bn_scale_scores(graph: Graph, analysis: ChannelAnalysis) -> UnitScores:
     """Network Slimming: |gamma| of every BatchNorm over the unit's channels, summed."""
     scores = _Accumulator(analysis.num_units)
     for layer in analysis.layers.values():
-        if layer.kind == "batchnorm":
+        if layer.kind is LayerKind.BATCHNORM:
             bn = graph.module.get_submodule(layer.target)
             gamma = bn.weight.detach().abs() if bn.weight is not None else torch.ones(bn.num_features)
             scores.add(layer.out_units, gamma)
@@ -37,7 +40,7 @@ def l1_scores(graph: Graph, analysis: ChannelAnalysis) -> UnitScores:
     """Li et al.: L1 norm of each output filter of the layers that create the unit."""
     scores = _Accumulator(analysis.num_units)
     for layer in analysis.layers.values():
-        if layer.kind in ("conv", "linear"):
+        if layer.kind in (LayerKind.CONV, LayerKind.LINEAR):
             weight = graph.module.get_submodule(layer.target).weight.detach()
             scores.add(layer.out_units, weight.abs().reshape(weight.shape[0], -1).sum(1))
     return scores.result()
@@ -77,11 +80,11 @@ def thinet_consumers(analysis: ChannelAnalysis, units: torch.Tensor) -> list[Lay
 
 
 def collect_contributions(
-    graph: Graph, layers: Iterable[LayerChannels], calib_data: Iterable[Any], seed: int
+    graph: Graph, layers: Iterable[LayerChannels], batches: Iterable[Batch], seed: int
 ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """Per layer: sampled per-input-channel contributions (samples, in) and the sampled outputs.
 
-    Streams over ``calib_data``: each batch adds up to THINET_SAMPLES_PER_BATCH random output
+    Streams over ``batches``: each batch adds up to THINET_SAMPLES_PER_BATCH random output
     positions per layer, and nothing else is kept.
     """
     layers = list(layers)
@@ -98,8 +101,8 @@ def collect_contributions(
         hooks.append(module.register_forward_hook(hook))
     try:
         with torch.no_grad():
-            for batch in calib_data:
-                graph.module(*(batch if isinstance(batch, (tuple, list)) else (batch,)))
+            for batch in batches:
+                graph.module(*batch.inputs)
     finally:
         for handle in hooks:
             handle.remove()
@@ -121,7 +124,7 @@ def _contributions(module: nn.Module, x: torch.Tensor, generator: torch.Generato
         out = torch.randint(weight.shape[0], (THINET_SAMPLES_PER_BATCH,), generator=generator)
         return rows[pick] * weight[out]
     if not isinstance(module, nn.Conv2d):
-        raise TypeError(f"ThiNet supports Conv2d and Linear layers, not {type(module).__name__}")
+        raise RewriteError(f"ThiNet supports Conv2d and Linear layers, not {type(module).__name__}")
     if module.padding_mode != "zeros" or isinstance(module.padding, str):
         x = F.pad(x, module._reversed_padding_repeated_twice, mode="constant" if module.padding_mode == "zeros" else module.padding_mode)
         padding = 0

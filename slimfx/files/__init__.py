@@ -1,0 +1,1 @@
+"""User-file formats and specs: safe model files, MODEL specs, --calib data files."""

@@ -1,0 +1,24 @@
+"""How far one tensor is from another: pure functions, used by verification, passes and reports."""
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def relative_error(reference: torch.Tensor, candidate: torch.Tensor) -> float:
+    """``||candidate - reference|| / ||reference||`` (Frobenius; absolute when the reference is 0)."""
+    ref = reference.detach().double()
+    diff = float((candidate.detach().double() - ref).norm())
+    scale = float(ref.norm())
+    return diff / scale if scale > 0 else diff
+
+
+def sqnr_db(reference: torch.Tensor, approximation: torch.Tensor) -> float:
+    """Signal-to-quantization-noise ratio in dB (inf when equal, -inf for a zero signal)."""
+    reference, approximation = reference.detach().double(), approximation.detach().double()
+    noise = float((reference - approximation).pow(2).sum())
+    signal = float(reference.pow(2).sum())
+    if noise == 0:
+        return math.inf
+    return 10 * math.log10(signal / noise) if signal else -math.inf

@@ -1,0 +1,1 @@
+"""Channel pruning math: importance criteria, how many and which channels, slicing layers."""

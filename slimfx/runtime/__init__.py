@@ -1,1 +1,0 @@
-"""Running compiled models: timing helpers (and, later, exits and ONNX sessions)."""

@@ -1,0 +1,139 @@
+"""Small models the tests share: one channel-coupling pattern each, attention blocks, BatchNorm statistics."""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+def randomize_batchnorm(model: torch.nn.Module) -> torch.nn.Module:
+    """Give every BatchNorm non-trivial statistics so that folding it is a real test."""
+    generator = torch.Generator().manual_seed(1)
+    for module in model.modules():
+        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+            n = module.num_features
+            module.running_mean.copy_(torch.rand(n, generator=generator) - 0.5)
+            module.running_var.copy_(torch.rand(n, generator=generator) + 0.5)
+            if module.affine:
+                module.weight.data.copy_(torch.rand(n, generator=generator) + 0.5)
+                module.bias.data.copy_(torch.rand(n, generator=generator) - 0.5)
+    return model
+
+
+# -- small hand-built models, one coupling pattern each ----------------------------------------
+def conv_bn(cin: int, cout: int, groups: int = 1) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1, groups=groups, bias=False), nn.BatchNorm2d(cout), nn.ReLU())
+
+
+class Concat(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.c = conv_bn(3, 8), conv_bn(3, 12), conv_bn(20, 16)
+        self.head = nn.Linear(16, 5)
+
+    def forward(self, x):
+        y = torch.cat([self.a(x), self.b(x)], dim=1)
+        return self.head(self.c(y).mean((2, 3)))
+
+
+class Split(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.left, self.right = conv_bn(3, 16), conv_bn(8, 8), conv_bn(8, 8)
+        self.head = nn.Linear(16, 5)
+
+    def forward(self, x):
+        left, right = self.a(x).chunk(2, dim=1)
+        y = torch.cat([self.left(left), self.right(right)], 1)
+        return self.head(F.adaptive_avg_pool2d(y, 1).flatten(1))
+
+
+class Grouped(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.g, self.c = conv_bn(3, 16), conv_bn(16, 24, groups=4), conv_bn(24, 8)
+        self.head = nn.Linear(8, 5)
+
+    def forward(self, x):
+        return self.head(self.c(self.g(self.a(x))).mean((2, 3)))
+
+
+class SqueezeExcite(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = conv_bn(3, 16)
+        self.squeeze, self.expand = nn.Conv2d(16, 4, 1), nn.Conv2d(4, 16, 1)
+        self.b = conv_bn(16, 8)
+        self.head = nn.Linear(8, 5)
+
+    def forward(self, x):
+        y = self.a(x)
+        scale = torch.sigmoid(self.expand(F.relu(self.squeeze(F.adaptive_avg_pool2d(y, 1)))))
+        return self.head(self.b(y * scale).mean((2, 3)))
+
+
+class Shuffle(nn.Module):
+    """ShuffleNet's shuffle written out: view into (groups, c/groups), transpose, flatten."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.c = conv_bn(3, 8), conv_bn(3, 8), conv_bn(16, 8)
+        self.head = nn.Linear(8, 5)
+
+    def forward(self, x):
+        y = torch.cat([self.a(x), self.b(x)], 1)
+        n, c, h, w = y.size()
+        y = y.view(n, 2, c // 2, h, w).transpose(1, 2).contiguous().view(n, -1, h, w)
+        return self.head(self.c(y).mean((2, 3)))
+
+
+class FlattenLinear(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = conv_bn(3, 8)
+        self.fc1, self.bn, self.fc2 = nn.Linear(8 * 4 * 4, 32), nn.BatchNorm1d(32), nn.Linear(32, 5)
+
+    def forward(self, x):
+        y = F.adaptive_avg_pool2d(self.a(x), 4).flatten(1)
+        return self.fc2(F.relu(self.bn(self.fc1(y))))
+
+
+class Residual(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem, self.block = conv_bn(3, 16), nn.Sequential(conv_bn(16, 8), nn.Conv2d(8, 16, 1), nn.BatchNorm2d(16))
+        self.head = nn.Linear(16, 5)
+
+    def forward(self, x):
+        y = self.stem(x)
+        y = F.relu(y + self.block(y))
+        return self.head(y.mean((2, 3)))
+
+
+# -- attention ----------------------------------------------------------------------------------------
+class MatmulAttention(nn.Module):
+    """Self-attention written with torch.matmul and the @ operator."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.q, self.k, self.v, self.out = nn.Linear(16, 16), nn.Linear(16, 16), nn.Linear(16, 16), nn.Linear(16, 4)
+
+    def forward(self, x):
+        scores = torch.softmax(torch.matmul(self.q(x), self.k(x).transpose(-1, -2)) / 4, dim=-1)
+        return self.out((scores @ self.v(x)).mean(1))
+
+
+class SelfAttentionBlock(nn.Module):
+    """A transformer block the way torchvision writes it: nn.MultiheadAttention called as a module."""
+
+    def __init__(self, masked: bool = False) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(32)
+        self.attention = nn.MultiheadAttention(32, 4, batch_first=True)
+        self.head = nn.Linear(32, 5)
+        self.register_buffer("mask", torch.zeros(12, 12, dtype=torch.bool) if masked else None)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.norm(x)
+        y, _ = self.attention(y, y, y, need_weights=False, attn_mask=self.mask)
+        return self.head((x + y).mean(1))

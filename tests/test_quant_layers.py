@@ -1,0 +1,35 @@
+"""Fake-quantized layers and attention written out: what they compute against float."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+
+from slimfx.metrics import sqnr_db
+from slimfx.quant.layers import QuantizedLayer, activation_qparams
+
+
+def test_quantized_layer_stays_within_one_step_of_float() -> None:
+    conv = nn.Conv2d(4, 8, 3, padding=1)
+    x = torch.rand(2, 4, 8, 8)
+    scale, zero_point = activation_qparams(1.0, non_negative=True)
+    layer = QuantizedLayer(conv)
+    assert torch.equal(layer(x), conv(x))  # unfrozen: float, for calibration
+    layer.freeze(scale, zero_point)
+    assert sqnr_db(conv(x), layer(x)) > 30
+    weight = layer.quantized_weight()
+    steps = weight / layer.weight_scale.reshape(-1, 1, 1, 1)
+    assert torch.allclose(steps, steps.round(), atol=1e-4) and steps.abs().max() <= 128
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+def test_attention_parts_compute_what_multihead_attention_computes(batch_first: bool) -> None:
+    from slimfx.quant.attention import AttentionParts
+
+    mha = nn.MultiheadAttention(32, 4, batch_first=batch_first).eval()
+    x = torch.randn(3, 7, 32) if batch_first else torch.randn(7, 3, 32)
+    with torch.no_grad():
+        out, weights = mha(x, x, x)
+        parts_out, parts_weights = AttentionParts(mha)(x, x, x)
+    assert torch.allclose(out, parts_out, atol=1e-5) and torch.allclose(weights, parts_weights, atol=1e-6)
+

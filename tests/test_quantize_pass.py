@@ -1,0 +1,173 @@
+"""The quantize pass on a trained model: accuracy, grids, sizes, mixed precision, matmuls, attention, errors."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn as nn
+from digits import calibration, split, trained_cnn
+from nets import MatmulAttention, SelfAttentionBlock
+
+from slimfx import compile
+from slimfx.errors import DataError, PassError, PassSpecError
+from slimfx.metrics import sqnr_db
+from slimfx.passes.quantize import QuantizedLayerDetails
+from slimfx.passes.registry import parse_pipeline
+
+
+@pytest.mark.parametrize("calib", ["minmax", "percentile", "entropy", "mse"])
+def test_digits_cnn_keeps_its_accuracy_in_int8(calib: str) -> None:
+    model = trained_cnn()
+    x, y = split()["test"]
+    result = compile(model, x[:2], f"fold-bn,quantize:calib={calib}", calib_data=calibration())
+    with torch.no_grad():
+        before = float((model(x).argmax(-1) == y).float().mean())
+        after = float((result.module(x).argmax(-1) == y).float().mean())
+        assert sqnr_db(model(x), result.module(x)) >= 30
+    assert after >= before - 0.01
+    decisions = [d for d in result.report.passes[1].decisions if d.action == "quantized"]
+    layers = [d for d in decisions if isinstance(d.details, QuantizedLayerDetails)]
+    assert len(layers) == 5 and all(d.details.fused_activation == "ReLU" for d in layers[:4])
+    # the first layer calibrates its input; the next ones read the grid their producer set
+    assert [d.details.threshold is None for d in layers] == [False, True, True, True, True]
+    pools = {d.target: d.details.threshold for d in decisions if not isinstance(d.details, QuantizedLayerDetails)}
+    assert list(pools) == ["block2.3 output", "block3.3 output", "adaptive_avg_pool2d output"]
+    assert pools["block2.3 output"] is None and pools["adaptive_avg_pool2d output"] is not None  # max keeps the grid
+    calibrated = [d for d in decisions if d.details.threshold is not None]
+    assert all(d.details.threshold <= d.details.observed_max + 1e-6 for d in calibrated)
+
+
+def test_bad_input_is_a_clear_error() -> None:
+    model, x = trained_cnn(), split()["test"][0][:2]
+    with pytest.raises(DataError, match="pass 'quantize' needs calibration data"):  # before capture
+        compile(model, x, "quantize")
+    broken = nn.Sequential(nn.Conv2d(1, 2, 3), nn.Flatten(), nn.Linear(72, 2)).eval()
+    with torch.no_grad():
+        broken[0].weight[0, 0, 0, 0] = float("nan")
+    with pytest.raises(PassError, match="layer '0' has non-finite weights"):
+        compile(broken, torch.rand(2, 1, 8, 8), "quantize", calib_data=[torch.rand(4, 1, 8, 8)])
+    with pytest.raises(PassSpecError, match="choose one of: int8, int4, ternary, binary, block"):
+        parse_pipeline("quantize:weights=int3")
+    with pytest.raises(PassSpecError, match="choose one of: minmax, percentile, entropy, mse"):
+        parse_pipeline("quantize:calib=kl")
+
+
+def test_size_report_and_schemes_on_digits() -> None:
+    model, x = trained_cnn(), split()["test"][0]
+    sizes = {}
+    for scheme in ("int8", "int4", "ternary", "binary", "block"):
+        result = compile(model, x[:2], f"fold-bn,quantize:weights={scheme}", calib_data=calibration())
+        summary = result.report.passes[1].decisions[-1]
+        assert summary.action == "summary"
+        sizes[scheme] = summary.details
+        assert summary.details.huffman_bytes <= summary.details.quantized_bytes < summary.details.fp32_bytes
+    stored = [sizes[scheme].quantized_bytes for scheme in ("binary", "ternary", "int4", "int8")]
+    assert stored == sorted(stored) and len(set(stored)) == 4
+    assert sizes["ternary"].zero_share > 0.2
+
+
+def test_qat_recovers_ternary_accuracy() -> None:
+    import torch.nn.functional as F
+
+    import slimfx
+
+    model = trained_cnn()
+    x_test, y_test = split()["test"]
+    x_train, y_train = split()["train"]
+    quantized = compile(model, x_test[:2], "fold-bn,quantize:weights=ternary", calib_data=calibration()).module
+    with torch.no_grad():
+        before = float((quantized(x_test).argmax(-1) == y_test).float().mean())
+    losses = slimfx.train.qat(quantized, list(zip(x_train.split(50), y_train.split(50))), F.cross_entropy, epochs=3)
+    with torch.no_grad():
+        after = float((quantized(x_test).argmax(-1) == y_test).float().mean())
+        float_accuracy = float((model(x_test).argmax(-1) == y_test).float().mean())
+    assert losses[-1] < losses[0]
+    assert float_accuracy - after < float_accuracy - before  # the quantization gap shrinks
+    assert after >= float_accuracy - 0.03
+
+
+def test_binary_activations_need_binary_weights() -> None:
+    with pytest.raises(PassSpecError, match="act-bits"):
+        parse_pipeline("quantize:act-bits=1")
+    with pytest.raises(PassSpecError, match="act-bits"):
+        parse_pipeline("quantize:act-bits=4")
+    (p,) = parse_pipeline("quantize:weights=binary,act-bits=1")
+    assert p.act_bits == 1
+
+
+def test_bits_auto_meets_a_size_budget_and_lists_the_widths() -> None:
+    model, x = trained_cnn(), split()["test"][0]
+    result = compile(model, x[:2], "fold-bn,quantize:bits=auto,target-size=0.1", calib_data=calibration())
+    record = result.report.passes[1]
+    widths = [d.details.bits for d in record.decisions if d.action == "quantized"]
+    assert set(widths) <= {8, 4, 2} and len(set(widths)) > 1
+    size = record.decisions[-1].details
+    assert size.quantized_bytes <= 0.1 * size.fp32_bytes + 4 * 1000  # weights within budget (+ scales, biases)
+    unreachable = compile(model, x[:2], "fold-bn,quantize:bits=auto,target-size=0.01", calib_data=calibration())
+    assert "cannot be met" in unreachable.report.passes[1].warnings[0]
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [("quantize:bits=auto", "exactly one of target-size or target-macs-bits"),
+     ("quantize:target-size=0.2", "a budget only with bits=auto"),
+     ("quantize:bits=auto,target-size=2", "option 'target-size'")],
+)
+def test_mixed_precision_options_are_checked(spec: str, message: str) -> None:
+    with pytest.raises(PassSpecError, match=message):
+        parse_pipeline(spec)
+
+
+def test_matmul_inputs_get_quantize_dequantize(tmp_path: Path) -> None:
+    model, x = MatmulAttention().eval(), torch.randn(8, 10, 16)
+    result = compile(model, x[:2], "quantize:calib=minmax", calib_data=[x])
+    targets = [d.target for d in result.report.passes[-1].decisions]
+    assert {"matmul input 0", "matmul input 1", "matmul_1 input 0", "matmul_1 input 1"} <= set(targets)
+    assert result.report.output_error < 0.05 and result.report.after.uncounted == ()
+    pytest.importorskip("onnxruntime")
+    from slimfx.backends import onnx as ort_tools
+
+    path = result.export_onnx(tmp_path / "attention.onnx")
+    kernels = ort_tools.kernel_census(path)
+    assert kernels.get("MatMulIntegerToFloat", 0) + kernels.get("QLinearMatMul", 0) >= 5  # 3 linears + 2 matmuls
+    assert "MatMul" not in kernels  # no float matmul left
+
+
+def test_multihead_attention_is_opened_and_quantized(tmp_path: Path) -> None:
+    model, x = SelfAttentionBlock().eval(), torch.randn(16, 12, 32)
+    result = compile(model, x[:2], "quantize:calib=minmax", calib_data=list(x.split(4)))
+    quantized = {d.target for d in result.report.passes[-1].decisions if d.action == "quantized"}
+    assert {"attention.q_proj", "attention.k_proj", "attention.v_proj", "attention.out_proj", "matmul input 0", "matmul_1 input 1"} <= quantized
+    assert not any(isinstance(m, nn.MultiheadAttention) for m in result.module.modules())
+    with torch.no_grad():
+        assert sqnr_db(model(x), result.module(x)) >= 30
+    pytest.importorskip("onnxruntime")
+    from slimfx.backends import onnx as ort_tools
+
+    kernels = ort_tools.kernel_census(result.export_onnx(tmp_path / "block.onnx"))
+    assert kernels.get("MatMulIntegerToFloat", 0) + kernels.get("QLinearMatMul", 0) >= 6 and "MatMul" not in kernels
+
+
+def test_masked_attention_is_declined_with_the_reason() -> None:
+    model, x = SelfAttentionBlock(masked=True).eval(), torch.randn(8, 12, 32)
+    result = compile(model, x[:2], "quantize:calib=minmax", calib_data=[x])
+    declined = {d.target: d.reason for d in result.report.passes[-1].decisions if d.action == "declined"}
+    assert declined == {"attention": "attention left whole: called with a attn_mask (masks are not written out)"}
+
+
+def test_quantize_folds_batchnorm_first_unless_told_not_to() -> None:
+    model, x = trained_cnn(), split()["test"][0]
+    folded = compile(model, x[:2], "quantize:calib=minmax", calib_data=calibration())
+    kept = compile(model, x[:2], "quantize:calib=minmax,fold-bn=false", calib_data=calibration())
+    def batchnorms(module: nn.Module) -> int:
+        return sum(isinstance(m, nn.BatchNorm2d) for m in module.modules())
+
+    assert batchnorms(folded.module) == 0 and batchnorms(kept.module) == 4
+    fold, quantize = folded.report.passes  # fold-bn inserted before quantize, with its own verified record
+    assert (fold.name, fold.exact, quantize.name) == ("fold-bn", True, "quantize")
+    assert fold.output_error < 1e-4 and sum(d.action == "folded" for d in fold.decisions) == 4
+    assert [r.name for r in kept.report.passes] == ["quantize"]
+    with torch.no_grad():
+        assert sqnr_db(model(x), folded.module(x)) >= 30
+

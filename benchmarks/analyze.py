@@ -6,6 +6,7 @@ Each tool is timed on its own (warm-up, then the median of repeated runs). slimf
 includes tracing, shape propagation and counting; FlopCounterMode and fvcore run the model.
 fvcore comes from the optional `bench` extra (pip install -e ".[bench]").
 """
+
 from __future__ import annotations
 
 import argparse
@@ -19,8 +20,17 @@ from torch.utils.flop_counter import FlopCounterMode
 import slimfx
 from slimfx.backends.timing import median_ms
 
-MODELS = ["resnet18", "resnet50", "mobilenet_v2", "efficientnet_b0", "densenet121", "inception_v3",
-          "convnext_tiny", "regnet_y_400mf", "vit_b_16"]
+MODELS = [
+    "resnet18",
+    "resnet50",
+    "mobilenet_v2",
+    "efficientnet_b0",
+    "densenet121",
+    "inception_v3",
+    "convnext_tiny",
+    "regnet_y_400mf",
+    "vit_b_16",
+]
 
 
 def slimfx_macs(model: torch.nn.Module, x: torch.Tensor) -> int:
@@ -59,19 +69,39 @@ def main() -> None:
         results = {}
         for tool, fn in (("slimfx", slimfx_macs), ("FlopCounterMode", flop_counter_macs), ("fvcore", fvcore_macs)):
             macs = fn(model, x)
-            ms = median_ms(lambda fn=fn, model=model, x=x: fn(model, x), args.repeats, warmup=1) if macs is not None else None
+            ms = (
+                median_ms(lambda fn=fn, model=model, x=x: fn(model, x), args.repeats, warmup=1)
+                if macs is not None
+                else None
+            )
             results[tool] = (macs, ms)
         s_macs, s_ms = results["slimfx"]
         f_macs, f_ms = results["FlopCounterMode"]
         v_macs, v_ms = results["fvcore"]
-        rows.append([
-            name,
-            f"{s_macs / 1e9:.3f}", f"{f_macs / 1e9:.3f}", f"{v_macs / 1e9:.3f}" if v_macs else "-",
-            f"{s_ms:.0f}", f"{f_ms:.0f}", f"{v_ms:.0f}" if v_ms else "-",
-            f"{s_ms / f_ms:.2f}", f"{s_ms / v_ms:.2f}" if v_ms else "-",
-        ])
-    headers = ["model", "slimfx GMACs", "FlopCounter GMACs", "fvcore GMACs", "slimfx ms", "FlopCounter ms",
-               "fvcore ms", "slimfx / FlopCounter time", "slimfx / fvcore time"]
+        rows.append(
+            [
+                name,
+                f"{s_macs / 1e9:.3f}",
+                f"{f_macs / 1e9:.3f}",
+                f"{v_macs / 1e9:.3f}" if v_macs else "-",
+                f"{s_ms:.0f}",
+                f"{f_ms:.0f}",
+                f"{v_ms:.0f}" if v_ms else "-",
+                f"{s_ms / f_ms:.2f}",
+                f"{s_ms / v_ms:.2f}" if v_ms else "-",
+            ]
+        )
+    headers = [
+        "model",
+        "slimfx GMACs",
+        "FlopCounter GMACs",
+        "fvcore GMACs",
+        "slimfx ms",
+        "FlopCounter ms",
+        "fvcore ms",
+        "slimfx / FlopCounter time",
+        "slimfx / fvcore time",
+    ]
     print(f"batch 1, {args.threads} threads, median of {args.repeats} runs each, tools timed one after another\n")
     print(tabulate(rows, headers=headers, tablefmt="github"))
 

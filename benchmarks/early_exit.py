@@ -9,6 +9,7 @@ included) and measured latency speedup of the early-exit runtime over the origin
 (torch eager fp32) at batch 1 (every test digit on its own, runtime and original interleaved)
 and batch 64 (median of interleaved rounds per batch, summed over the test set).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -31,6 +32,7 @@ from digits import split, train_classifier, trained_cnn  # noqa: E402  (the test
 
 def resnet18_on_digits(epochs: int = 4) -> tuple[torch.nn.Module, dict]:
     """resnet18 (10 classes) trained on digits upsampled to 32x32 with 3 channels."""
+
     def prepare(x: torch.Tensor) -> torch.Tensor:
         return F.interpolate(x, size=32, mode="bilinear", align_corners=False).expand(-1, 3, -1, -1).contiguous()
 
@@ -39,6 +41,10 @@ def resnet18_on_digits(epochs: int = 4) -> tuple[torch.nn.Module, dict]:
     model = torchvision.models.resnet18(weights=None, num_classes=10)
     train_classifier(model, *data["train"], epochs=epochs, lr=1e-3)
     return model.eval(), data
+
+
+def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
+    return float((logits.argmax(-1) == labels).float().mean())
 
 
 def batch_one_ms(a: torch.nn.Module, b: torch.nn.Module, x: torch.Tensor) -> tuple[float, float]:
@@ -102,19 +108,43 @@ def main() -> None:
         one_orig, one_exit = batch_one_ms(model, runtime, x_test)
         big_orig, big_exit = batch_64_ms(model, runtime, x_test, args.repeats)
         speedup64 = big_orig / big_exit
-        rows.append([
-            label, spec.split(":")[1], " / ".join(f"{s:.1%}" for s in shares.tolist()),
-            f"{float((outputs.argmax(-1) == reference.argmax(-1)).float().mean()):.4f}",
-            f"{float((reference.argmax(-1) == y_test).float().mean()):.4f} -> {float((outputs.argmax(-1) == y_test).float().mean()):.4f}",
-            f"{mac_speedup:.2f}x", f"{one_orig / one_exit:.2f}x ({one_orig:.2f} -> {one_exit:.2f} ms)",
-            f"{speedup64:.2f}x ({big_orig:.1f} -> {big_exit:.1f} ms)", f"{speedup64 / mac_speedup:.2f}", f"{seconds:.1f}",
-        ])
+        rows.append(
+            [
+                label,
+                spec.split(":")[1],
+                " / ".join(f"{s:.1%}" for s in shares.tolist()),
+                f"{float((outputs.argmax(-1) == reference.argmax(-1)).float().mean()):.4f}",
+                f"{accuracy(reference, y_test):.4f} -> {accuracy(outputs, y_test):.4f}",
+                f"{mac_speedup:.2f}x",
+                f"{one_orig / one_exit:.2f}x ({one_orig:.2f} -> {one_exit:.2f} ms)",
+                f"{speedup64:.2f}x ({big_orig:.1f} -> {big_exit:.1f} ms)",
+                f"{speedup64 / mac_speedup:.2f}",
+                f"{seconds:.1f}",
+            ]
+        )
         print(f"done {label}", flush=True)
-    print(f"\n{len(x_test)} test digits; latency: torch eager fp32, {args.threads} threads; "
-          f"batch 64: median of {args.repeats} interleaved rounds per batch, summed\n")
-    print(tabulate(rows, headers=["model", "exits", "share per exit (last = full model)", "agreement", "accuracy (orig -> exits)",
-                                  "expected MAC speedup", "batch 1 speedup", "batch 64 speedup (test set)",
-                                  "batch-64 speedup / MAC speedup", "compile s"], tablefmt="github"))
+    print(
+        f"\n{len(x_test)} test digits; latency: torch eager fp32, {args.threads} threads; "
+        f"batch 64: median of {args.repeats} interleaved rounds per batch, summed\n"
+    )
+    print(
+        tabulate(
+            rows,
+            headers=[
+                "model",
+                "exits",
+                "share per exit (last = full model)",
+                "agreement",
+                "accuracy (orig -> exits)",
+                "expected MAC speedup",
+                "batch 1 speedup",
+                "batch 64 speedup (test set)",
+                "batch-64 speedup / MAC speedup",
+                "compile s",
+            ],
+            tablefmt="github",
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ and 8, the original and every factorized variant timed in interleaved rounds (me
 last columns set the measured speedup next to the MAC reduction: extra depth and depthwise
 kernels make some methods much slower than their MAC count suggests.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -33,6 +34,10 @@ def model_and_methods(name: str) -> tuple[torch.nn.Module, tuple[int, ...], list
 
         return getattr(video, name)(weights=None).eval(), VIDEO[name], ["separable-3d"]
     return torchvision.models.get_model(name, weights=None).eval(), (3, 224, 224), METHODS
+
+
+def speedup_text(original_ms: float, compiled_ms: float) -> str:
+    return f"{original_ms / compiled_ms:.2f}x ({original_ms:.1f} -> {compiled_ms:.1f} ms)"
 
 
 def main() -> None:
@@ -68,16 +73,40 @@ def main() -> None:
             for warning in warnings_:
                 print(f"{name} {method}: {warning}")
             mac_reduction = before.macs / after.macs
-            rows.append([
-                name, method, f"{after.macs / before.macs:.3f}", f"{after.params / before.params:.3f}", f"{seconds:.1f}",
-                f"{error:.3f}", f"{mac_reduction:.2f}x",
-                f"{latency[1]['original'] / latency[1][method]:.2f}x ({latency[1]['original']:.1f} -> {latency[1][method]:.1f} ms)",
-                f"{latency[8]['original'] / latency[8][method]:.2f}x ({latency[8]['original']:.1f} -> {latency[8][method]:.1f} ms)",
-            ])
-    print(f"\ntarget-macs={args.target}; latency: torch eager fp32, {args.threads} threads, median of {args.repeats} "
-          "interleaved rounds; output error: relative, 4 random inputs (random-init weights)\n")
-    print(tabulate(rows, headers=["model", "method", "MACs after/before", "params after/before", "compile s",
-                                  "output error", "MAC reduction", "speedup batch 1", "speedup batch 8"], tablefmt="github"))
+            rows.append(
+                [
+                    name,
+                    method,
+                    f"{after.macs / before.macs:.3f}",
+                    f"{after.params / before.params:.3f}",
+                    f"{seconds:.1f}",
+                    f"{error:.3f}",
+                    f"{mac_reduction:.2f}x",
+                    speedup_text(latency[1]["original"], latency[1][method]),
+                    speedup_text(latency[8]["original"], latency[8][method]),
+                ]
+            )
+    print(
+        f"\ntarget-macs={args.target}; latency: torch eager fp32, {args.threads} threads, median of {args.repeats} "
+        "interleaved rounds; output error: relative, 4 random inputs (random-init weights)\n"
+    )
+    print(
+        tabulate(
+            rows,
+            headers=[
+                "model",
+                "method",
+                "MACs after/before",
+                "params after/before",
+                "compile s",
+                "output error",
+                "MAC reduction",
+                "speedup batch 1",
+                "speedup batch 8",
+            ],
+            tablefmt="github",
+        )
+    )
 
 
 if __name__ == "__main__":

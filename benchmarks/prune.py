@@ -15,6 +15,7 @@ initialized model at the same per-layer ratio, classifier kept. Reported per too
 
 Torch-Pruning comes from the optional `bench` extra (pip install -e ".[bench]").
 """
+
 from __future__ import annotations
 
 import argparse
@@ -47,7 +48,13 @@ def randomized(name: str) -> torch.nn.Module:
 
 
 def classifier(model: torch.nn.Module) -> torch.nn.Module:
-    return model.fc if hasattr(model, "fc") else model.classifier[-1] if isinstance(model.classifier, torch.nn.Sequential) else model.classifier
+    return (
+        model.fc
+        if hasattr(model, "fc")
+        else model.classifier[-1]
+        if isinstance(model.classifier, torch.nn.Sequential)
+        else model.classifier
+    )
 
 
 def prune_slimfx(model: torch.nn.Module, x: torch.Tensor, criterion: str, ratio: float) -> torch.nn.Module:
@@ -66,8 +73,12 @@ def prune_torch_pruning(model: torch.nn.Module, x: torch.Tensor, criterion: str,
     import torch_pruning as tp
 
     model = copy.deepcopy(model)
-    importance = tp.importance.BNScaleImportance() if criterion == "bn-scale" else tp.importance.GroupMagnitudeImportance(p=1)
-    pruner = tp.pruner.MetaPruner(model, x, importance=importance, pruning_ratio=ratio, ignored_layers=[classifier(model)])
+    importance = (
+        tp.importance.BNScaleImportance() if criterion == "bn-scale" else tp.importance.GroupMagnitudeImportance(p=1)
+    )
+    pruner = tp.pruner.MetaPruner(
+        model, x, importance=importance, pruning_ratio=ratio, ignored_layers=[classifier(model)]
+    )
     pruner.step()
     return model
 
@@ -111,23 +122,49 @@ def main() -> None:
             assert slimfx.analyze(compiled, x).totals.macs == slimfx.analyze(ours, x).totals.macs
             theirs_s, theirs = timed(prune_torch_pruning, model, x, criterion, args.ratio)
             counts = {k: slimfx.analyze(m, x).totals for k, m in (("orig", model), ("slimfx", ours), ("tp", theirs))}
-            latency = {b: interleaved_latency_ms({"orig": model, "slimfx": ours, "tp": theirs},
-                                                 torch.randn(b, 3, 224, 224), args.repeats) for b in (1, 8)}
+            latency = {
+                b: interleaved_latency_ms(
+                    {"orig": model, "slimfx": ours, "tp": theirs}, torch.randn(b, 3, 224, 224), args.repeats
+                )
+                for b in (1, 8)
+            }
             for tool, seconds in ((f"slimfx (compile {compile_s:.2f} s)", ours_s), ("Torch-Pruning", theirs_s)):
                 key = "tp" if tool == "Torch-Pruning" else "slimfx"
                 mac_ratio = counts[key].macs / counts["orig"].macs
                 speedup8 = latency[8]["orig"] / latency[8][key]
-                rows.append([
-                    name, criterion, tool, f"{seconds:.2f}", f"{counts[key].macs / 1e9:.3f}", f"{mac_ratio:.3f}",
-                    f"{counts[key].params / 1e6:.2f}",
-                    f"{latency[1]['orig']:.1f} -> {latency[1][key]:.1f}", f"{latency[8]['orig']:.1f} -> {latency[8][key]:.1f}",
-                    f"{speedup8:.2f}x", f"{speedup8 * mac_ratio:.2f}",
-                ])
+                rows.append(
+                    [
+                        name,
+                        criterion,
+                        tool,
+                        f"{seconds:.2f}",
+                        f"{counts[key].macs / 1e9:.3f}",
+                        f"{mac_ratio:.3f}",
+                        f"{counts[key].params / 1e6:.2f}",
+                        f"{latency[1]['orig']:.1f} -> {latency[1][key]:.1f}",
+                        f"{latency[8]['orig']:.1f} -> {latency[8][key]:.1f}",
+                        f"{speedup8:.2f}x",
+                        f"{speedup8 * mac_ratio:.2f}",
+                    ]
+                )
             print(f"done {name} {criterion}", flush=True)
-    headers = ["model", "criterion", "tool", "prune s", "GMACs after", "MACs after/before", "M params after",
-               "batch 1 ms (orig -> pruned)", "batch 8 ms (orig -> pruned)", "batch-8 speedup", "speedup / MAC reduction"]
-    print(f"\nratio {args.ratio}, classifier kept; latency: torch eager fp32, {args.threads} threads, "
-          f"median of {args.repeats} interleaved rounds\n")
+    headers = [
+        "model",
+        "criterion",
+        "tool",
+        "prune s",
+        "GMACs after",
+        "MACs after/before",
+        "M params after",
+        "batch 1 ms (orig -> pruned)",
+        "batch 8 ms (orig -> pruned)",
+        "batch-8 speedup",
+        "speedup / MAC reduction",
+    ]
+    print(
+        f"\nratio {args.ratio}, classifier kept; latency: torch eager fp32, {args.threads} threads, "
+        f"median of {args.repeats} interleaved rounds\n"
+    )
     print(tabulate(rows, headers=headers, tablefmt="github"))
 
 

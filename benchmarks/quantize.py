@@ -10,6 +10,7 @@ onnxruntime session timed on its own: warm-up, then the median of repeated runs)
 SQNR against fp32, and the convs onnxruntime left in fp32. Peers come from the `bench` and
 `onnx` extras; torch.ao is used while it still imports.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -60,9 +61,16 @@ def ort_quantize_static(fp32_path: Path, out_path: Path, calib: list[torch.Tenso
     start = time.perf_counter()
     prepared = out_path.with_suffix(".pre.onnx")
     quant_pre_process(str(fp32_path), str(prepared))
-    quantize_static(str(prepared), str(out_path), calibration_reader(calib), quant_format=QuantFormat.QDQ, per_channel=True,
-                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                    calibrate_method=CalibrationMethod.MinMax if method == "minmax" else CalibrationMethod.Entropy)
+    quantize_static(
+        str(prepared),
+        str(out_path),
+        calibration_reader(calib),
+        quant_format=QuantFormat.QDQ,
+        per_channel=True,
+        activation_type=QuantType.QUInt8,
+        weight_type=QuantType.QInt8,
+        calibrate_method=CalibrationMethod.MinMax if method == "minmax" else CalibrationMethod.Entropy,
+    )
     return time.perf_counter() - start
 
 
@@ -75,9 +83,12 @@ def ort_entropy_seconds(fp32_path: Path, calib: list[torch.Tensor], bins: int = 
 
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as folder:
-        calibrator = create_calibrator(str(fp32_path), augmented_model_path=str(Path(folder) / "augmented.onnx"),
-                                       calibrate_method=CalibrationMethod.Entropy,
-                                       extra_options={"num_bins": bins, "num_quantized_bins": 128})
+        calibrator = create_calibrator(
+            str(fp32_path),
+            augmented_model_path=str(Path(folder) / "augmented.onnx"),
+            calibrate_method=CalibrationMethod.Entropy,
+            extra_options={"num_bins": bins, "num_quantized_bins": 128},
+        )
         calibrator.collect_data(calibration_reader(calib))
         calibrator.compute_data()
     return time.perf_counter() - start
@@ -107,7 +118,8 @@ def ort_row(path: Path, test: torch.Tensor, reference: torch.Tensor, repeats: in
         "b8": ort_tools.latency_ms(sess, [torch.randn(8, *shape)], repeats),
         "sqnr": sqnr_db(reference, torch.from_numpy(out)),
         "out": torch.from_numpy(out),
-        "fp32_convs": kernels.get("Conv", 0) + kernels.get("FusedConv", 0), "int8_convs": kernels.get("QLinearConv", 0),
+        "fp32_convs": kernels.get("Conv", 0) + kernels.get("FusedConv", 0),
+        "int8_convs": kernels.get("QLinearConv", 0),
     }
 
 
@@ -122,11 +134,30 @@ def main() -> None:
     torch.manual_seed(0)
     digits_split = split()
     cases = [
-        ("resnet18", torchvision.models.resnet18(weights=None).eval(), (3, 224, 224), [torch.randn(1, 3, 224, 224) for _ in range(args.calib)],
-         torch.randn(8, 3, 224, 224), None),
-        ("mobilenet_v2", torchvision.models.mobilenet_v2(weights=None).eval(), (3, 224, 224),
-         [torch.randn(1, 3, 224, 224) for _ in range(args.calib)], torch.randn(8, 3, 224, 224), None),
-        ("digits CNN", trained_cnn(), (1, 8, 8), list(digits_split["calib"][0].split(100)), digits_split["test"][0], digits_split["test"][1]),
+        (
+            "resnet18",
+            torchvision.models.resnet18(weights=None).eval(),
+            (3, 224, 224),
+            [torch.randn(1, 3, 224, 224) for _ in range(args.calib)],
+            torch.randn(8, 3, 224, 224),
+            None,
+        ),
+        (
+            "mobilenet_v2",
+            torchvision.models.mobilenet_v2(weights=None).eval(),
+            (3, 224, 224),
+            [torch.randn(1, 3, 224, 224) for _ in range(args.calib)],
+            torch.randn(8, 3, 224, 224),
+            None,
+        ),
+        (
+            "digits CNN",
+            trained_cnn(),
+            (1, 8, 8),
+            list(digits_split["calib"][0].split(100)),
+            digits_split["test"][0],
+            digits_split["test"][1],
+        ),
     ]
     rows, calibration_times = [], []
     folder = Path(tempfile.mkdtemp())
@@ -146,15 +177,30 @@ def main() -> None:
             torch_rows[calib_method] = (result.to_torch_int8().module, seconds)
             out_path = folder / f"{name}-ort-{calib_method}.onnx"
             seconds = ort_quantize_static(fp32_path, out_path, calib, calib_method)
-            variants[f"ORT quantize_static ({calib_method})"] = (ort_row(out_path, test, reference, args.repeats, shape), seconds)
+            variants[f"ORT quantize_static ({calib_method})"] = (
+                ort_row(out_path, test, reference, args.repeats, shape),
+                seconds,
+            )
         ao, ao_seconds = torch_ao(model, test[:1], calib)
-        calibration_times.append([name, f"{variants['slimfx int8 (entropy)'][1]:.2f}", f"{ort_entropy_seconds(fp32_path, calib):.2f}"])
+        calibration_times.append(
+            [name, f"{variants['slimfx int8 (entropy)'][1]:.2f}", f"{ort_entropy_seconds(fp32_path, calib):.2f}"]
+        )
         for label, (row, seconds) in variants.items():
             accuracy = "" if labels is None else f"{float((row['out'].argmax(-1) == labels).float().mean()):.4f}"
-            rows.append([name, label, f"{seconds:.2f}", f"{row['b1']:.2f}", f"{row['b8']:.2f}",
-                         f"{base['b1'] / row['b1']:.2f}x", f"{base['b8'] / row['b8']:.2f}x",
-                         "-" if label.endswith("fp32") else f"{row['sqnr']:.1f}", accuracy,
-                         f"{row['int8_convs']} int8 / {row['fp32_convs']} fp32"])
+            rows.append(
+                [
+                    name,
+                    label,
+                    f"{seconds:.2f}",
+                    f"{row['b1']:.2f}",
+                    f"{row['b8']:.2f}",
+                    f"{base['b1'] / row['b1']:.2f}x",
+                    f"{base['b8'] / row['b8']:.2f}x",
+                    "-" if label.endswith("fp32") else f"{row['sqnr']:.1f}",
+                    accuracy,
+                    f"{row['int8_convs']} int8 / {row['fp32_convs']} fp32",
+                ]
+            )
         eager = {f"slimfx int8 ({method}, torch int8 kernels)": pair for method, pair in torch_rows.items()}
         if ao is not None:
             eager["torch.ao FX int8 (eager x86)"] = (ao, ao_seconds)
@@ -164,16 +210,52 @@ def main() -> None:
             b1 = module_latency_ms(module, [torch.randn(1, *shape)], args.repeats)
             b8 = module_latency_ms(module, [torch.randn(8, *shape)], args.repeats)
             accuracy = "" if labels is None else f"{float((out.argmax(-1) == labels).float().mean()):.4f}"
-            rows.append([name, label, f"{seconds:.2f}", f"{b1:.2f}", f"{b8:.2f}",
-                         f"{base['b1'] / b1:.2f}x", f"{base['b8'] / b8:.2f}x", f"{sqnr_db(reference, out):.1f}", accuracy, "-"])
+            rows.append(
+                [
+                    name,
+                    label,
+                    f"{seconds:.2f}",
+                    f"{b1:.2f}",
+                    f"{b8:.2f}",
+                    f"{base['b1'] / b1:.2f}x",
+                    f"{base['b8'] / b8:.2f}x",
+                    f"{sqnr_db(reference, out):.1f}",
+                    accuracy,
+                    "-",
+                ]
+            )
         print(f"done {name}", flush=True)
-    print(f"\nlatency: median of {args.repeats} runs, {args.threads} threads, each session on its own; speedups are over "
-          "onnxruntime fp32 (the fastest fp32 baseline here); SQNR of the outputs vs torch fp32 on the test inputs\n")
-    print(tabulate(rows, headers=["model", "tool", "calib+quantize s", "batch 1 ms", "batch 8 ms", "speedup b1", "speedup b8",
-                                  "SQNR dB", "digits accuracy", "convs in onnxruntime"], tablefmt="github"))
-    print("\nentropy calibration at 2048 bins, same inputs: slimfx's whole compile (fold-bn, calibration, quantization) "
-          "vs onnxruntime's entropy calibrator alone\n")
-    print(tabulate(calibration_times, headers=["model", "slimfx compile s", "onnxruntime calibrator s"], tablefmt="github"))
+    print(
+        f"\nlatency: median of {args.repeats} runs, {args.threads} threads, each session on its own; speedups are over "
+        "onnxruntime fp32 (the fastest fp32 baseline here); SQNR of the outputs vs torch fp32 on the test inputs\n"
+    )
+    print(
+        tabulate(
+            rows,
+            headers=[
+                "model",
+                "tool",
+                "calib+quantize s",
+                "batch 1 ms",
+                "batch 8 ms",
+                "speedup b1",
+                "speedup b8",
+                "SQNR dB",
+                "digits accuracy",
+                "convs in onnxruntime",
+            ],
+            tablefmt="github",
+        )
+    )
+    print(
+        "\nentropy calibration at 2048 bins, same inputs: slimfx's whole compile (fold-bn, calibration, quantization) "
+        "vs onnxruntime's entropy calibrator alone\n"
+    )
+    print(
+        tabulate(
+            calibration_times, headers=["model", "slimfx compile s", "onnxruntime calibrator s"], tablefmt="github"
+        )
+    )
 
 
 if __name__ == "__main__":

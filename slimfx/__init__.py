@@ -1,4 +1,5 @@
 """slimfx: a graph-rewriting compiler for efficient neural networks in PyTorch."""
+
 from slimfx import passes, train
 from slimfx.api import CompileResult, analyze, compile
 from slimfx.errors import SlimfxError

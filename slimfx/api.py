@@ -3,6 +3,7 @@
 compile: resolve the pipeline (requirements inserted, order and data needs checked) ->
 capture -> count -> run the passes (each verified) -> count again -> report -> measure.
 """
+
 from __future__ import annotations
 
 import copy
@@ -99,8 +100,10 @@ class CompileResult:
         from slimfx.files.model_format import save_module
 
         if not isinstance(self.module, fx.GraphModule):
-            raise OutputError(f"saving a {type(self.module).__name__} is not supported yet; save result.graph.module "
-                              "(the model without exits) or torch.save the module if you trust the file's readers")
+            raise OutputError(
+                f"saving a {type(self.module).__name__} is not supported yet; save result.graph.module "
+                "(the model without exits) or torch.save the module if you trust the file's readers"
+            )
         save_module(self.module, path, self.graph.example_inputs, model_name=self.report.before.model)
 
 
@@ -145,19 +148,26 @@ def compile(
     if latency_repeats > 0:
         latency, notes = _measure_latency(model, module, inputs, calib_data if run.exit_plan else None, latency_repeats)
     if run.exit_plan is not None:
-        notes += (f"the after totals count the model without its exit heads; the heads add "
-                  f"{run.exit_plan.head_macs_per_sample:,} MACs per sample in all, included in the early-exit costs above",)
+        notes += (
+            f"the after totals count the model without its exit heads; the heads add "
+            f"{run.exit_plan.head_macs_per_sample:,} MACs per sample in all, included in the early-exit costs above",
+        )
     report = CompileReport(before, after, run.records, error, latency, notes=notes, exits=run.exit_plan)
     return CompileResult(module, graph, report)
 
 
-def _measure_latency(original: nn.Module, compiled: nn.Module, inputs: tuple[torch.Tensor, ...],
-                     calib_data: Iterable[Any] | None, repeats: int) -> tuple[Latency, tuple[str, ...]]:
+def _measure_latency(
+    original: nn.Module,
+    compiled: nn.Module,
+    inputs: tuple[torch.Tensor, ...],
+    calib_data: Iterable[Any] | None,
+    repeats: int,
+) -> tuple[Latency, tuple[str, ...]]:
     """Eager latency before and after; an early-exit model is timed on calibration batches
     (exits pay off on real data), a quantized one on torch's int8 kernels."""
     from slimfx.backends.torch_int8 import has_quantized_layers
 
-    timed, notes = (_int8_for_timing(compiled) if has_quantized_layers(compiled) else (compiled, ()))
+    timed, notes = _int8_for_timing(compiled) if has_quantized_layers(compiled) else (compiled, ())
     measured = [inputs]
     if calib_data is not None:
         measured = [b.inputs for _, b in zip(range(LATENCY_BATCHES), batches(calib_data, inputs))] or [inputs]
@@ -180,10 +190,18 @@ def _int8_for_timing(module: nn.Module) -> tuple[nn.Module, tuple[str, ...]]:
     try:
         lowered = lower_int8_model(module)
     except BackendError as exc:
-        return module, (f"the after latency is the fake-quant graph, a float simulation ({exc}); "
-                        "pass --onnx OUT.onnx for int8 speed",)
+        return module, (
+            f"the after latency is the fake-quant graph, a float simulation ({exc}); "
+            "pass --onnx OUT.onnx for int8 speed",
+        )
     floats = f"; in float: {'; '.join(lowered.float_ops)}" if lowered.float_ops else ""
-    where = " (each stage of the early-exit model; the exit heads run in float)" if isinstance(module, EarlyExitModel) else ""
-    note = (f"after latency: the quantized graph lowered onto torch's int8 kernels{where} "
-            f"(engine {lowered.engine}: {counts_text(lowered.kernels)}){floats}")
+    where = (
+        " (each stage of the early-exit model; the exit heads run in float)"
+        if isinstance(module, EarlyExitModel)
+        else ""
+    )
+    note = (
+        f"after latency: the quantized graph lowered onto torch's int8 kernels{where} "
+        f"(engine {lowered.engine}: {counts_text(lowered.kernels)}){floats}"
+    )
     return lowered.module, (note,)

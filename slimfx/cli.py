@@ -3,6 +3,7 @@
 Bad input prints one line on stderr and exits with status 2, with no traceback and no
 partial output file.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -59,12 +60,22 @@ def check_writable(path: str) -> None:
 
 
 def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("model", help="torchvision:NAME, package.module:factory, file.py:factory, or a slimfx model file")
+    parser.add_argument(
+        "model", help="torchvision:NAME, package.module:factory, file.py:factory, or a slimfx model file"
+    )
     parser.add_argument("--input-shape", help="example input shape, e.g. 1,3,224,224 (';' between several inputs)")
-    parser.add_argument("--leaf-module", action="append", default=[], metavar="PATH",
-                        help="module path to keep whole when tracing (repeatable)")
-    parser.add_argument("--trust-model-file", action="store_true",
-                        help="allow loading a pickled model file, which can run code: only for files you trust")
+    parser.add_argument(
+        "--leaf-module",
+        action="append",
+        default=[],
+        metavar="PATH",
+        help="module path to keep whole when tracing (repeatable)",
+    )
+    parser.add_argument(
+        "--trust-model-file",
+        action="store_true",
+        help="allow loading a pickled model file, which can run code: only for files you trust",
+    )
     parser.add_argument("--seed", type=int, default=0, help="seed for the random example inputs (default 0)")
 
 
@@ -83,14 +94,21 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_arguments(comp)
     comp.add_argument("--passes", default=DEMO_PASSES, help="pipeline spec, e.g. 'fold-bn' (default: fold-bn)")
     comp.add_argument("--format", choices=["table", "md", "json"], default="table")
-    comp.add_argument("--onnx", metavar="OUT.onnx",
-                      help="also export the compiled model to ONNX and time it against the original in onnxruntime")
-    comp.add_argument("--calib", metavar="SPEC",
-                      help="calibration data for passes that need it: random:N (N random batches shaped like the "
-                           "example inputs, a stand-in) or a file written by torch.save (a tensor or a list of batches)")
+    comp.add_argument(
+        "--onnx",
+        metavar="OUT.onnx",
+        help="also export the compiled model to ONNX and time it against the original in onnxruntime",
+    )
+    comp.add_argument(
+        "--calib",
+        metavar="SPEC",
+        help="calibration data for passes that need it: random:N (N random batches shaped like the "
+        "example inputs, a stand-in) or a file written by torch.save (a tensor or a list of batches)",
+    )
     comp.add_argument("-o", "--output", help="save the compiled model here (slimfx format; 'slimfx report' loads it)")
-    comp.add_argument("--repeats", type=int, default=20,
-                      help="timed runs for measured latency before/after (median; 0 skips timing)")
+    comp.add_argument(
+        "--repeats", type=int, default=20, help="timed runs for measured latency before/after (median; 0 skips timing)"
+    )
 
     demo = sub.add_parser("demo", help=f"compile {DEMO_MODEL} with '{DEMO_PASSES}' and show what changed")
     demo.add_argument("--model", default=DEMO_MODEL, help=f"model to show (default {DEMO_MODEL})")
@@ -150,9 +168,17 @@ def cmd_compile(args: argparse.Namespace) -> None:
     loaded = load_model(args.model, trust=args.trust_model_file)
     inputs = _example_inputs(args, loaded.input_shape)
     calib = calibration_batches(args.calib, inputs, seed=args.seed + 1) if args.calib else None
-    result = compile(loaded.module, inputs, args.passes, seed=args.seed, name=loaded.name,
-                     leaf_modules=args.leaf_module, latency_repeats=max(args.repeats, 0),
-                     calib_data=calib, progress=_terminal_progress())
+    result = compile(
+        loaded.module,
+        inputs,
+        args.passes,
+        seed=args.seed,
+        name=loaded.name,
+        leaf_modules=args.leaf_module,
+        latency_repeats=max(args.repeats, 0),
+        calib_data=calib,
+        progress=_terminal_progress(),
+    )
     if sys.stderr.isatty():
         sys.stderr.write("\r" + " " * 110 + "\r")  # clear the progress line
     if args.onnx:

@@ -4,6 +4,7 @@ Users hand slimfx data in many forms: a list of tensors, a list of ``(x, y)`` pa
 ``DataLoader`` over a ``TensorDataset``, one big tensor. ``batches`` turns each into
 ``Batch`` objects checked against the model's example inputs, so no pass unpacks data itself.
 """
+
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Sequence
@@ -36,11 +37,15 @@ def check_reusable(data: Iterable[Any], what: str = "calib_data") -> None:
     except TypeError:
         raise DataError(f"{what} must be a tensor or an iterable of batches, not a {type(data).__name__}") from None
     if not reusable:
-        raise DataError(f"{what} is a one-shot iterator (a generator?); slimfx reads it more than once: "
-                        "pass a list of batches or a DataLoader")
+        raise DataError(
+            f"{what} is a one-shot iterator (a generator?); slimfx reads it more than once: "
+            "pass a list of batches or a DataLoader"
+        )
 
 
-def batches(data: Iterable[Any] | torch.Tensor, example_inputs: Sequence[torch.Tensor], what: str = "calib_data") -> Iterator[Batch]:
+def batches(
+    data: Iterable[Any] | torch.Tensor, example_inputs: Sequence[torch.Tensor], what: str = "calib_data"
+) -> Iterator[Batch]:
     """Every batch of ``data`` as a ``Batch``, checked against ``example_inputs``.
 
     A tensor is split into batches of the example batch size. Each item of an iterable is a
@@ -65,11 +70,16 @@ def as_batch(item: Any, example_inputs: Sequence[torch.Tensor], where: str) -> B
     if len(parts) == count + 1 and isinstance(parts[-1], torch.Tensor) and parts[-1].dim() == 1:
         parts, labels = parts[:-1], parts[-1]
     if len(parts) != count or not all(isinstance(t, torch.Tensor) for t in parts):
-        found = ", ".join(type(p).__name__ if not isinstance(p, torch.Tensor) else f"tensor {tuple(p.shape)}" for p in parts)
-        raise DataError(f"{where} holds ({found}); expected {count} tensor(s), one per model input, optionally "
-                        "followed by a 1-D tensor of labels")
-    inputs = tuple(_checked_input(t, example, position, where) for position, (t, example) in
-                   enumerate(zip(parts, example_inputs)))
+        found = ", ".join(
+            type(p).__name__ if not isinstance(p, torch.Tensor) else f"tensor {tuple(p.shape)}" for p in parts
+        )
+        raise DataError(
+            f"{where} holds ({found}); expected {count} tensor(s), one per model input, optionally "
+            "followed by a 1-D tensor of labels"
+        )
+    inputs = tuple(
+        _checked_input(t, example, position, where) for position, (t, example) in enumerate(zip(parts, example_inputs))
+    )
     if labels is not None and len(labels) != inputs[0].shape[0]:
         raise DataError(f"{where} has {len(labels)} labels for {inputs[0].shape[0]} rows")
     return Batch(inputs, labels)
@@ -78,8 +88,12 @@ def as_batch(item: Any, example_inputs: Sequence[torch.Tensor], where: str) -> B
 def _checked_input(tensor: torch.Tensor, example: torch.Tensor, position: int, where: str) -> torch.Tensor:
     if tuple(tensor.shape[1:]) != tuple(example.shape[1:]):
         expected = ", ".join(map(str, example.shape[1:]))
-        raise DataError(f"{where}, input {position} has shape {tuple(tensor.shape)}; the model takes (batch, {expected})")
+        raise DataError(
+            f"{where}, input {position} has shape {tuple(tensor.shape)}; the model takes (batch, {expected})"
+        )
     if example.is_floating_point() and not tensor.is_floating_point():
-        raise DataError(f"{where}, input {position} is {tensor.dtype} but the model takes {example.dtype}: convert it "
-                        "first (images in 0..255: x.float() / 255, then the model's normalization)")
+        raise DataError(
+            f"{where}, input {position} is {tensor.dtype} but the model takes {example.dtype}: convert it "
+            "first (images in 0..255: x.float() / 255, then the model's normalization)"
+        )
     return tensor.to(example.dtype) if tensor.is_floating_point() and tensor.dtype != example.dtype else tensor

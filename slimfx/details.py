@@ -3,6 +3,7 @@
 Each pass (and each technique's data that a decision carries, like an exit's statistics)
 subclasses it; imports nothing of slimfx, so every layer can.
 """
+
 from __future__ import annotations
 
 import dataclasses

@@ -3,6 +3,7 @@
 Every message says what was wrong, where (node, module path, source line) and what to do.
 The CLI prints these without a traceback and exits with status 2.
 """
+
 from __future__ import annotations
 
 

@@ -1,4 +1,5 @@
 """How far one tensor is from another: pure functions, used by verification, passes and reports."""
+
 from __future__ import annotations
 
 import math

@@ -1,4 +1,5 @@
 """A small CNN trained on scikit-learn's digits (shipped with the package: nothing downloaded)."""
+
 from __future__ import annotations
 
 import functools
@@ -53,8 +54,14 @@ def trained_cnn(epochs: int = 15) -> DigitsCNN:
 
 def train_classifier(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, epochs: int, lr: float) -> None:
     """Cross-entropy training in batches of 50 (slimfx's shared loop)."""
-    fit(model.parameters(), list(zip(x.split(50), y.split(50))), lambda b: F.cross_entropy(model(b[0]), b[1]),
-        epochs=epochs, lr=lr, label="digits")
+    fit(
+        model.parameters(),
+        list(zip(x.split(50), y.split(50))),
+        lambda b: F.cross_entropy(model(b[0]), b[1]),
+        epochs=epochs,
+        lr=lr,
+        label="digits",
+    )
 
 
 def calibration() -> list[torch.Tensor]:

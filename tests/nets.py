@@ -1,4 +1,5 @@
 """Small models the tests share: one channel-coupling pattern each, attention blocks, BatchNorm statistics."""
+
 from __future__ import annotations
 
 import torch

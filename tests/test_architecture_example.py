@@ -1,4 +1,5 @@
 """The worked example of docs/architecture.md runs as written: the doc stays true."""
+
 from __future__ import annotations
 
 import re

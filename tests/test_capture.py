@@ -1,4 +1,5 @@
 """Capture, shape propagation, the IR's caches and rewrite invalidation."""
+
 from __future__ import annotations
 
 import pytest

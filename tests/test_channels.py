@@ -1,4 +1,5 @@
 """Channel coupling analysis: which channels share a fate, index maps, and failing closed."""
+
 from __future__ import annotations
 
 import torch

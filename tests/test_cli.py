@@ -1,4 +1,5 @@
 """The slimfx command: every format, the saved model, and every bad input."""
+
 from __future__ import annotations
 
 import csv
@@ -47,10 +48,24 @@ def test_report_formats(capsys: pytest.CaptureFixture[str]) -> None:
     assert dot.startswith("digraph") and '"conv1" -> "bn1"' in dot
 
 
-def test_compile_saves_a_model_that_loads_back_without_batchnorm(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_compile_saves_a_model_that_loads_back_without_batchnorm(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     out_file = tmp_path / "out.pt"
-    code, out, _ = run(capsys, "compile", "torchvision:mobilenet_v2", *SMALL, "--passes", "fold-bn",
-                       "--format", "json", "-o", str(out_file), "--repeats", "2")
+    code, out, _ = run(
+        capsys,
+        "compile",
+        "torchvision:mobilenet_v2",
+        *SMALL,
+        "--passes",
+        "fold-bn",
+        "--format",
+        "json",
+        "-o",
+        str(out_file),
+        "--repeats",
+        "2",
+    )
     assert code == 0
     data = json.loads(out)
     assert data["before"]["totals"]["macs"] == data["after"]["totals"]["macs"]
@@ -70,14 +85,28 @@ def test_compile_saves_a_model_that_loads_back_without_batchnorm(tmp_path: Path,
 
 def test_compile_prunes_and_saves_a_smaller_model(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out_file = tmp_path / "pruned.pt"
-    code, out, _ = run(capsys, "compile", "torchvision:resnet18", *SMALL, "--passes",
-                       "prune-channels:ratio=0.5,criterion=bn-scale", "--format", "json", "-o", str(out_file), "--repeats", "0")
+    code, out, _ = run(
+        capsys,
+        "compile",
+        "torchvision:resnet18",
+        *SMALL,
+        "--passes",
+        "prune-channels:ratio=0.5,criterion=bn-scale",
+        "--format",
+        "json",
+        "-o",
+        str(out_file),
+        "--repeats",
+        "0",
+    )
     assert code == 0
     data = json.loads(out)
     assert data["after"]["totals"]["macs"] <= 0.3 * data["before"]["totals"]["macs"]
     (record,) = data["passes"]
     pruned = [d for d in record["decisions"] if d["action"] == "pruned"]
-    assert pruned and {"members", "channels_before", "channels_after", "importance", "macs_saved_alone"} <= set(pruned[0]["details"])
+    assert pruned and {"members", "channels_before", "channels_after", "importance", "macs_saved_alone"} <= set(
+        pruned[0]["details"]
+    )
 
     from slimfx import load_model
 
@@ -86,9 +115,21 @@ def test_compile_prunes_and_saves_a_smaller_model(tmp_path: Path, capsys: pytest
     assert loaded.module(torch.randn(1, 3, 64, 64)).shape == (1, 1000)
 
 
-def test_compile_table_shows_channels_and_thinet_calibrates_on_random_batches(capsys: pytest.CaptureFixture[str]) -> None:
-    code, out, _ = run(capsys, "compile", "torchvision:resnet18", *SMALL, "--passes",
-                       "prune-channels:ratio=0.25,criterion=thinet", "--calib", "random:2", "--repeats", "0")
+def test_compile_table_shows_channels_and_thinet_calibrates_on_random_batches(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    code, out, _ = run(
+        capsys,
+        "compile",
+        "torchvision:resnet18",
+        *SMALL,
+        "--passes",
+        "prune-channels:ratio=0.25,criterion=thinet",
+        "--calib",
+        "random:2",
+        "--repeats",
+        "0",
+    )
     assert code == 0
     assert "64 -> 48" in out and "thinet: removed 16 of 64 channels" in out
     code, _, err = run(capsys, "compile", "torchvision:resnet18", *SMALL, "--passes", "prune-channels:criterion=thinet")
@@ -99,14 +140,27 @@ def test_compile_table_shows_channels_and_thinet_calibrates_on_random_batches(ca
 def test_calib_reads_saved_batches_and_rejects_bad_ones(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     batches = tmp_path / "calib.pt"
     torch.save(torch.randn(4, 3, 64, 64), batches)  # one tensor: split into batches of the example's size
-    code, out, _ = run(capsys, "compile", "torchvision:resnet18", *SMALL, "--passes",
-                       "prune-channels:ratio=0.25,criterion=thinet", "--calib", str(batches), "--repeats", "0")
+    code, out, _ = run(
+        capsys,
+        "compile",
+        "torchvision:resnet18",
+        *SMALL,
+        "--passes",
+        "prune-channels:ratio=0.25,criterion=thinet",
+        "--calib",
+        str(batches),
+        "--repeats",
+        "0",
+    )
     assert code == 0 and "thinet: removed 16 of 64 channels" in out
     wrong = tmp_path / "wrong.pt"
     torch.save([torch.randn(2, 3, 32, 32)], wrong)
-    for spec, message in [("random:0", "N in random:N must be a whole number >= 1"), ("random:x", "random:N"),
-                          (str(tmp_path / "missing.pt"), "no such file"),
-                          (str(wrong), "batch 0, input 0 has shape (2, 3, 32, 32); the model takes (batch, 3, 64, 64)")]:
+    for spec, message in [
+        ("random:0", "N in random:N must be a whole number >= 1"),
+        ("random:x", "random:N"),
+        (str(tmp_path / "missing.pt"), "no such file"),
+        (str(wrong), "batch 0, input 0 has shape (2, 3, 32, 32); the model takes (batch, 3, 64, 64)"),
+    ]:
         code, _, err = run(capsys, "compile", "torchvision:resnet18", *SMALL, "--passes", "quantize", "--calib", spec)
         assert code == 2 and message in err and "Traceback" not in err, spec
 
@@ -114,9 +168,20 @@ def test_calib_reads_saved_batches_and_rejects_bad_ones(tmp_path: Path, capsys: 
 @pytest.mark.slow
 def test_compile_factorizes_vgg16_to_half_the_macs(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out_file = tmp_path / "vgg.pt"
-    code, out, _ = run(capsys, "compile", "torchvision:vgg16", *SMALL, "--passes",
-                       "factorize-convs:method=spatial-svd,target-macs=0.5", "--format", "json", "-o", str(out_file),
-                       "--repeats", "0")
+    code, out, _ = run(
+        capsys,
+        "compile",
+        "torchvision:vgg16",
+        *SMALL,
+        "--passes",
+        "factorize-convs:method=spatial-svd,target-macs=0.5",
+        "--format",
+        "json",
+        "-o",
+        str(out_file),
+        "--repeats",
+        "0",
+    )
     assert code == 0
     data = json.loads(out)
     assert data["after"]["totals"]["macs"] <= 0.55 * data["before"]["totals"]["macs"]
@@ -149,7 +214,10 @@ BAD_INPUTS = [
     (["compile", "torchvision:resnet18", "--passes", "fold-bm"], "unknown pass 'fold-bm'; valid passes"),
     (["compile", "torchvision:resnet18", "--passes", "fold-bn:ratio=0.5"], "unknown option 'ratio'"),
     (["compile", "torchvision:resnet18", "--passes", "prune-channels:ratio=1.5"], "expected a number in [0, 1)"),
-    (["compile", "torchvision:resnet18", "--passes", "prune-channels:criterion=magic"], "choose one of: l1, bn-scale, thinet"),
+    (
+        ["compile", "torchvision:resnet18", "--passes", "prune-channels:criterion=magic"],
+        "choose one of: l1, bn-scale, thinet",
+    ),
     (["report", "torchvision:resnet18", "--format", "xml"], "invalid choice"),
     (["report", "torchvision:resnet18", "--top", "0"], "--top must be at least 1"),
 ]

@@ -4,6 +4,7 @@ family quantizes, lowers onto torch's int8 kernels and (conv families) exports t
 
 One test per model builds it once and checks both, to keep the corpus lean in CI.
 """
+
 from __future__ import annotations
 
 import pytest
@@ -68,8 +69,21 @@ def check_prunes(name: str, model: torch.nn.Module, x: torch.Tensor) -> None:
 
 # one model per family: quantize (with attention opened, BatchNorm folded), the torch int8
 # lowering and, for the conv families, the ONNX export that onnxruntime runs in int8
-QUANTIZE_FAMILIES = ["resnet18", "mobilenet_v3_small", "efficientnet_b0", "densenet121", "googlenet", "shufflenet_v2_x0_5",
-                     "squeezenet1_0", "regnet_y_400mf", "mnasnet0_5", "convnext_tiny", "swin_t", "vit_b_32", "maxvit_t"]
+QUANTIZE_FAMILIES = [
+    "resnet18",
+    "mobilenet_v3_small",
+    "efficientnet_b0",
+    "densenet121",
+    "googlenet",
+    "shufflenet_v2_x0_5",
+    "squeezenet1_0",
+    "regnet_y_400mf",
+    "mnasnet0_5",
+    "convnext_tiny",
+    "swin_t",
+    "vit_b_32",
+    "maxvit_t",
+]
 
 
 @pytest.mark.corpus

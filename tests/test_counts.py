@@ -1,4 +1,5 @@
 """Cost rules against hand-computed values, and totals against FlopCounterMode."""
+
 from __future__ import annotations
 
 import pytest
@@ -152,8 +153,16 @@ torchvision = pytest.importorskip("torchvision")
 @pytest.mark.corpus
 @pytest.mark.parametrize(
     "name",
-    ["resnet18", "resnet50", "mobilenet_v2", "efficientnet_b0", "densenet121", "inception_v3",
-     "convnext_tiny", "regnet_y_400mf"],
+    [
+        "resnet18",
+        "resnet50",
+        "mobilenet_v2",
+        "efficientnet_b0",
+        "densenet121",
+        "inception_v3",
+        "convnext_tiny",
+        "regnet_y_400mf",
+    ],
 )
 def test_totals_agree_with_flop_counter(name: str) -> None:
     model = torchvision.models.get_model(name, weights=None).eval()

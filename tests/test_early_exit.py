@@ -1,4 +1,5 @@
 """add-exits and the early-exit runtime: cut points, exactness of the runtime, a trained case."""
+
 from __future__ import annotations
 
 import math
@@ -136,8 +137,12 @@ def test_digits_cnn_agrees_while_a_third_exits_early() -> None:
 
 def test_joint_training_with_labels_and_named_exits() -> None:
     model = trained_cnn()
-    result = compile(model, split()["test"][0][:2], "add-exits:at=block2,block3,joint=true,epochs=3",
-                     calib_data=calibration(300, labels=True))
+    result = compile(
+        model,
+        split()["test"][0][:2],
+        "add-exits:at=block2,block3,joint=true,epochs=3",
+        calib_data=calibration(300, labels=True),
+    )
     assert [s.node for s in result.report.exits.stats] == ["block2_3", "block3_3"]
     with torch.no_grad():
         assert result.module(split()["test"][0][:8]).shape == (8, 10)
@@ -155,8 +160,12 @@ def test_an_exit_inside_a_residual_block_is_declined() -> None:
 # -- bad input ------------------------------------------------------------------------------------
 @pytest.mark.parametrize(
     ("spec", "message"),
-    [("add-exits:exits=0", "option 'exits'"), ("add-exits:agreement=0", r"option 'agreement': expected a share in \(0, 1\]"),
-     ("add-exits:agreement=1.5", "option 'agreement'"), ("add-exits:head=mlp", "choose one of: pool-linear, conv-pool-linear")],
+    [
+        ("add-exits:exits=0", "option 'exits'"),
+        ("add-exits:agreement=0", r"option 'agreement': expected a share in \(0, 1\]"),
+        ("add-exits:agreement=1.5", "option 'agreement'"),
+        ("add-exits:head=mlp", "choose one of: pool-linear, conv-pool-linear"),
+    ],
 )
 def test_bad_options_are_clear_errors(spec: str, message: str) -> None:
     with pytest.raises(PassSpecError, match=message):
@@ -182,11 +191,27 @@ def test_cli_reports_exit_shares_and_expected_macs(tmp_path: Path, capsys: pytes
 
     from slimfx.cli import main
 
-    code = main(["compile", "torchvision:resnet18", "--input-shape", "8,3,32,32", "--passes", "add-exits:exits=1,epochs=1",
-                 "--calib", "random:3", "--format", "json", "--repeats", "0"])
+    code = main(
+        [
+            "compile",
+            "torchvision:resnet18",
+            "--input-shape",
+            "8,3,32,32",
+            "--passes",
+            "add-exits:exits=1,epochs=1",
+            "--calib",
+            "random:3",
+            "--format",
+            "json",
+            "--repeats",
+            "0",
+        ]
+    )
     out, _ = capsys.readouterr()
     assert code == 0
     exits = json.loads(out)["exits"]
     assert len(exits["exits"]) == 2 and exits["expected_macs_per_sample"] > 0 and "share" in exits["exits"][0]
     with pytest.raises(slimfx.SlimfxError, match="not supported yet"):
-        compile(trained_cnn(), split()["test"][0][:2], "add-exits:epochs=1", calib_data=calibration(100)).save(tmp_path / "x.pt")
+        compile(trained_cnn(), split()["test"][0][:2], "add-exits:epochs=1", calib_data=calibration(100)).save(
+            tmp_path / "x.pt"
+        )

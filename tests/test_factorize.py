@@ -1,4 +1,5 @@
 """factorize-convs: exact at full rank, error falls as rank grows, structure, rank rules, options."""
+
 from __future__ import annotations
 
 import pytest
@@ -52,7 +53,9 @@ FULL_RANK = [
 
 
 @pytest.mark.parametrize(("method", "model_class", "shape", "parts"), FULL_RANK, ids=[m[0] for m in FULL_RANK])
-def test_full_rank_is_exact(method: str, model_class: type[nn.Module], shape: tuple[int, ...], parts: list[str]) -> None:
+def test_full_rank_is_exact(
+    method: str, model_class: type[nn.Module], shape: tuple[int, ...], parts: list[str]
+) -> None:
     model, x = model_class().eval(), torch.randn(shape)
     result = compile(model, x, f"factorize-convs:method={method},rank=100000")
     assert output_error(result, model, x) <= 1e-4
@@ -65,8 +68,9 @@ def test_full_rank_is_exact(method: str, model_class: type[nn.Module], shape: tu
 
 
 @pytest.mark.parametrize(("method", "model_class", "shape", "parts"), FULL_RANK, ids=[m[0] for m in FULL_RANK])
-def test_full_rank_ratio_is_claimed_exact_and_verified(method: str, model_class: type[nn.Module],
-                                                      shape: tuple[int, ...], parts: list[str]) -> None:
+def test_full_rank_ratio_is_claimed_exact_and_verified(
+    method: str, model_class: type[nn.Module], shape: tuple[int, ...], parts: list[str]
+) -> None:
     model, x = model_class().eval(), torch.randn(shape)
     record = compile(model, x, f"factorize-convs:method={method},rank-ratio=1").report.passes[0]
     assert record.exact and record.changed and record.output_error <= 1e-4  # checked by the pass manager
@@ -95,13 +99,19 @@ def test_cp_is_deterministic_for_a_seed() -> None:
 
 def test_error_does_not_grow_with_rank() -> None:
     generator = torch.Generator().manual_seed(1)
-    w2, w3, wl = torch.randn(8, 6, 3, 3, generator=generator), torch.randn(5, 4, 3, 3, 3, generator=generator), torch.randn(9, 7, generator=generator)
+    w2, w3, wl = (
+        torch.randn(8, 6, 3, 3, generator=generator),
+        torch.randn(5, 4, 3, 3, 3, generator=generator),
+        torch.randn(9, 7, generator=generator),
+    )
     spatial = [relative_error(w2, lowrank.compose_spatial(*lowrank.spatial_svd(w2, r))) for r in range(1, 19)]
     tucker = [relative_error(w2, lowrank.compose_tucker2(lowrank.tucker2(w2, min(r, 6), r))) for r in range(1, 9)]
     linear = [relative_error(wl, torch.mm(*reversed(lowrank.linear_svd(wl, r)))) for r in range(1, 8)]
     full_width = len(lowrank.separable_first_svd(w3)[1])
-    separable = [relative_error(w3, lowrank.compose_separable_3d(lowrank.separable_3d(w3, r, 3 * r)))
-                 for r in range(1, full_width + 1)]
+    separable = [
+        relative_error(w3, lowrank.compose_separable_3d(lowrank.separable_3d(w3, r, 3 * r)))
+        for r in range(1, full_width + 1)
+    ]
     for errors in (spatial, tucker, linear, separable):
         assert all(later <= earlier + 1e-6 for earlier, later in zip(errors, errors[1:])), errors
         assert errors[-1] <= 1e-5
@@ -117,8 +127,13 @@ def test_energy_rank_keeps_the_energy_asked_for() -> None:
 
 def test_declines_what_it_cannot_or_should_not_factorize() -> None:
     model = nn.Sequential(
-        nn.Conv2d(3, 16, 3, padding=1), nn.Conv2d(16, 16, 3, padding=1, groups=16), nn.Conv2d(16, 16, 3, padding=1, groups=4),
-        nn.Conv2d(16, 8, 1), nn.Conv2d(8, 8, 3, padding="same"), nn.Flatten(), nn.Linear(8 * 8 * 8, 2),
+        nn.Conv2d(3, 16, 3, padding=1),
+        nn.Conv2d(16, 16, 3, padding=1, groups=16),
+        nn.Conv2d(16, 16, 3, padding=1, groups=4),
+        nn.Conv2d(16, 8, 1),
+        nn.Conv2d(8, 8, 3, padding="same"),
+        nn.Flatten(),
+        nn.Linear(8 * 8 * 8, 2),
     ).eval()
     result = compile(model, torch.randn(1, 3, 8, 8), "factorize-convs:method=spatial-svd")
     reasons = {d.target: d.reason for d in result.report.passes[0].decisions}
@@ -192,7 +207,11 @@ def test_corpus_factorizes_with_each_2d_method(name: str) -> None:
     x = torch.randn(1, 3, 96 if name == "inception_v3" else 64, 96 if name == "inception_v3" else 64)
     with torch.no_grad():
         shape = model(x).shape
-    for spec in ("method=spatial-svd,rank-ratio=0.25", "method=tucker2,rank-ratio=0.25", "method=cp,rank-ratio=0.1,iterations=2"):
+    for spec in (
+        "method=spatial-svd,rank-ratio=0.25",
+        "method=tucker2,rank-ratio=0.25",
+        "method=cp,rank-ratio=0.1,iterations=2",
+    ):
         result = compile(model, x, f"factorize-convs:{spec}")
         record = result.report.passes[0]
         assert any(d.action == "factorized" for d in record.decisions), f"{name} {spec}: nothing factorized"

@@ -1,4 +1,5 @@
 """fold-bn: numerical equivalence, no BatchNorm left, and reasons for what it declines."""
+
 from __future__ import annotations
 
 import pytest

@@ -1,4 +1,5 @@
 """The architecture as tests: no import cycles, each layer imports only the layers below it."""
+
 from __future__ import annotations
 
 import ast
@@ -27,8 +28,13 @@ LAYERS: list[tuple[str, ...]] = [
     ("slimfx.api",),
     ("slimfx", "slimfx.cli"),
 ]
-PASS_INFRASTRUCTURE = {"slimfx.passes", "slimfx.passes.base", "slimfx.passes.manager", "slimfx.passes.registry",
-                       "slimfx.passes.candidates"}
+PASS_INFRASTRUCTURE = {
+    "slimfx.passes",
+    "slimfx.passes.base",
+    "slimfx.passes.manager",
+    "slimfx.passes.registry",
+    "slimfx.passes.candidates",
+}
 
 
 def module_names() -> list[str]:
@@ -49,8 +55,12 @@ def imports_of(name: str, known: set[str]) -> set[str]:
     """slimfx modules ``name`` imports anywhere in its code (functions included), except
     under ``if TYPE_CHECKING:``; ``from package import module`` counts as the module."""
     tree = ast.parse(source_of(name).read_text())
-    guarded = {id(n) for node in ast.walk(tree) if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test)
-               for n in ast.walk(node)}
+    guarded = {
+        id(n)
+        for node in ast.walk(tree)
+        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test)
+        for n in ast.walk(node)
+    }
     found: set[str] = set()
     for node in ast.walk(tree):
         if id(node) in guarded:
@@ -76,8 +86,9 @@ def import_graph() -> nx.DiGraph:
 
 
 def layer_of(name: str) -> int:
-    best = max((prefix for layer in LAYERS for prefix in layer if name == prefix or name.startswith(prefix + ".")),
-               key=len)
+    best = max(
+        (prefix for layer in LAYERS for prefix in layer if name == prefix or name.startswith(prefix + ".")), key=len
+    )
     return next(i for i, layer in enumerate(LAYERS) if best in layer)
 
 
@@ -87,8 +98,11 @@ def test_no_module_imports_one_that_imports_it_back() -> None:
 
 
 def test_each_layer_imports_only_the_layers_below_it() -> None:
-    upward = [f"{a} (layer {layer_of(a)}) imports {b} (layer {layer_of(b)})"
-              for a, b in import_graph().edges if layer_of(b) > layer_of(a)]
+    upward = [
+        f"{a} (layer {layer_of(a)}) imports {b} (layer {layer_of(b)})"
+        for a, b in import_graph().edges
+        if layer_of(b) > layer_of(a)
+    ]
     assert upward == []
 
 
@@ -103,13 +117,20 @@ def test_passes_holds_pass_infrastructure_and_one_pass_per_module() -> None:
         if name in PASS_INFRASTRUCTURE:
             continue
         module = importlib.import_module(name)
-        defined = [obj for obj in vars(module).values()
-                   if inspect.isclass(obj) and issubclass(obj, Pass) and obj.__module__ == name]
+        defined = [
+            obj
+            for obj in vars(module).values()
+            if inspect.isclass(obj) and issubclass(obj, Pass) and obj.__module__ == name
+        ]
         assert len(defined) == 1 and PASSES[defined[0].name] is defined[0], f"{name} must define one registered pass"
 
 
 @pytest.mark.parametrize("side_channel", ["attachments", "r.name ==", "p.name =="])
 def test_no_side_channel_or_branch_on_pass_names(side_channel: str) -> None:
-    hits = [f"{path.relative_to(PACKAGE)}:{i}" for path in PACKAGE.rglob("*.py")
-            for i, line in enumerate(path.read_text().splitlines(), 1) if side_channel in line]
+    hits = [
+        f"{path.relative_to(PACKAGE)}:{i}"
+        for path in PACKAGE.rglob("*.py")
+        for i, line in enumerate(path.read_text().splitlines(), 1)
+        if side_channel in line
+    ]
     assert hits == []

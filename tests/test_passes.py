@@ -1,4 +1,5 @@
 """Pipeline spec parsing, order constraints, verification and error history."""
+
 from __future__ import annotations
 
 from collections.abc import Iterator

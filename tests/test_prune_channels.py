@@ -1,4 +1,5 @@
 """prune-channels: selection math, modes, ThiNet, options, order with fold-bn, the training helper."""
+
 from __future__ import annotations
 
 import itertools
@@ -67,7 +68,9 @@ def test_greedy_order_matches_brute_force_on_small_problems() -> None:
 
 def test_least_squares_scales_recover_known_scales() -> None:
     kept = torch.randn(100, 3)
-    assert torch.allclose(least_squares_scales(kept, kept @ torch.tensor([2.0, -1.0, 0.5])), torch.tensor([2.0, -1.0, 0.5]), atol=1e-5)
+    assert torch.allclose(
+        least_squares_scales(kept, kept @ torch.tensor([2.0, -1.0, 0.5])), torch.tensor([2.0, -1.0, 0.5]), atol=1e-5
+    )
 
 
 # -- modes ---------------------------------------------------------------------------------------

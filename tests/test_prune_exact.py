@@ -5,6 +5,7 @@ group: after each BatchNorm it is exactly zero, so every path from it to other c
 carries zero. Pruning exactly those channels (bn-scale ranks them lowest) must leave the
 outputs within 1e-5 relative, and the model must really be smaller.
 """
+
 from __future__ import annotations
 
 import pytest
@@ -77,8 +78,14 @@ def test_dead_channels_pruned_exactly_small(model_class: type[nn.Module]) -> Non
 
 
 TORCHVISION = [
-    "resnet18", "resnet50", "mobilenet_v2", "densenet121", "googlenet",
-    "shufflenet_v2_x1_0", "regnet_y_400mf", "efficientnet_b0",
+    "resnet18",
+    "resnet50",
+    "mobilenet_v2",
+    "densenet121",
+    "googlenet",
+    "shufflenet_v2_x1_0",
+    "regnet_y_400mf",
+    "efficientnet_b0",
 ]
 
 

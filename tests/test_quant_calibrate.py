@@ -1,4 +1,5 @@
 """Calibration: |x| histograms streamed over batches and the threshold rules, on known distributions."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -74,9 +75,11 @@ def tensorrt_entropy_reference(counts: np.ndarray, width: float, levels: int = 1
 @pytest.mark.parametrize("sample", ["laplace", "relu-squared", "outliers"])
 def test_entropy_search_matches_the_algorithm_written_out(sample: str) -> None:
     torch.manual_seed(1)
-    x = {"laplace": lambda: torch.distributions.Laplace(0.0, 1.0).sample((50_000,)),
-         "relu-squared": lambda: torch.relu(torch.randn(50_000)) ** 2,
-         "outliers": laplace_with_outliers}[sample]()
+    x = {
+        "laplace": lambda: torch.distributions.Laplace(0.0, 1.0).sample((50_000,)),
+        "relu-squared": lambda: torch.relu(torch.randn(50_000)) ** 2,
+        "outliers": laplace_with_outliers,
+    }[sample]()
     hist = AbsHistogram(bins=512)  # the written-out search is slow: fewer bins, same algorithm
     hist.update(x)
     reference = tensorrt_entropy_reference(hist.counts.numpy(), hist.width)
@@ -105,4 +108,3 @@ def test_zeros_are_counted_apart_and_non_finite_values_refused() -> None:
     for bad in (float("nan"), float("inf")):
         with pytest.raises(NonFiniteError, match="non-finite"):
             hist.update(torch.tensor([1.0, bad]))
-

@@ -1,4 +1,5 @@
 """Fake-quantized layers and attention written out: what they compute against float."""
+
 from __future__ import annotations
 
 import pytest
@@ -32,4 +33,3 @@ def test_attention_parts_compute_what_multihead_attention_computes(batch_first: 
         out, weights = mha(x, x, x)
         parts_out, parts_weights = AttentionParts(mha)(x, x, x)
     assert torch.allclose(out, parts_out, atol=1e-5) and torch.allclose(weights, parts_weights, atol=1e-6)
-

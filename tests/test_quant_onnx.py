@@ -1,4 +1,5 @@
 """Quantized graphs exported to ONNX: onnxruntime runs them with int8 kernels and agrees with slimfx."""
+
 from __future__ import annotations
 
 import json
@@ -68,10 +69,25 @@ def test_cli_writes_onnx_and_reports_both_latencies(tmp_path: Path, capsys: pyte
     from slimfx.cli import main
 
     out = tmp_path / "r18.onnx"
-    code = main(["compile", "torchvision:resnet18", "--input-shape", "1,3,64,64", "--passes", "fold-bn,quantize:calib=entropy",
-                 "--calib", "random:4", "--onnx", str(out), "--format", "json", "--repeats", "3"])
+    code = main(
+        [
+            "compile",
+            "torchvision:resnet18",
+            "--input-shape",
+            "1,3,64,64",
+            "--passes",
+            "fold-bn,quantize:calib=entropy",
+            "--calib",
+            "random:4",
+            "--onnx",
+            str(out),
+            "--format",
+            "json",
+            "--repeats",
+            "3",
+        ]
+    )
     text, _ = capsys.readouterr()
     assert code == 0 and out.exists()
     onnx = json.loads(text)["onnx"]
     assert onnx["fp32_ms"] > 0 and onnx["compiled_ms"] > 0 and onnx["kernels"]["QLinearConv"] == 20
-

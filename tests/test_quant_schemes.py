@@ -1,4 +1,5 @@
 """Low-bit weight schemes, Huffman sizes and the width allocation of mixed precision (pure functions)."""
+
 from __future__ import annotations
 
 import torch
@@ -13,7 +14,8 @@ def test_ternary_weights_follow_twn() -> None:
         delta = 0.7 * row.abs().mean()
         alpha = row.abs()[row.abs() > delta].mean()
         assert set(torch.unique(values).tolist()) <= {-float(alpha), 0.0, float(alpha)} or torch.allclose(
-            torch.unique(values.abs()), torch.tensor([0.0, float(alpha)]), atol=1e-6)
+            torch.unique(values.abs()), torch.tensor([0.0, float(alpha)]), atol=1e-6
+        )
         assert torch.equal(values != 0, row.abs() > delta)
     assert set(q.integers.unique().tolist()) <= {-1, 0, 1} and q.bits == 2
 
@@ -52,4 +54,3 @@ def test_allocate_widths_spends_the_budget_on_the_least_sensitive_layers() -> No
     assert allocate_widths(sensitivity, cost, 12.0) == ({"a": 4, "b": 8}, True)
     assert allocate_widths(sensitivity, cost, 8.0) == ({"a": 4, "b": 4}, True)
     assert allocate_widths(sensitivity, cost, 1.0) == ({"a": 2, "b": 2}, False)
-

@@ -1,4 +1,5 @@
 """The quantize pass on a trained model: accuracy, grids, sizes, mixed precision, matmuls, attention, errors."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -110,9 +111,11 @@ def test_bits_auto_meets_a_size_budget_and_lists_the_widths() -> None:
 
 @pytest.mark.parametrize(
     ("spec", "message"),
-    [("quantize:bits=auto", "exactly one of target-size or target-macs-bits"),
-     ("quantize:target-size=0.2", "a budget only with bits=auto"),
-     ("quantize:bits=auto,target-size=2", "option 'target-size'")],
+    [
+        ("quantize:bits=auto", "exactly one of target-size or target-macs-bits"),
+        ("quantize:target-size=0.2", "a budget only with bits=auto"),
+        ("quantize:bits=auto,target-size=2", "option 'target-size'"),
+    ],
 )
 def test_mixed_precision_options_are_checked(spec: str, message: str) -> None:
     with pytest.raises(PassSpecError, match=message):
@@ -138,7 +141,14 @@ def test_multihead_attention_is_opened_and_quantized(tmp_path: Path) -> None:
     model, x = SelfAttentionBlock().eval(), torch.randn(16, 12, 32)
     result = compile(model, x[:2], "quantize:calib=minmax", calib_data=list(x.split(4)))
     quantized = {d.target for d in result.report.passes[-1].decisions if d.action == "quantized"}
-    assert {"attention.q_proj", "attention.k_proj", "attention.v_proj", "attention.out_proj", "matmul input 0", "matmul_1 input 1"} <= quantized
+    assert {
+        "attention.q_proj",
+        "attention.k_proj",
+        "attention.v_proj",
+        "attention.out_proj",
+        "matmul input 0",
+        "matmul_1 input 1",
+    } <= quantized
     assert not any(isinstance(m, nn.MultiheadAttention) for m in result.module.modules())
     with torch.no_grad():
         assert sqnr_db(model(x), result.module(x)) >= 30
@@ -160,6 +170,7 @@ def test_quantize_folds_batchnorm_first_unless_told_not_to() -> None:
     model, x = trained_cnn(), split()["test"][0]
     folded = compile(model, x[:2], "quantize:calib=minmax", calib_data=calibration())
     kept = compile(model, x[:2], "quantize:calib=minmax,fold-bn=false", calib_data=calibration())
+
     def batchnorms(module: nn.Module) -> int:
         return sum(isinstance(m, nn.BatchNorm2d) for m in module.modules())
 
@@ -170,4 +181,3 @@ def test_quantize_folds_batchnorm_first_unless_told_not_to() -> None:
     assert [r.name for r in kept.report.passes] == ["quantize"]
     with torch.no_grad():
         assert sqnr_db(model(x), folded.module(x)) >= 30
-

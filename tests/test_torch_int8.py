@@ -1,4 +1,5 @@
 """Lowering a quantized graph onto torch's int8 kernels: which kernels, what stays float, how close."""
+
 from __future__ import annotations
 
 import pytest
@@ -43,8 +44,15 @@ def test_resnet_adds_and_pools_stay_in_int8() -> None:
 
 
 def test_what_has_no_int8_kernel_runs_in_float_and_is_listed() -> None:
-    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Identity(),
-                          nn.Conv2d(8, 8, 3), nn.Sigmoid(), nn.Flatten(), nn.Linear(8 * 4 * 4, 4)).eval()
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3),
+        nn.ReLU(),
+        nn.Identity(),
+        nn.Conv2d(8, 8, 3),
+        nn.Sigmoid(),
+        nn.Flatten(),
+        nn.Linear(8 * 4 * 4, 4),
+    ).eval()
     x = torch.randn(4, 3, 8, 8)
     result = compile(model, x[:1], "quantize:calib=minmax,weights=block", calib_data=[x])
     lowered = result.to_torch_int8()

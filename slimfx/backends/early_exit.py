@@ -4,6 +4,7 @@ For a batch, each stage runs only on the rows still undecided; after it, the exi
 scores them, rows whose prediction entropy is at most the exit's threshold are answered
 there, and the rest go on. Compute is really skipped: the batch shrinks.
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence

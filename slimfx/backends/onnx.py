@@ -5,6 +5,7 @@ TorchScript-based exporter (``dynamo=False``): it maps the core fake-quant ops o
 QuantizeLinear/DequantizeLinear pairs, which onnxruntime fuses into int8 kernels, without the
 extra ``onnxscript`` dependency the newer exporter needs.
 """
+
 from __future__ import annotations
 
 import collections
@@ -46,8 +47,13 @@ def export_onnx(module: nn.Module, example_inputs: Sequence[torch.Tensor], path:
         with warnings.catch_warnings(), torch.no_grad():
             warnings.simplefilter("ignore")
             torch.onnx.export(
-                module.eval(), tuple(example_inputs), buffer, opset_version=OPSET, dynamo=False,
-                input_names=names, output_names=["output"],
+                module.eval(),
+                tuple(example_inputs),
+                buffer,
+                opset_version=OPSET,
+                dynamo=False,
+                input_names=names,
+                output_names=["output"],
                 dynamic_axes={**{n: {0: "batch"} for n in names}, "output": {0: "batch"}},
             )
         model = onnx.load_from_string(buffer.getvalue())

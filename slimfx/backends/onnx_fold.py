@@ -8,6 +8,7 @@ inference; it is folded to the float values it produces, the same numbers, compu
 here. A Gemm of two dequantized inputs (the model's float head) gets its bias as int32, so
 onnxruntime runs it as QGemm with a float output.
 """
+
 from __future__ import annotations
 
 from collections import Counter
@@ -71,8 +72,12 @@ def fold_constant_quantization(model: Any) -> dict[str, int]:
         if node.op_type == "QuantizeLinear" and len(node.input) == 3 and constants.all(node.input):
             x, scale, zero_point = (constants.values[n] for n in node.input)
             value = _quantize(x, scale, zero_point, axis)
-        elif (node.op_type == "DequantizeLinear" and len(node.input) == 3 and constants.all(node.input)
-              and not _feeds_integer_kernel(node, consumers, producers)):
+        elif (
+            node.op_type == "DequantizeLinear"
+            and len(node.input) == 3
+            and constants.all(node.input)
+            and not _feeds_integer_kernel(node, consumers, producers)
+        ):
             q, scale, zero_point = (constants.values[n] for n in node.input)
             value = _dequantize(q, scale, zero_point, axis)
         else:
@@ -115,19 +120,36 @@ def _quantize_gemm_biases(graph: Any, constants: _Constants) -> int:
     for gemm in [n for n in graph.node if n.op_type == "Gemm" and len(n.input) == 3]:
         a, b = producers.get(gemm.input[0]), producers.get(gemm.input[1])
         attrs = {x.name: helper.get_attribute_value(x) for x in gemm.attribute}
-        if (a is None or b is None or a.op_type != "DequantizeLinear" or b.op_type != "DequantizeLinear"
-                or gemm.input[2] not in constants.values or attrs.get("beta", 1.0) != 1.0 or attrs.get("transB", 0) != 1
-                or not (constants.all(a.input[1:2]) and constants.all(b.input[1:2]))):
+        if (
+            a is None
+            or b is None
+            or a.op_type != "DequantizeLinear"
+            or b.op_type != "DequantizeLinear"
+            or gemm.input[2] not in constants.values
+            or attrs.get("beta", 1.0) != 1.0
+            or attrs.get("transB", 0) != 1
+            or not (constants.all(a.input[1:2]) and constants.all(b.input[1:2]))
+        ):
             continue
         bias = constants.values[gemm.input[2]].astype(np.float64)
         scale = (np.float64(constants.values[a.input[1]]) * constants.values[b.input[1]].astype(np.float64)).reshape(-1)
         scale = np.broadcast_to(scale, bias.shape).astype(np.float32)
         integers = np.rint(bias / scale).astype(np.int32)
         name = f"{gemm.input[2]}_int32"
-        graph.initializer.extend([numpy_helper.from_array(integers, name), numpy_helper.from_array(scale, f"{name}_scale"),
-                                  numpy_helper.from_array(np.zeros_like(integers), f"{name}_zero_point")])
-        dq = helper.make_node("DequantizeLinear", [name, f"{name}_scale", f"{name}_zero_point"], [f"{name}_dequantized"],
-                              axis=0, name=f"{gemm.name}_bias_dequantize")
+        graph.initializer.extend(
+            [
+                numpy_helper.from_array(integers, name),
+                numpy_helper.from_array(scale, f"{name}_scale"),
+                numpy_helper.from_array(np.zeros_like(integers), f"{name}_zero_point"),
+            ]
+        )
+        dq = helper.make_node(
+            "DequantizeLinear",
+            [name, f"{name}_scale", f"{name}_zero_point"],
+            [f"{name}_dequantized"],
+            axis=0,
+            name=f"{gemm.name}_bias_dequantize",
+        )
         graph.node.insert(0, dq)
         gemm.input[2] = dq.output[0]
         count += 1
@@ -138,7 +160,11 @@ def _reaches_quantize(node: Any, consumers: dict[str, list[Any]]) -> bool:
     """Whether the output of ``node`` goes into a QuantizeLinear, directly or through the
     Relu/Clip that onnxruntime folds into the quantization."""
     for user in consumers.get(node.output[0], []):
-        if user.op_type == "QuantizeLinear" or user.op_type in _FOLDED_ACTIVATIONS and _reaches_quantize(user, consumers):
+        if (
+            user.op_type == "QuantizeLinear"
+            or user.op_type in _FOLDED_ACTIVATIONS
+            and _reaches_quantize(user, consumers)
+        ):
             return True
     return False
 

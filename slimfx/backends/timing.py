@@ -1,4 +1,5 @@
 """Measured latency: warm-up, repeated runs, the median (noisy machines need medians)."""
+
 from __future__ import annotations
 
 import statistics

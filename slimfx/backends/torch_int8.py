@@ -16,6 +16,7 @@ not. The ONNX export is the route that does not depend on them.
 The integer arithmetic rounds a little differently from the fake-quant simulation (the
 kernels requantize in their own order); the tests bound the difference.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -56,13 +57,15 @@ class Int8Layer(nn.Module):
         super().__init__()
         layer = quantized.layer
         with _quantized_tensors_allowed():
-            qweight = torch.quantize_per_channel(weight, scale.double(), torch.zeros(len(scale), dtype=torch.long), 0,
-                                                 torch.qint8)
+            qweight = torch.quantize_per_channel(
+                weight, scale.double(), torch.zeros(len(scale), dtype=torch.long), 0, torch.qint8
+            )
         bias = None if layer.bias is None else layer.bias.detach().float()
         relu = quantized.activation is not None
         if isinstance(layer, nn.Conv2d):
-            self.packed = torch.ops.quantized.conv2d_prepack(qweight, bias, list(layer.stride), list(layer.padding),
-                                                             list(layer.dilation), layer.groups)
+            self.packed = torch.ops.quantized.conv2d_prepack(
+                qweight, bias, list(layer.stride), list(layer.padding), list(layer.dilation), layer.groups
+            )
             self.kernel = torch.ops.quantized.conv2d_relu if relu else torch.ops.quantized.conv2d
         else:
             self.packed = torch.ops.quantized.linear_prepack(qweight, bias)
@@ -129,13 +132,17 @@ def lower_int8(module: fx.GraphModule) -> Lowered:
     """A new GraphModule running ``module`` (a quantized slimfx graph) on int8 kernels."""
     engine = choose_engine(list(torch.backends.quantized.supported_engines))
     if engine is None:
-        raise BackendError("this torch build has no int8 CPU engine (torch.backends.quantized); use the ONNX export instead")
+        raise BackendError(
+            "this torch build has no int8 CPU engine (torch.backends.quantized); use the ONNX export instead"
+        )
     try:
         with _engine(engine):
             return _Lowering(module, engine).run()
     except (AttributeError, RuntimeError, NotImplementedError) as exc:  # kernels missing from this torch build
-        raise BackendError(f"torch's int8 kernels failed here ({type(exc).__name__}: {str(exc).splitlines()[0]}); "
-                          "use the ONNX export for int8 speed") from exc
+        raise BackendError(
+            f"torch's int8 kernels failed here ({type(exc).__name__}: {str(exc).splitlines()[0]}); "
+            "use the ONNX export for int8 speed"
+        ) from exc
 
 
 class _Lowering:
@@ -165,7 +172,9 @@ class _Lowering:
                 self.env[node] = self._copy(node, keep=False)
         lowered = self.builder.build()  # drops the float adds that int8 adds replaced
         alive = set(lowered.graph.nodes)
-        return Lowered(lowered, self.engine, self.kernels, [note for node, note in self.float_notes.items() if node in alive])
+        return Lowered(
+            lowered, self.engine, self.kernels, [note for node, note in self.float_notes.items() if node in alive]
+        )
 
     # -- values ---------------------------------------------------------------------------
     def _module(self, node: fx.Node) -> nn.Module:
@@ -214,7 +223,9 @@ class _Lowering:
             name = str(node.target).replace(".", "_") + "_float"  # float output: a float kernel, weights baked in
             on_grid = self._quantized(source, (layer.input_scale, layer.input_zero_point))
             call = self.builder.call_module(name, _float_layer(layer), (self._float(on_grid),))
-            self.float_notes[call] = f"{node.target}: its output stays float (the model's output); float kernel, int8-grid weights"
+            self.float_notes[call] = (
+                f"{node.target}: its output stays float (the model's output); float kernel, int8-grid weights"
+            )
             return call
         if why is not None:  # the fake-quant layer itself, on float input: same numbers, float speed
             call = self.builder.call_module(str(node.target), layer, (self._float(source),))
@@ -239,7 +250,9 @@ class _Lowering:
         """``quantized::add(_relu)`` or ``quantized::cat`` for an add/concat of quint8 tensors
         whose output (or the ReLU after it) this quantizer quantizes."""
         join, relu = read, False
-        if ops.relu_type(read, self._module) is nn.ReLU and len(read.args[0].users) == 1:  # not ReLU6: add_relu clips at 0 only
+        if (
+            ops.relu_type(read, self._module) is nn.ReLU and len(read.args[0].users) == 1
+        ):  # not ReLU6: add_relu clips at 0 only
             join, relu = read.args[0], True
         joined = ops.join_inputs(join)
         if joined is None or any(self.env.get(a) not in self.grids for a in joined):

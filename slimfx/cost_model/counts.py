@@ -11,6 +11,7 @@ The rules for torch's own layers and functions are registered here; other packag
 theirs for their own modules (``quant`` for its fake-quantized layers) with
 ``register_module_rule``.
 """
+
 from __future__ import annotations
 
 import math
@@ -189,7 +190,9 @@ def _sdpa(op: Op) -> Cost:
     q, k, v = op.value(0, "query"), op.value(1, "key"), op.value(2, "value")
     batch = math.prod(q.shape[:-2])
     queries, keys = q.shape[-2], k.shape[-2]
-    return op.compute(macs=attention_macs(batch, queries, keys, q.shape[-1], v.shape[-1]), elem_ops=batch * queries * keys)
+    return op.compute(
+        macs=attention_macs(batch, queries, keys, q.shape[-1], v.shape[-1]), elem_ops=batch * queries * keys
+    )
 
 
 def _per_input_element(op: Op) -> Cost:
@@ -336,9 +339,12 @@ def _register_builtin_rules(rules: CostRules) -> None:
     rules.add_modules(ops.PADDING.modules, "data movement", _data_movement)
     rules.add_modules((ops.IDENTITY | ops.RESHAPES | ops.DROPOUT).modules, "view", _free)
     # functions and tensor methods
-    arithmetic = ops.BINARY_ARITHMETIC | ops.SCALAR_ARITHMETIC | ops.UNARY_MATH | ops.ACTIVATIONS | ops.SOFTMAX | ops.CLAMP
-    rules.add_functions((*arithmetic.functions, *ops.NORM_FUNCTIONS, F.interpolate, F.dropout), "elementwise",
-                        _elementwise_or_scalar)
+    arithmetic = (
+        ops.BINARY_ARITHMETIC | ops.SCALAR_ARITHMETIC | ops.UNARY_MATH | ops.ACTIVATIONS | ops.SOFTMAX | ops.CLAMP
+    )
+    rules.add_functions(
+        (*arithmetic.functions, *ops.NORM_FUNCTIONS, F.interpolate, F.dropout), "elementwise", _elementwise_or_scalar
+    )
     rules.add_methods(arithmetic.methods, "elementwise", _elementwise_or_scalar)
     rules.add_functions(ops.COMPARISONS.functions, "scalar", _free)
     rules.add_functions((ops.VIEWS | ops.SIZES).functions, "view", _free)

@@ -13,6 +13,7 @@ layer's MACs scale with its kept inputs times its kept outputs, two groups' choi
 greedy order is computed on the additive costs, then the shortest prefix of it whose
 measured total meets the budget is taken.
 """
+
 from __future__ import annotations
 
 import heapq
@@ -51,8 +52,14 @@ class Allocation:
 Measure = Callable[[Mapping[str, int]], float]
 
 
-def allocate(items: Sequence[Item], budget: float, *, fixed_cost: float = 0.0, finish: bool = False,
-             measure: Measure | None = None) -> Allocation:
+def allocate(
+    items: Sequence[Item],
+    budget: float,
+    *,
+    fixed_cost: float = 0.0,
+    finish: bool = False,
+    measure: Measure | None = None,
+) -> Allocation:
     """Choose one option per item so that the total cost is at most ``budget``.
 
     ``fixed_cost`` is what the parts that no item covers cost. When the budget cannot be met,
@@ -62,8 +69,13 @@ def allocate(items: Sequence[Item], budget: float, *, fixed_cost: float = 0.0, f
     chosen = {item.name: 0 for item in items}
     total = fixed_cost + sum(item.options[0].cost for item in items)
     moves: list[tuple[str, int]] = []
-    tables = {item.name: (torch.tensor([o.cost for o in item.options], dtype=torch.float64),
-                          torch.tensor([o.penalty for o in item.options], dtype=torch.float64)) for item in items}
+    tables = {
+        item.name: (
+            torch.tensor([o.cost for o in item.options], dtype=torch.float64),
+            torch.tensor([o.penalty for o in item.options], dtype=torch.float64),
+        )
+        for item in items
+    }
     heap = [entry for i, item in enumerate(items) if (entry := _best_move(item, 0, i, tables)) is not None]
     heapq.heapify(heap)
     order = {item.name: i for i, item in enumerate(items)}
@@ -88,15 +100,16 @@ def allocate(items: Sequence[Item], budget: float, *, fixed_cost: float = 0.0, f
     return _shortest_prefix(items, moves, budget, measure)
 
 
-def _best_move(item: Item, current: int, position: int,
-               tables: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> tuple[float, int, int, str, int] | None:
+def _best_move(
+    item: Item, current: int, position: int, tables: dict[str, tuple[torch.Tensor, torch.Tensor]]
+) -> tuple[float, int, int, str, int] | None:
     """The cheapest-per-unit move of ``item`` from option ``current`` as a heap entry (price,
     item position, option index, ...), or None when no option is cheaper."""
     costs, penalties = tables[item.name]
-    saved = costs[current] - costs[current + 1:]
+    saved = costs[current] - costs[current + 1 :]
     if not bool((saved > 0).any()):
         return None
-    price = (penalties[current + 1:] - penalties[current]) / saved.clamp_min(1e-300)
+    price = (penalties[current + 1 :] - penalties[current]) / saved.clamp_min(1e-300)
     price = torch.where(saved > 0, price, torch.full_like(price, math.inf))
     index = current + 1 + int(torch.argmin(price))  # first of equal prices: the mildest option
     return (float(price[index - current - 1]), position, index, item.name, index)
@@ -116,7 +129,9 @@ def _finishing_move(items: Sequence[Item], chosen: Mapping[str, int], gap: float
     return None if best is None else (best[1], best[2])
 
 
-def _shortest_prefix(items: Sequence[Item], moves: list[tuple[str, int]], budget: float, measure: Measure) -> Allocation:
+def _shortest_prefix(
+    items: Sequence[Item], moves: list[tuple[str, int]], budget: float, measure: Measure
+) -> Allocation:
     """The shortest prefix of the greedy ``moves`` whose measured total is within the budget."""
 
     def state(prefix: int) -> dict[str, int]:

@@ -1,4 +1,5 @@
 """Exit heads: the small classifiers attached after a cut, and what they cost."""
+
 from __future__ import annotations
 
 from typing import Literal

@@ -1,4 +1,5 @@
 """The early-exit plan: where the model is cut, the heads, their thresholds and what to expect."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass

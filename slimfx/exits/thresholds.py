@@ -1,4 +1,5 @@
 """Entropy thresholds per exit: the math that decides which rows may leave early (pure functions)."""
+
 from __future__ import annotations
 
 import math

@@ -1,4 +1,5 @@
 """Writing output files all or nothing: through a temporary file renamed into place."""
+
 from __future__ import annotations
 
 import os

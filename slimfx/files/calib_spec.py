@@ -1,4 +1,5 @@
 """Calibration data named on the command line: ``random:N`` or a file of saved batches."""
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -24,7 +25,9 @@ def calibration_batches(spec: str, example_inputs: Sequence[torch.Tensor], seed:
         if not count.isdigit() or int(count) < 1:
             raise DataError(f"--calib {spec}: N in random:N must be a whole number >= 1, e.g. random:16")
         generator = torch.Generator().manual_seed(seed)
-        return [Batch(tuple(torch.randn(x.shape, generator=generator) for x in example_inputs)) for _ in range(int(count))]
+        return [
+            Batch(tuple(torch.randn(x.shape, generator=generator) for x in example_inputs)) for _ in range(int(count))
+        ]
     path = Path(spec)
     if not path.is_file():
         raise DataError(f"--calib {spec}: no such file; give random:N or a file written by torch.save")

@@ -6,6 +6,7 @@ the module tree as data (class names from an allowlist and their plain attribute
 tensors, and loads it with ``torch.load(weights_only=True)``. On load every class and
 function name is checked against the allowlist, so a crafted file cannot call ``os.system``.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -27,8 +28,14 @@ FORMAT = "slimfx.module/1"
 _MODULE_INIT_ATTRS = frozenset(vars(nn.Module()))
 _PLAIN = (type(None), bool, int, float, str)
 # Modules whose functions a graph may call. torch's own namespace is limited to C ops.
-_FUNCTION_MODULES = {"torch.nn.functional", "operator", "_operator", "math", "torchvision.ops.stochastic_depth",
-                     "torchvision.models.swin_transformer"}
+_FUNCTION_MODULES = {
+    "torch.nn.functional",
+    "operator",
+    "_operator",
+    "math",
+    "torchvision.ops.stochastic_depth",
+    "torchvision.models.swin_transformer",
+}
 _TORCH_FUNCTION_MODULES = {"torch", "torch.functional", "torch._C._nn", "torch._C._VariableFunctions"}
 _DENIED_TORCH_FUNCTIONS = {"from_file", "load", "save", "set_num_threads", "manual_seed", "set_default_device"}
 _ALLOWED_PY_TORCH_FUNCTIONS = {"_assert", "einsum", "split", "chunk", "flatten"}
@@ -82,8 +89,15 @@ def _encode_graph(graph: fx.Graph) -> list[dict[str, Any]]:
     nodes = []
     for node in graph.nodes:
         target = _function_name(node.target) if node.op == "call_function" else str(node.target)
-        nodes.append({"name": node.name, "op": node.op, "target": target,
-                      "args": _encode_arg(node.args), "kwargs": _encode_arg(node.kwargs)})
+        nodes.append(
+            {
+                "name": node.name,
+                "op": node.op,
+                "target": target,
+                "args": _encode_arg(node.args),
+                "kwargs": _encode_arg(node.kwargs),
+            }
+        )
     return nodes
 
 
@@ -107,12 +121,19 @@ def _encode_modules(root: nn.Module) -> tuple[list[dict[str, Any]], dict[str, to
             tensors[_join(path, n)] = module._parameters[n].detach()
         for n in buffers:
             tensors[_join(path, n)] = module._buffers[n]
-        modules.append({"path": path, "class": f"{cls.__module__}:{cls.__qualname__}", "attrs": attrs,
-                        "params": params, "buffers": buffers,
-                        "empty_params": [n for n, p in module._parameters.items() if p is None],
-                        "empty_buffers": [n for n, b in module._buffers.items() if b is None],
-                        "non_persistent": sorted(module._non_persistent_buffers_set),
-                        "training": module.training})
+        modules.append(
+            {
+                "path": path,
+                "class": f"{cls.__module__}:{cls.__qualname__}",
+                "attrs": attrs,
+                "params": params,
+                "buffers": buffers,
+                "empty_params": [n for n, p in module._parameters.items() if p is None],
+                "empty_buffers": [n for n, b in module._buffers.items() if b is None],
+                "non_persistent": sorted(module._non_persistent_buffers_set),
+                "training": module.training,
+            }
+        )
     return modules, tensors
 
 
@@ -153,14 +174,18 @@ def save_module(
 # -- decoding ---------------------------------------------------------------------------------
 def _is_allowed_class(name: str) -> bool:
     module, _, qualname = name.partition(":")
-    return (module.startswith("torch.nn.modules.") or module.startswith("slimfx.")) and "." not in qualname or (
-        name == "torch.nn.modules.module:Module"
+    return (
+        (module.startswith("torch.nn.modules.") or module.startswith("slimfx."))
+        and "." not in qualname
+        or (name == "torch.nn.modules.module:Module")
     )
 
 
 def _resolve_class(name: str) -> type[nn.Module]:
     if not _is_allowed_class(name):
-        raise UnsafeModelFileError(f"model file names class {name!r}, which is not a torch.nn layer; refusing to load it")
+        raise UnsafeModelFileError(
+            f"model file names class {name!r}, which is not a torch.nn layer; refusing to load it"
+        )
     module, _, qualname = name.partition(":")
     module = _RENAMED_MODULES.get(module, module)
     cls = getattr(importlib.import_module(module), qualname, None)
@@ -198,7 +223,7 @@ def _decode_arg(value: Any, nodes: dict[str, fx.Node]) -> Any:
         return [_decode_arg(v, nodes) for v in value]
     if not isinstance(value, dict):
         return value
-    (tag, inner), = value.items()
+    ((tag, inner),) = value.items()
     if tag == "$node":
         return nodes[inner]
     if tag == "$tuple":

@@ -4,6 +4,7 @@
 or a file written by ``slimfx compile``. A pickle that could run code when loaded is refused
 unless the caller passes ``trust=True``.
 """
+
 from __future__ import annotations
 
 import difflib

@@ -1,4 +1,5 @@
 """Capture: torch.fx symbolic tracing plus shape propagation into an ``ir.Graph``."""
+
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence

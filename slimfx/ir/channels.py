@@ -14,6 +14,7 @@ Fail closed: an op whose channel behaviour is not known here, the model's inputs
 outputs, and parameters used as tensors get a *blocked* id carrying the reason; every group
 that reaches one is reported unprunable with that reason.
 """
+
 from __future__ import annotations
 
 import enum
@@ -34,11 +35,15 @@ from slimfx.ir.shapes import ensure_shapes
 from slimfx.ir.source import node_source_line
 
 # how each op moves channels: composed from the op taxonomy
-_PASS_THROUGH = ops.ACTIVATIONS | ops.CLAMP | ops.DROPOUT | ops.IDENTITY | ops.CASTS | ops.op_set(
-    (), (operator.neg,), ("neg",))  # channel c of the output is channel c of the input
+_PASS_THROUGH = (
+    ops.ACTIVATIONS | ops.CLAMP | ops.DROPOUT | ops.IDENTITY | ops.CASTS | ops.op_set((), (operator.neg,), ("neg",))
+)  # channel c of the output is channel c of the input
 _SPATIAL = ops.POOLS | ops.RESIZE  # channel dim kept, spatial dims mixed
-_APPLY = ops.op_set((), (torch.flatten, torch.transpose, torch.permute, torch.squeeze, torch.unsqueeze, operator.getitem),
-                    ("flatten", "transpose", "permute", "squeeze", "unsqueeze", "t"))  # run on the id tensors
+_APPLY = ops.op_set(
+    (),
+    (torch.flatten, torch.transpose, torch.permute, torch.squeeze, torch.unsqueeze, operator.getitem),
+    ("flatten", "transpose", "permute", "squeeze", "unsqueeze", "t"),
+)  # run on the id tensors
 _REDUCTIONS = ops.op_set((), (torch.mean, torch.sum, torch.amax), ("mean", "sum", "amax"))
 _MIXES_CHANNELS = "normalizes across channels, so removing one changes the others"
 
@@ -288,7 +293,11 @@ class _CouplingBuilder:
         if name == "softmax":
             return self._softmax(node, _arg(node, 1, "dim"))
         if name in ("view", "reshape"):
-            shape = node.args[1:] if len(node.args) > 2 or not isinstance(_arg(node, 1, "shape"), (list, tuple)) else node.args[1]
+            shape = (
+                node.args[1:]
+                if len(node.args) > 2 or not isinstance(_arg(node, 1, "shape"), (list, tuple))
+                else node.args[1]
+            )
             return self._reshape(node, shape)
         if name in ("chunk", "split"):
             return self._split(node, name, node.args[1], _arg(node, 2, "dim", 0))
@@ -470,7 +479,9 @@ class _CouplingBuilder:
         num_groups = int(group_of_unit.max()) + 1 if num_units else 0
 
         layers = {
-            name: LayerChannels(name, str(raw.node.target), raw.kind, unit_of[raw.in_ids], unit_of[raw.out_ids], raw.groups)
+            name: LayerChannels(
+                name, str(raw.node.target), raw.kind, unit_of[raw.in_ids], unit_of[raw.out_ids], raw.groups
+            )
             for name, raw in self.layers.items()
         }
         blocked: list[list[str]] = [[] for _ in range(num_groups)]
@@ -495,7 +506,9 @@ class _CouplingBuilder:
         counts = torch.bincount(group_of_unit, minlength=num_groups).tolist()
         unit_lists = torch.split(order, counts)
         groups = [
-            ChannelGroup(g, unit_lists[g], tuple(sources[g]), tuple(members[g]), tuple(blocked[g]), tuple(partitions[g]))
+            ChannelGroup(
+                g, unit_lists[g], tuple(sources[g]), tuple(members[g]), tuple(blocked[g]), tuple(partitions[g])
+            )
             for g in range(num_groups)
             if sources[g]  # groups made only of blocked ids (inputs, unknown ops) have no layer to prune
         ]
@@ -571,4 +584,3 @@ def _flatten_args(args: Any) -> list[Any]:
     out: list[Any] = []
     fx.node.map_aggregate(args, out.append)
     return out
-

@@ -1,4 +1,5 @@
 """Nodes every input-to-output path passes through: where a graph can be cut in two."""
+
 from __future__ import annotations
 
 import networkx as nx
@@ -31,4 +32,8 @@ def output_dominators(graph: Graph) -> list[fx.Node]:
         current = idom[current]
         chain.append(current)
     by_name = {n.name: n for n in graph.nodes()}
-    return [by_name[name] for name in reversed(chain) if name in by_name and by_name[name].op not in ("placeholder", "get_attr")]
+    return [
+        by_name[name]
+        for name in reversed(chain)
+        if name in by_name and by_name[name].op not in ("placeholder", "get_attr")
+    ]

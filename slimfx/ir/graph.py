@@ -4,6 +4,7 @@
 a Graph that keep their results in its cache (``ensure_shapes`` in ``ir.shapes``,
 ``ensure_costs`` in ``cost_model.counts``); the Graph imports none of them.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator

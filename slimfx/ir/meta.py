@@ -3,6 +3,7 @@
 Data only: this module imports nothing of slimfx, so every layer (analyses, cost model,
 passes, reports) can use these types without importing one another.
 """
+
 from __future__ import annotations
 
 import math

@@ -4,6 +4,7 @@ Every analysis that asks "is this node a ReLU / a view / a pool / a residual add
 the sets below (cost rules, channel coupling, shape shortcuts, quantization grids, the int8
 lowering), so a new op is taught to slimfx in one place.
 """
+
 from __future__ import annotations
 
 import operator
@@ -56,41 +57,93 @@ CROSS_CHANNEL_NORMS = op_set((nn.LayerNorm, nn.GroupNorm), (F.layer_norm, F.grou
 # -- elementwise ------------------------------------------------------------------------------------
 RELU = op_set((nn.ReLU, nn.ReLU6), (torch.relu, F.relu, F.relu6), ("relu", "relu_"))
 ACTIVATIONS = RELU | op_set(
-    (nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Mish, nn.Hardswish, nn.Hardsigmoid, nn.Hardtanh,
-     nn.Sigmoid, nn.Tanh, nn.Softplus, nn.Threshold),
-    (F.gelu, F.silu, F.mish, F.hardswish, F.hardsigmoid, F.hardtanh, F.sigmoid, F.tanh, F.leaky_relu, F.elu,
-     F.softplus, torch.sigmoid, torch.tanh),
+    (
+        nn.LeakyReLU,
+        nn.ELU,
+        nn.SELU,
+        nn.CELU,
+        nn.GELU,
+        nn.SiLU,
+        nn.Mish,
+        nn.Hardswish,
+        nn.Hardsigmoid,
+        nn.Hardtanh,
+        nn.Sigmoid,
+        nn.Tanh,
+        nn.Softplus,
+        nn.Threshold,
+    ),
+    (
+        F.gelu,
+        F.silu,
+        F.mish,
+        F.hardswish,
+        F.hardsigmoid,
+        F.hardtanh,
+        F.sigmoid,
+        F.tanh,
+        F.leaky_relu,
+        F.elu,
+        F.softplus,
+        torch.sigmoid,
+        torch.tanh,
+    ),
     ("sigmoid", "sigmoid_", "tanh", "tanh_", "hardtanh_"),
 )
 """Elementwise activations without parameters: output shape = input shape, channels kept."""
 CHANNEL_ACTIVATIONS = op_set((nn.PReLU, nn.GLU))  # per-channel weights, or halving a dim
-SOFTMAX = op_set((nn.Softmax, nn.LogSoftmax, nn.Softmax2d), (F.softmax, F.log_softmax, torch.softmax, torch.log_softmax),
-                 ("softmax", "log_softmax"))
+SOFTMAX = op_set(
+    (nn.Softmax, nn.LogSoftmax, nn.Softmax2d),
+    (F.softmax, F.log_softmax, torch.softmax, torch.log_softmax),
+    ("softmax", "log_softmax"),
+)
 CLAMP = op_set((), (torch.clamp, torch.clip), ("clamp", "clamp_", "clip"))
 DROPOUT = op_set((nn.modules.dropout._DropoutNd,), (F.dropout,))
 IDENTITY = op_set((nn.Identity,), (), ("contiguous", "clone", "detach"))
 CASTS = op_set((), (), ("float", "to", "type_as", "half"))
 BINARY_ARITHMETIC = op_set(
-    (), (operator.add, operator.sub, operator.mul, operator.truediv, operator.iadd, operator.isub, operator.imul,
-         operator.itruediv, torch.add, torch.sub, torch.mul, torch.div),
+    (),
+    (
+        operator.add,
+        operator.sub,
+        operator.mul,
+        operator.truediv,
+        operator.iadd,
+        operator.isub,
+        operator.imul,
+        operator.itruediv,
+        torch.add,
+        torch.sub,
+        torch.mul,
+        torch.div,
+    ),
     ("add", "add_", "sub", "sub_", "mul", "mul_", "div", "div_"),
 )
 SCALAR_ARITHMETIC = op_set((), (operator.floordiv, operator.mod, operator.pow, operator.neg))
-UNARY_MATH = op_set((), (torch.exp, torch.sqrt, torch.rsqrt, torch.abs, torch.neg, torch.pow, torch.where, torch.erf),
-                    ("exp", "sqrt", "pow", "neg", "abs", "masked_fill"))
+UNARY_MATH = op_set(
+    (),
+    (torch.exp, torch.sqrt, torch.rsqrt, torch.abs, torch.neg, torch.pow, torch.where, torch.erf),
+    ("exp", "sqrt", "pow", "neg", "abs", "masked_fill"),
+)
 COMPARISONS = op_set((), (operator.eq, operator.ne, operator.lt, operator.le, operator.gt, operator.ge, torch._assert))
 
 # -- joins, pools, resampling -------------------------------------------------------------------------
 ADDS = op_set((), (operator.add, operator.iadd, torch.add), ("add", "add_"))
 CONCATS = op_set((), (torch.cat, torch.concat))
 MAX_POOLS = op_set((nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d), (F.max_pool1d, F.max_pool2d, F.max_pool3d))
-AVG_POOLS = op_set((nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d),
-                   (F.avg_pool1d, F.avg_pool2d, F.avg_pool3d, torch._C._nn.avg_pool2d, torch._C._nn.avg_pool3d))
+AVG_POOLS = op_set(
+    (nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d),
+    (F.avg_pool1d, F.avg_pool2d, F.avg_pool3d, torch._C._nn.avg_pool2d, torch._C._nn.avg_pool3d),
+)
 WINDOW_POOLS = MAX_POOLS | AVG_POOLS
-ADAPTIVE_MAX_POOLS = op_set((nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d),
-                            (F.adaptive_max_pool1d, F.adaptive_max_pool2d, F.adaptive_max_pool3d))
-ADAPTIVE_AVG_POOLS = op_set((nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d),
-                            (F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_pool3d))
+ADAPTIVE_MAX_POOLS = op_set(
+    (nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d),
+    (F.adaptive_max_pool1d, F.adaptive_max_pool2d, F.adaptive_max_pool3d),
+)
+ADAPTIVE_AVG_POOLS = op_set(
+    (nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d),
+    (F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_pool3d),
+)
 ADAPTIVE_POOLS = ADAPTIVE_MAX_POOLS | ADAPTIVE_AVG_POOLS
 POOLS = WINDOW_POOLS | ADAPTIVE_POOLS
 RESIZE = op_set((nn.Upsample,), (F.interpolate,))
@@ -98,25 +151,38 @@ RESAMPLE = op_set((nn.Upsample, nn.PixelShuffle, nn.PixelUnshuffle, nn.ChannelSh
 PADDING = op_set((nn.ZeroPad2d, nn.ConstantPad2d, nn.ReflectionPad2d, nn.ReplicationPad2d), (F.pad,))
 
 # -- shape and data movement ----------------------------------------------------------------------------
-RESHAPES = op_set((nn.Flatten, nn.Unflatten), (torch.flatten, torch.reshape),
-                  ("view", "reshape", "flatten", "unflatten", "view_as"))
+RESHAPES = op_set(
+    (nn.Flatten, nn.Unflatten), (torch.flatten, torch.reshape), ("view", "reshape", "flatten", "unflatten", "view_as")
+)
 TRANSPOSES = op_set((), (torch.permute, torch.transpose, torch.swapaxes, torch.t), ("permute", "transpose", "t"))
 SQUEEZES = op_set((), (torch.squeeze, torch.unsqueeze), ("squeeze", "unsqueeze"))
-SPLITS = op_set((), (torch.chunk, torch.split, torch.narrow, operator.getitem),
-                ("chunk", "split", "unbind", "narrow"))
+SPLITS = op_set((), (torch.chunk, torch.split, torch.narrow, operator.getitem), ("chunk", "split", "unbind", "narrow"))
 EXPANDS = op_set((), (), ("expand", "expand_as"))
 VIEWS = RESHAPES | TRANSPOSES | SQUEEZES | SPLITS | EXPANDS
 """Ops that only reinterpret a tensor's memory (free in the cost model)."""
 SIZES = op_set((), (getattr,), ("size", "dim", "numel"))
-COPIES = op_set((), (torch.cat, torch.concat, torch.stack, torch.roll, F.pad, torch.gather, torch.index_select),
-                ("contiguous", "clone", "to", "float", "half", "repeat", "roll"))
-REDUCTIONS = op_set((), (torch.mean, torch.sum, torch.amax, torch.amin), ("mean", "sum", "amax", "amin", "max", "min", "norm"))
+COPIES = op_set(
+    (),
+    (torch.cat, torch.concat, torch.stack, torch.roll, F.pad, torch.gather, torch.index_select),
+    ("contiguous", "clone", "to", "float", "half", "repeat", "roll"),
+)
+REDUCTIONS = op_set(
+    (), (torch.mean, torch.sum, torch.amax, torch.amin), ("mean", "sum", "amax", "amin", "max", "min", "norm")
+)
 MATMULS = op_set((), (torch.matmul, operator.matmul, torch.bmm, torch.mm), ("matmul", "bmm", "mm"))
 
 # -- what keeps a tensor's values ---------------------------------------------------------------------------
-VALUE_PRESERVING = (op_set((nn.ReLU,), (torch.relu, F.relu), ("relu", "relu_")) | MAX_POOLS | ADAPTIVE_MAX_POOLS
-                    | DROPOUT | op_set((nn.Identity,), (), ("contiguous",)) | RESHAPES | TRANSPOSES | SQUEEZES
-                    | op_set((), (operator.getitem,)))
+VALUE_PRESERVING = (
+    op_set((nn.ReLU,), (torch.relu, F.relu), ("relu", "relu_"))
+    | MAX_POOLS
+    | ADAPTIVE_MAX_POOLS
+    | DROPOUT
+    | op_set((nn.Identity,), (), ("contiguous",))
+    | RESHAPES
+    | TRANSPOSES
+    | SQUEEZES
+    | op_set((), (operator.getitem,))
+)
 """Every output value is a value of the (single tensor) input, or 0 from ReLU: a quantization
 grid carries over unchanged."""
 
@@ -151,7 +217,8 @@ def join_inputs(node: fx.Node) -> list[fx.Node] | None:
     if node.op == "call_function" and node.target in CONCATS.functions:
         tensors = node.args[0]
     elif (node.op == "call_function" and node.target in ADDS.functions) or (
-            node.op == "call_method" and node.target in ADDS.methods):
+        node.op == "call_method" and node.target in ADDS.methods
+    ):
         if "alpha" in node.kwargs:
             return None
         tensors = node.args[:2]

@@ -8,6 +8,7 @@ New graphs made from an existing one (the stages of an early-exit model, a modul
 returns inner values, the int8 lowering) are built with ``GraphBuilder``: copied nodes keep
 their info and provenance, new nodes are stamped with the builder's.
 """
+
 from __future__ import annotations
 
 import operator
@@ -129,7 +130,9 @@ class Rewriter:
                 self.graph.fx_graph.erase_node(user)
         if node.users:
             if not isinstance(result, fx.Node):
-                raise RewriteError(f"{target}: its result is used whole, but the inlined body returns {type(result).__name__}")
+                raise RewriteError(
+                    f"{target}: its result is used whole, but the inlined body returns {type(result).__name__}"
+                )
             node.replace_all_uses_with(result)
         self.graph.fx_graph.erase_node(node)
         return result
@@ -286,4 +289,3 @@ def split_at(module: fx.GraphModule, cuts: Sequence[str], provenance: str) -> li
         builder.output(fx.map_arg(output.args[0], lookup) if k == len(cuts) else env[by_name[cuts[k]]])
         stages.append(builder.build(module))
     return stages
-

@@ -3,6 +3,7 @@
 Running on the meta device computes shapes without touching data, so it costs a fraction of
 a real forward pass. Parameters are swapped for meta copies per module call.
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -22,8 +23,13 @@ from slimfx.ir.source import node_source_line
 # Modules whose output has exactly their input's shape and dtype: computed without running
 # them, because several (hardtanh, hardswish, ...) have slow Python meta implementations.
 _SHAPE_PRESERVING = (
-    *ops.ACTIVATIONS.modules, *ops.SOFTMAX.modules, *ops.DROPOUT.modules, nn.Identity,
-    nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm,
+    *ops.ACTIVATIONS.modules,
+    *ops.SOFTMAX.modules,
+    *ops.DROPOUT.modules,
+    nn.Identity,
+    nn.modules.batchnorm._BatchNorm,
+    nn.LayerNorm,
+    nn.GroupNorm,
 )
 
 

@@ -1,4 +1,5 @@
 """Finding the user's source line behind a failure or a traced node."""
+
 from __future__ import annotations
 
 import os

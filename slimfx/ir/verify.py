@@ -1,4 +1,5 @@
 """Graph lint and numerical comparison of two graphs on the same inputs."""
+
 from __future__ import annotations
 
 from collections.abc import Sequence

@@ -4,6 +4,7 @@ Each function returns the factor weights of a sequence of smaller layers whose c
 equals (at full rank) or approximates the original weight. Errors are relative Frobenius
 norms of the reconstructed weight.
 """
+
 from __future__ import annotations
 
 import math
@@ -97,7 +98,8 @@ def tucker2(weight: torch.Tensor, rank_in: int, rank_out: int, iterations: int =
     core = torch.einsum("oikl,or,is->rskl", w, u_out, u_in)
     dtype = weight.dtype
     return Tucker2(
-        u_in.T[:, :, None, None].to(dtype).contiguous(), core.to(dtype).contiguous(),
+        u_in.T[:, :, None, None].to(dtype).contiguous(),
+        core.to(dtype).contiguous(),
         u_out[:, :, None, None].to(dtype).contiguous(),
     )
 
@@ -162,7 +164,9 @@ def cp_als(weight: torch.Tensor, rank: int, iterations: int = 200, seed: int = 0
     return CP(out_factor, in_factor, vertical, horizontal, error)
 
 
-def compose_cp(out_factor: torch.Tensor, in_factor: torch.Tensor, vertical: torch.Tensor, horizontal: torch.Tensor) -> torch.Tensor:
+def compose_cp(
+    out_factor: torch.Tensor, in_factor: torch.Tensor, vertical: torch.Tensor, horizontal: torch.Tensor
+) -> torch.Tensor:
     return torch.einsum("or,ir,kr,lr->oikl", out_factor, in_factor, vertical, horizontal)
 
 
@@ -223,8 +227,11 @@ def separable_3d(
     height = u2[:, :rank_height].T.reshape(rank_height, rank_width, 1, kh, 1)
     depth = (s2[:rank_height, None] * vh2[:rank_height]).reshape(rank_height, cout, kd).permute(1, 0, 2)
     dtype = weight.dtype
-    return Separable3d(width.to(dtype).contiguous(), height.to(dtype).contiguous(),
-                       depth.reshape(cout, rank_height, kd, 1, 1).to(dtype).contiguous())
+    return Separable3d(
+        width.to(dtype).contiguous(),
+        height.to(dtype).contiguous(),
+        depth.reshape(cout, rank_height, kd, 1, 1).to(dtype).contiguous(),
+    )
 
 
 def compose_separable_3d(s: Separable3d) -> torch.Tensor:

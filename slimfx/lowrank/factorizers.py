@@ -5,6 +5,7 @@ Methods: ``spatial-svd`` (kxk -> kx1 + 1xk), ``tucker2`` (1x1 -> kxk -> 1x1), ``
 1x1xk + 1xkx1 + kx1x1) and ``linear-svd`` (Linear -> two thinner Linears). The tensor math
 is in ``decompose``; the ``factorize-convs`` pass chooses ranks and rewrites the graph.
 """
+
 from __future__ import annotations
 
 import math
@@ -43,7 +44,11 @@ class Factorizer:
 
     def why_not(self, module: nn.Module) -> str | None:
         if module.groups != 1:
-            kind = "depthwise conv: already separable" if module.groups == module.in_channels else f"grouped conv (groups={module.groups})"
+            kind = (
+                "depthwise conv: already separable"
+                if module.groups == module.in_channels
+                else f"grouped conv (groups={module.groups})"
+            )
             return f"{kind}; {self.method} factorizes dense convs only"
         if module.padding_mode != "zeros":
             return f"padding_mode={module.padding_mode!r}: only zero padding splits exactly"
@@ -72,7 +77,9 @@ class Factorizer:
         """``ranks`` lowered where one rank bounds another (only separable-3d has such a bound)."""
         return ranks
 
-    def build(self, layer: LayerToFactorize, ranks: Ranks, iterations: int, seed: int) -> tuple[list[tuple[str, nn.Module]], float]:
+    def build(
+        self, layer: LayerToFactorize, ranks: Ranks, iterations: int, seed: int
+    ) -> tuple[list[tuple[str, nn.Module]], float]:
         """The replacement layers and the relative error of the reconstructed weight."""
         raise NotImplementedError
 
@@ -84,8 +91,15 @@ def _out_size(size: int, kernel: int, stride: int, padding: int, dilation: int) 
 def _conv(weight: torch.Tensor, bias: torch.Tensor | None, like: nn.Module, **geometry: Any) -> nn.Module:
     """A conv of ``like``'s class and dtype with ``weight`` (and ``bias``) and the given geometry."""
     standard = nn.Conv3d if isinstance(like, nn.Conv3d) else nn.Conv2d  # subclasses may take other arguments
-    conv = standard(weight.shape[1] * geometry.get("groups", 1), weight.shape[0], weight.shape[2:],
-                      bias=bias is not None, device=weight.device, dtype=like.weight.dtype, **geometry)
+    conv = standard(
+        weight.shape[1] * geometry.get("groups", 1),
+        weight.shape[0],
+        weight.shape[2:],
+        bias=bias is not None,
+        device=weight.device,
+        dtype=like.weight.dtype,
+        **geometry,
+    )
     conv.weight = nn.Parameter(weight.to(like.weight.dtype))
     if bias is not None:
         conv.bias = nn.Parameter(bias.detach().clone())
@@ -129,14 +143,31 @@ class _SpatialSvd(_OneMatrixSvd):
         (r,), m = ranks, layer.module
         n, cin, h, w = layer.in_shape
         mid = n * r * _out_size(h, m.kernel_size[0], m.stride[0], m.padding[0], m.dilation[0]) * w
-        return conv_macs(mid, (r, cin, m.kernel_size[0], 1)) + conv_macs(math.prod(layer.out_shape), (m.out_channels, r, 1, m.kernel_size[1]))
+        return conv_macs(mid, (r, cin, m.kernel_size[0], 1)) + conv_macs(
+            math.prod(layer.out_shape), (m.out_channels, r, 1, m.kernel_size[1])
+        )
 
     def build(self, layer, ranks, iterations, seed):
         m, weight = layer.module, layer.module.weight.detach()
         vertical, horizontal = lowrank.spatial_svd(weight, ranks[0], self.svd(layer))
         parts = [
-            ("v", _conv(vertical, None, m, stride=(m.stride[0], 1), padding=(m.padding[0], 0), dilation=(m.dilation[0], 1))),
-            ("h", _conv(horizontal, _bias(m), m, stride=(1, m.stride[1]), padding=(0, m.padding[1]), dilation=(1, m.dilation[1]))),
+            (
+                "v",
+                _conv(
+                    vertical, None, m, stride=(m.stride[0], 1), padding=(m.padding[0], 0), dilation=(m.dilation[0], 1)
+                ),
+            ),
+            (
+                "h",
+                _conv(
+                    horizontal,
+                    _bias(m),
+                    m,
+                    stride=(1, m.stride[1]),
+                    padding=(0, m.padding[1]),
+                    dilation=(1, m.dilation[1]),
+                ),
+            ),
         ]
         return parts, relative_error(weight, lowrank.compose_spatial(vertical, horizontal))
 
@@ -155,14 +186,19 @@ class _Tucker2(Factorizer):
         return (lowrank.energy_rank(layer.spectra["in"], energy), lowrank.energy_rank(layer.spectra["out"], energy))
 
     def estimated_error(self, layer, ranks):  # the HOSVD bound
-        return math.hypot(lowrank.tail_error(layer.spectra["in"], ranks[0]), lowrank.tail_error(layer.spectra["out"], ranks[1]))
+        return math.hypot(
+            lowrank.tail_error(layer.spectra["in"], ranks[0]), lowrank.tail_error(layer.spectra["out"], ranks[1])
+        )
 
     def macs(self, layer, ranks):
         (r_in, r_out), m = ranks, layer.module
         n, cin, h, w = layer.in_shape
         out_hw = math.prod(layer.out_shape[2:])
-        return (conv_macs(n * r_in * h * w, (r_in, cin, 1, 1)) + conv_macs(n * r_out * out_hw, (r_out, r_in, *m.kernel_size))
-                + conv_macs(math.prod(layer.out_shape), (m.out_channels, r_out, 1, 1)))
+        return (
+            conv_macs(n * r_in * h * w, (r_in, cin, 1, 1))
+            + conv_macs(n * r_out * out_hw, (r_out, r_in, *m.kernel_size))
+            + conv_macs(math.prod(layer.out_shape), (m.out_channels, r_out, 1, 1))
+        )
 
     def build(self, layer, ranks, iterations, seed):
         m, weight = layer.module, layer.module.weight.detach()
@@ -186,7 +222,9 @@ class _CP(_Tucker2):
         return (max(super().energy_ranks(layer, energy)),)
 
     def estimated_error(self, layer, ranks):  # proxy for budgeting; the real fit error is reported
-        return super().estimated_error(layer, (min(ranks[0], layer.module.in_channels), min(ranks[0], layer.module.out_channels)))
+        return super().estimated_error(
+            layer, (min(ranks[0], layer.module.in_channels), min(ranks[0], layer.module.out_channels))
+        )
 
     def macs(self, layer, ranks):
         (r,), m = ranks, layer.module
@@ -194,8 +232,12 @@ class _CP(_Tucker2):
         kh, kw = m.kernel_size
         mid_h = _out_size(h, kh, m.stride[0], m.padding[0], m.dilation[0])
         out_hw = math.prod(layer.out_shape[2:])
-        return (conv_macs(n * r * h * w, (r, cin, 1, 1)) + conv_macs(n * r * mid_h * w, (r, 1, kh, 1))
-                + conv_macs(n * r * out_hw, (r, 1, 1, kw)) + conv_macs(math.prod(layer.out_shape), (m.out_channels, r, 1, 1)))
+        return (
+            conv_macs(n * r * h * w, (r, cin, 1, 1))
+            + conv_macs(n * r * mid_h * w, (r, 1, kh, 1))
+            + conv_macs(n * r * out_hw, (r, 1, 1, kw))
+            + conv_macs(math.prod(layer.out_shape), (m.out_channels, r, 1, 1))
+        )
 
     def build(self, layer, ranks, iterations, seed):
         m, weight = layer.module, layer.module.weight.detach()
@@ -203,10 +245,30 @@ class _CP(_Tucker2):
         cp = lowrank.cp_als(weight, r, iterations=max(iterations, 1), seed=seed)
         parts = [
             ("pw_in", _conv(cp.in_factor.T[:, :, None, None], None, m)),
-            ("dw_v", _conv(cp.vertical.T[:, None, :, None], None, m, groups=r,
-                           stride=(m.stride[0], 1), padding=(m.padding[0], 0), dilation=(m.dilation[0], 1))),
-            ("dw_h", _conv(cp.horizontal.T[:, None, None, :], None, m, groups=r,
-                           stride=(1, m.stride[1]), padding=(0, m.padding[1]), dilation=(1, m.dilation[1]))),
+            (
+                "dw_v",
+                _conv(
+                    cp.vertical.T[:, None, :, None],
+                    None,
+                    m,
+                    groups=r,
+                    stride=(m.stride[0], 1),
+                    padding=(m.padding[0], 0),
+                    dilation=(m.dilation[0], 1),
+                ),
+            ),
+            (
+                "dw_h",
+                _conv(
+                    cp.horizontal.T[:, None, None, :],
+                    None,
+                    m,
+                    groups=r,
+                    stride=(1, m.stride[1]),
+                    padding=(0, m.padding[1]),
+                    dilation=(1, m.dilation[1]),
+                ),
+            ),
             ("pw_out", _conv(cp.out_factor[:, :, None, None], _bias(m), m)),
         ]
         return parts, cp.fit_error
@@ -239,7 +301,9 @@ class _Separable3d(Factorizer):
         return (ranks[0], min(ranks[1], ranks[0] * m.kernel_size[1], m.out_channels * m.kernel_size[0]))
 
     def estimated_error(self, layer, ranks):  # second split measured at full first rank
-        return math.hypot(lowrank.tail_error(layer.spectra["width"], ranks[0]), lowrank.tail_error(layer.spectra["height"], ranks[1]))
+        return math.hypot(
+            lowrank.tail_error(layer.spectra["width"], ranks[0]), lowrank.tail_error(layer.spectra["height"], ranks[1])
+        )
 
     def macs(self, layer, ranks):
         (r1, r2), m = ranks, layer.module
@@ -247,8 +311,11 @@ class _Separable3d(Factorizer):
         kd, kh, kw = m.kernel_size
         w_out = _out_size(w, kw, m.stride[2], m.padding[2], m.dilation[2])
         h_out = _out_size(h, kh, m.stride[1], m.padding[1], m.dilation[1])
-        return (conv_macs(n * r1 * d * h * w_out, (r1, cin, 1, 1, kw)) + conv_macs(n * r2 * d * h_out * w_out, (r2, r1, 1, kh, 1))
-                + conv_macs(math.prod(layer.out_shape), (m.out_channels, r2, kd, 1, 1)))
+        return (
+            conv_macs(n * r1 * d * h * w_out, (r1, cin, 1, 1, kw))
+            + conv_macs(n * r2 * d * h_out * w_out, (r2, r1, 1, kh, 1))
+            + conv_macs(math.prod(layer.out_shape), (m.out_channels, r2, kd, 1, 1))
+        )
 
     def build(self, layer, ranks, iterations, seed):
         m, weight = layer.module, layer.module.weight.detach()
@@ -279,7 +346,10 @@ class _LinearSvd(_OneMatrixSvd):
     def build(self, layer, ranks, iterations, seed):
         m, weight = layer.module, layer.module.weight.detach()
         first, second = lowrank.linear_svd(weight, ranks[0], self.svd(layer))
-        reduce, restore = nn.Linear(m.in_features, ranks[0], bias=False), nn.Linear(ranks[0], m.out_features, bias=m.bias is not None)
+        reduce, restore = (
+            nn.Linear(m.in_features, ranks[0], bias=False),
+            nn.Linear(ranks[0], m.out_features, bias=m.bias is not None),
+        )
         reduce.weight = nn.Parameter(first)
         restore.weight = nn.Parameter(second)
         if m.bias is not None:
@@ -287,4 +357,6 @@ class _LinearSvd(_OneMatrixSvd):
         return [("reduce", reduce), ("restore", restore)], relative_error(weight, second @ first)
 
 
-FACTORIZERS: dict[str, Factorizer] = {f.method: f for f in (_SpatialSvd(), _Tucker2(), _CP(), _Separable3d(), _LinearSvd())}
+FACTORIZERS: dict[str, Factorizer] = {
+    f.method: f for f in (_SpatialSvd(), _Tucker2(), _CP(), _Separable3d(), _LinearSvd())
+}

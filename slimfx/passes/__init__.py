@@ -1,8 +1,21 @@
 """Passes: importing this package registers every built-in pass."""
+
 from slimfx.passes import add_exits, factorize_convs, fold_bn, prune_channels, quantize  # noqa: F401  (registers the passes)
 from slimfx.passes.base import Action, DataNeed, Decision, Pass, PassContext, PassResult
 from slimfx.passes.manager import PassManager, PassRecord, PipelineResult
 from slimfx.passes.registry import PASSES, parse_pipeline, register
 
-__all__ = ["Action", "DataNeed", "Decision", "Pass", "PassContext", "PassResult", "PassManager", "PassRecord",
-           "PipelineResult", "PASSES", "parse_pipeline", "register"]
+__all__ = [
+    "Action",
+    "DataNeed",
+    "Decision",
+    "Pass",
+    "PassContext",
+    "PassResult",
+    "PassManager",
+    "PassRecord",
+    "PipelineResult",
+    "PASSES",
+    "parse_pipeline",
+    "register",
+]

@@ -8,6 +8,7 @@ that agreement with the full model stays at or above ``agreement`` (``exits.thre
 The graph itself is unchanged: the pass returns an ``ExitPlan`` on its result, and the pass
 manager builds the runtime that really exits (``backends.early_exit``) and verifies it.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -77,10 +78,15 @@ class AddExits(Pass):
         ensure_costs(graph)
         output = graph.output_node()
         if not isinstance(output.args[0], fx.Node) or len(graph.info(output).outputs) != 1:
-            return PassResult(False, (Decision("output", Action.DECLINED, "the model must return one tensor of class scores"),))
+            return PassResult(
+                False, (Decision("output", Action.DECLINED, "the model must return one tensor of class scores"),)
+            )
         cuts, decisions = self._cuts(graph)
         if not cuts:
-            reason = "no node dominates the output with work left after it: every path branches, so no exit can cut the model"
+            reason = (
+                "no node dominates the output with work left after it: every path branches, "
+                "so no exit can cut the model"
+            )
             return PassResult(False, tuple(decisions) + (Decision("model", Action.DECLINED, reason),))
         classes = graph.info(output).out_shape[-1]
         heads = nn.ModuleList(make_head(self.head, graph.info(graph.node(cut)).out_shape, classes) for cut in cuts)
@@ -88,31 +94,49 @@ class AddExits(Pass):
         rows = len(inputs)
         order = torch.randperm(rows, generator=torch.Generator().manual_seed(ctx.seed))
         held = order[: max(1, int(self.holdout * rows))]
-        train = order[len(held):]
+        train = order[len(held) :]
         batch = max(1, min(64, len(train)))
         train_batches = [train[i : i + batch] for i in range(0, len(train), batch)]
         if self.joint:
-            losses = train_branchynet(extractor, heads, [(inputs[b], labels[b]) for b in train_batches],
-                                      epochs=self.epochs, lr=self.lr, progress=ctx.progress)
+            losses = train_branchynet(
+                extractor,
+                heads,
+                [(inputs[b], labels[b]) for b in train_batches],
+                epochs=self.epochs,
+                lr=self.lr,
+                progress=ctx.progress,
+            )
         else:
-            losses = distill_heads(extractor, heads, [inputs[b] for b in train_batches], temperature=self.temperature,
-                                   epochs=self.epochs, lr=self.lr, progress=ctx.progress)
+            losses = distill_heads(
+                extractor,
+                heads,
+                [inputs[b] for b in train_batches],
+                temperature=self.temperature,
+                epochs=self.epochs,
+                lr=self.lr,
+                progress=ctx.progress,
+            )
         heads.eval()
         plan = self._plan(graph, extractor, heads, cuts, inputs[held], None if labels is None else labels[held], losses)
         for stat in plan.stats:
-            decisions.append(Decision(
-                stat.node, Action.EXIT,
-                f"exit {stat.exit}: head {self.head} ({stat.head_macs_per_sample:,} MACs/sample), entropy threshold "
-                f"{stat.threshold:.4g}; {stat.share:.1%} of held-out rows leave here",
-                details=stat,
-            ))
+            decisions.append(
+                Decision(
+                    stat.node,
+                    Action.EXIT,
+                    f"exit {stat.exit}: head {self.head} ({stat.head_macs_per_sample:,} MACs/sample), "
+                    f"entropy threshold {stat.threshold:.4g}; {stat.share:.1%} of held-out rows leave here",
+                    details=stat,
+                )
+            )
         return PassResult(changed=False, decisions=tuple(decisions), exit_plan=plan)
 
     # -- data ---------------------------------------------------------------------------------
     def _calibration(self, ctx: PassContext) -> tuple[torch.Tensor, torch.Tensor | None]:
         """All calibration rows (single-input models) and their labels when every batch has them."""
         if len(ctx.example_inputs) != 1:
-            raise DataError(f"add-exits trains heads on single-input models; this one takes {len(ctx.example_inputs)} inputs")
+            raise DataError(
+                f"add-exits trains heads on single-input models; this one takes {len(ctx.example_inputs)} inputs"
+            )
         xs, ys = [], []
         for batch in ctx.batches(self.name):
             xs.append(batch.inputs[0])
@@ -139,13 +163,21 @@ class AddExits(Pass):
                 if node in candidates:
                     chosen.append(node.name)
                 else:
-                    why = ("a branch bypasses it (inside a residual block or concat), so it does not dominate the output"
-                           if node not in dominators else "nothing but free ops follows it")
-                    decisions.append(Decision(path, Action.DECLINED, f"no exit after '{path}' (node {node.name}): {why}"))
+                    why = (
+                        "a branch bypasses it (inside a residual block or concat), so it does not dominate the output"
+                        if node not in dominators
+                        else "nothing but free ops follows it"
+                    )
+                    decisions.append(
+                        Decision(path, Action.DECLINED, f"no exit after '{path}' (node {node.name}): {why}")
+                    )
             return chosen, decisions
         # of several cuts with the same MACs before them (conv -> BN -> ReLU -> pool), take the last
-        block_ends = [n for i, n in enumerate(candidates)
-                      if i + 1 == len(candidates) or cumulative[candidates[i + 1].name] > cumulative[n.name]]
+        block_ends = [
+            n
+            for i, n in enumerate(candidates)
+            if i + 1 == len(candidates) or cumulative[candidates[i + 1].name] > cumulative[n.name]
+        ]
         chosen = []
         for i in range(1, self.exits + 1):
             goal = total * i / (self.exits + 1)
@@ -159,23 +191,42 @@ class AddExits(Pass):
     def _usable(graph: Graph, node: fx.Node) -> bool:
         info = graph.info(node)
         batch = graph.example_inputs[0].shape[0]
-        return len(info.outputs) == 1 and len(info.out_shape) >= 2 and info.out_shape[0] == batch and info.outputs[0].dtype.is_floating_point
+        return (
+            len(info.outputs) == 1
+            and len(info.out_shape) >= 2
+            and info.out_shape[0] == batch
+            and info.outputs[0].dtype.is_floating_point
+        )
 
     @staticmethod
     def _node_for(graph: Graph, path: str) -> fx.Node:
         try:
             graph.module.get_submodule(path)
         except AttributeError:
-            raise PassSpecError(f"add-exits: at={path!r} is not a module of the model; give module paths such as 'layer2'") from None
-        inside = [n for n in graph.nodes() if path in (n.meta.get("nn_module_stack") or {}) or
-                  (n.op == "call_module" and (str(n.target) == path or str(n.target).startswith(path + ".")))]
+            raise PassSpecError(
+                f"add-exits: at={path!r} is not a module of the model; give module paths such as 'layer2'"
+            ) from None
+        inside = [
+            n
+            for n in graph.nodes()
+            if path in (n.meta.get("nn_module_stack") or {})
+            or (n.op == "call_module" and (str(n.target) == path or str(n.target).startswith(path + ".")))
+        ]
         if not inside:
             raise PassSpecError(f"add-exits: module {path!r} is never called in the traced graph")
         return inside[-1]
 
     # -- thresholds and cost ---------------------------------------------------------------------
-    def _plan(self, graph: Graph, extractor: nn.Module, heads: nn.ModuleList, cuts: list[str],
-              inputs: torch.Tensor, labels: torch.Tensor | None, losses: list[float]) -> ExitPlan:
+    def _plan(
+        self,
+        graph: Graph,
+        extractor: nn.Module,
+        heads: nn.ModuleList,
+        cuts: list[str],
+        inputs: torch.Tensor,
+        labels: torch.Tensor | None,
+        losses: list[float],
+    ) -> ExitPlan:
         with torch.no_grad():
             *features, final = extractor(inputs)
             logits = [head(f) for head, f in zip(heads, features)]
@@ -205,10 +256,23 @@ class AddExits(Pass):
             stats.append(ExitStat(k + 1, cut, thresholds[k], share, int(per_head[k]), cost, agreement))
         final_share = float((exit_of == len(cuts)).float().mean())
         expected += final_share * (full + sum(per_head))
-        agreement = float(answer_right.float().mean()) if labels is None else \
-            float(answer_right.float().mean() / max(final_correct.float().mean(), 1e-12))
-        return ExitPlan(tuple(cuts), heads, tuple(thresholds), tuple(stats), final_share, full + sum(per_head), full,
-                        expected, agreement, tuple(losses))
+        agreement = (
+            float(answer_right.float().mean())
+            if labels is None
+            else float(answer_right.float().mean() / max(final_correct.float().mean(), 1e-12))
+        )
+        return ExitPlan(
+            tuple(cuts),
+            heads,
+            tuple(thresholds),
+            tuple(stats),
+            final_share,
+            full + sum(per_head),
+            full,
+            expected,
+            agreement,
+            tuple(losses),
+        )
 
 
 def _cumulative_macs(graph: Graph) -> dict[str, int]:
@@ -219,4 +283,3 @@ def _cumulative_macs(graph: Graph) -> dict[str, int]:
         running += cost.cost.macs if cost is not None else 0
         result[node.name] = running
     return result
-

@@ -1,4 +1,5 @@
 """The contract every pass follows: Pass, PassContext, PassResult, Decision and its typed details."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -101,8 +102,10 @@ class PassContext:
         """The calibration data as checked ``Batch`` objects; a clear error names the pass
         when there is none."""
         if self.calib_data is None:
-            raise DataError(f"{pass_name} needs calibration data: pass calib_data=[batch, ...] to slimfx.compile "
-                            "(--calib on the command line)")
+            raise DataError(
+                f"{pass_name} needs calibration data: pass calib_data=[batch, ...] to slimfx.compile "
+                "(--calib on the command line)"
+            )
         count = 0
         for batch in batches(self.calib_data, self.example_inputs):
             count += 1

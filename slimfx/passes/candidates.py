@@ -5,6 +5,7 @@ A layer is a candidate when it is of the pass's types, the pass's own technique 
 pattern (fnmatch on the module path, ``layer4.*``) names it. Otherwise the first reason is
 kept, for the pass to report as a declined decision.
 """
+
 from __future__ import annotations
 
 import fnmatch
@@ -38,8 +39,13 @@ class Candidates:
     declined: dict[str, str] = field(default_factory=dict)
 
 
-def layer_candidates(graph: Graph, types: tuple[type, ...], exclude: Sequence[str] = (),
-                     why_not: WhyNot | None = None, one_input: bool = True) -> Candidates:
+def layer_candidates(
+    graph: Graph,
+    types: tuple[type, ...],
+    exclude: Sequence[str] = (),
+    why_not: WhyNot | None = None,
+    one_input: bool = True,
+) -> Candidates:
     """Every call_module node running a module of ``types``, sorted into eligible and declined
     (``one_input=False`` for layers that take several inputs, such as attention)."""
     found = Candidates()
@@ -47,8 +53,11 @@ def layer_candidates(graph: Graph, types: tuple[type, ...], exclude: Sequence[st
         if node.op != "call_module" or not isinstance(graph.submodule(node), types):
             continue
         module = graph.submodule(node)
-        reason = (why_not(node, module) if why_not is not None else None) or graph.why_not_single_call(node, one_input) \
+        reason = (
+            (why_not(node, module) if why_not is not None else None)
+            or graph.why_not_single_call(node, one_input)
             or exclusion_reason(str(node.target), exclude)
+        )
         if reason is None:
             found.eligible.append(node)
         else:

@@ -4,6 +4,7 @@ The methods (``method=``: spatial-svd, tucker2, cp, separable-3d, linear-svd) li
 ``lowrank.factorizers``; this pass picks the layers and ranks, rewrites the graph and reports.
 With ``target-macs`` the ranks are spent by the planner's allocator (``cost_model.planner``).
 """
+
 from __future__ import annotations
 
 import math
@@ -100,7 +101,11 @@ class FactorizeConvs(Pass):
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
         ensure_costs(graph)
         factorizer = FACTORIZERS[self.method]
-        order = [n.name for n in graph.nodes() if n.op == "call_module" and isinstance(graph.submodule(n), factorizer.layer_types)]
+        order = [
+            n.name
+            for n in graph.nodes()
+            if n.op == "call_module" and isinstance(graph.submodule(n), factorizer.layer_types)
+        ]
         layers, decisions = self._candidates(graph, factorizer)
         warnings: list[str] = []
         ranks = self._choose_ranks(graph, factorizer, layers, decisions, warnings)
@@ -117,30 +122,48 @@ class FactorizeConvs(Pass):
                 macs_after = factorizer.macs(layer, chosen)
                 if self._honours_rank() and macs_after >= layer.macs:
                     asked = f"rank={self.rank}" if self.rank is not None else "full rank"
-                    warnings.append(f"{layer.node.target}: {asked} costs {macs_after:,} MACs, more than the "
-                                    f"original {layer.macs:,}; factorized anyway because the rank was given")
+                    warnings.append(
+                        f"{layer.node.target}: {asked} costs {macs_after:,} MACs, more than the "
+                        f"original {layer.macs:,}; factorized anyway because the rank was given"
+                    )
                 rewriter.replace_with_sequence(layer.node, parts)
                 decisions[layer.node.name] = Decision(
-                    str(layer.node.target), Action.FACTORIZED,
+                    str(layer.node.target),
+                    Action.FACTORIZED,
                     f"{self.method} rank {'x'.join(map(str, chosen))}: weight error {weight_error:.3g}, "
                     f"output error {output_error:.3g} (relative)",
-                    layer.macs, macs_after, weight_error,
+                    layer.macs,
+                    macs_after,
+                    weight_error,
                     details=FactorizeDetails(
-                        self.method, tuple(chosen), tuple(factorizer.full(layer)), weight_error, output_error,
+                        self.method,
+                        tuple(chosen),
+                        tuple(factorizer.full(layer)),
+                        weight_error,
+                        output_error,
                         tuple(f"{layer.node.target}.{name}" for name, _ in parts),
                         sum(p.numel() for p in layer.module.parameters()),
-                        sum(p.numel() for _, m in parts for p in m.parameters())),
+                        sum(p.numel() for _, m in parts for p in m.parameters()),
+                    ),
                 )
         for layer in layers:
             if layer.node.name not in decisions:  # only when spending a budget: cheaper cuts sufficed
                 decisions[layer.node.name] = Decision(
-                    str(layer.node.target), Action.DECLINED,
-                    f"not needed: cheaper cuts elsewhere met target-macs={self.target_macs:g}", layer.macs, layer.macs)
-        return PassResult(changed=bool(ranks), decisions=tuple(decisions[name] for name in order), warnings=tuple(warnings))
+                    str(layer.node.target),
+                    Action.DECLINED,
+                    f"not needed: cheaper cuts elsewhere met target-macs={self.target_macs:g}",
+                    layer.macs,
+                    layer.macs,
+                )
+        return PassResult(
+            changed=bool(ranks), decisions=tuple(decisions[name] for name in order), warnings=tuple(warnings)
+        )
 
     # -- which layers ------------------------------------------------------------------------
     def _candidates(self, graph: Graph, factorizer: Factorizer) -> tuple[list[LayerToFactorize], dict[str, Decision]]:
-        found = layer_candidates(graph, factorizer.layer_types, self.exclude, lambda _node, module: factorizer.why_not(module))
+        found = layer_candidates(
+            graph, factorizer.layer_types, self.exclude, lambda _node, module: factorizer.why_not(module)
+        )
         decisions = {}
         for name, why in found.declined.items():
             node = graph.node(name)
@@ -149,15 +172,24 @@ class FactorizeConvs(Pass):
         layers = []
         for node in found.eligible:
             module = graph.submodule(node)
-            layer = LayerToFactorize(node, module, graph.info(node.args[0]).out_shape, graph.info(node).out_shape,
-                                     graph.info(node).cost.cost.macs)
+            layer = LayerToFactorize(
+                node,
+                module,
+                graph.info(node.args[0]).out_shape,
+                graph.info(node).out_shape,
+                graph.info(node).cost.cost.macs,
+            )
             layer.spectra = factorizer.spectra(module.weight.detach())
             layers.append(layer)
         return layers, decisions
 
     # -- which ranks -------------------------------------------------------------------------
     def _choose_ranks(
-        self, graph: Graph, factorizer: Factorizer, layers: list[LayerToFactorize], decisions: dict[str, Decision],
+        self,
+        graph: Graph,
+        factorizer: Factorizer,
+        layers: list[LayerToFactorize],
+        decisions: dict[str, Decision],
         warnings: list[str],
     ) -> dict[str, Ranks]:
         if self.target_macs is not None:
@@ -175,15 +207,23 @@ class FactorizeConvs(Pass):
             macs = factorizer.macs(layer, ranks)
             if not self._honours_rank() and macs >= layer.macs:
                 decisions[layer.node.name] = Decision(
-                    str(layer.node.target), Action.DECLINED,
-                    f"{self.method} at rank {'x'.join(map(str, ranks))} would cost {macs:,} MACs, not less than {layer.macs:,}",
-                    layer.macs, layer.macs)
+                    str(layer.node.target),
+                    Action.DECLINED,
+                    f"{self.method} at rank {'x'.join(map(str, ranks))} would cost {macs:,} MACs, "
+                    f"not less than {layer.macs:,}",
+                    layer.macs,
+                    layer.macs,
+                )
                 continue
             chosen[layer.node.name] = ranks
         return chosen
 
     def _ranks_for_target(
-        self, graph: Graph, factorizer: Factorizer, layers: list[LayerToFactorize], decisions: dict[str, Decision],
+        self,
+        graph: Graph,
+        factorizer: Factorizer,
+        layers: list[LayerToFactorize],
+        decisions: dict[str, Decision],
         warnings: list[str],
     ) -> dict[str, Ranks]:
         """The planner's allocator over candidate ranks per layer: least estimated error per MAC
@@ -192,19 +232,36 @@ class FactorizeConvs(Pass):
         goal = self.target_macs * total
         options: dict[str, list[tuple[Ranks, int, float]]] = {}
         for layer in layers:
-            candidates = sorted({self._rounded(factorizer, layer, tuple(max(1, math.ceil(f * r)) for r in factorizer.full(layer)))
-                                 for f in torch.logspace(-2, 0, TARGET_GRID).tolist()}, reverse=True)
+            candidates = sorted(
+                {
+                    self._rounded(factorizer, layer, tuple(max(1, math.ceil(f * r)) for r in factorizer.full(layer)))
+                    for f in torch.logspace(-2, 0, TARGET_GRID).tolist()
+                },
+                reverse=True,
+            )
             saving = [(r, factorizer.macs(layer, r), factorizer.estimated_error(layer, r)) for r in candidates]
             options[layer.node.name] = [o for o in saving if o[1] < layer.macs]
             if not options[layer.node.name]:
-                decisions[layer.node.name] = Decision(str(layer.node.target), Action.DECLINED,
-                                                      f"{self.method} saves no MACs at any rank", layer.macs, layer.macs)
-        items = [Item(layer.node.name, (Option(layer.macs, 0.0),) + tuple(Option(m, e) for _, m, e in options[layer.node.name]))
-                 for layer in layers]
+                decisions[layer.node.name] = Decision(
+                    str(layer.node.target),
+                    Action.DECLINED,
+                    f"{self.method} saves no MACs at any rank",
+                    layer.macs,
+                    layer.macs,
+                )
+        items = [
+            Item(
+                layer.node.name,
+                (Option(layer.macs, 0.0),) + tuple(Option(m, e) for _, m, e in options[layer.node.name]),
+            )
+            for layer in layers
+        ]
         allocation = allocate(items, goal, fixed_cost=total - sum(layer.macs for layer in layers), finish=True)
         if not allocation.met:
-            warnings.append(f"factorize-convs: target-macs={self.target_macs:g} cannot be reached with {self.method}; "
-                            f"best reachable is {int(allocation.total):,} MACs ({allocation.total / total:.3f} of the original)")
+            warnings.append(
+                f"factorize-convs: target-macs={self.target_macs:g} cannot be reached with {self.method}; "
+                f"best reachable is {int(allocation.total):,} MACs ({allocation.total / total:.3f} of the original)"
+            )
         return {name: options[name][index - 1][0] for name, index in allocation.chosen.items() if index > 0}
 
     def _rounded(self, factorizer: Factorizer, layer: LayerToFactorize, ranks: Ranks) -> Ranks:
@@ -220,7 +277,8 @@ def _layer_inputs(graph: Graph, nodes: Sequence[fx.Node]) -> dict[str, torch.Ten
     seen: dict[str, torch.Tensor] = {}
     handles = [
         graph.module.get_submodule(target).register_forward_pre_hook(
-            lambda _m, args, name=name: seen.setdefault(name, args[0].detach()))
+            lambda _m, args, name=name: seen.setdefault(name, args[0].detach())
+        )
         for target, name in wanted.items()
     ]
     try:

@@ -1,4 +1,5 @@
 """fold-bn: fold an inference-mode BatchNorm into the conv or linear layer before it."""
+
 from __future__ import annotations
 
 import copy

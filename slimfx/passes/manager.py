@@ -1,4 +1,5 @@
 """PassManager: the pipeline builder (requirements, order, data needs) and a verified run of each pass."""
+
 from __future__ import annotations
 
 import time
@@ -94,8 +95,10 @@ def check_data(passes: Sequence[Pass], calib_data: Iterable[Any] | None) -> None
         need = p.data_need()
         if need is not DataNeed.NONE and calib_data is None:
             labels = " (with labels: (inputs, labels) batches)" if need is DataNeed.LABELLED else ""
-            raise DataError(f"pass '{p.spec()}' needs {need.value}{labels}: pass calib_data=[batch, ...] to "
-                            "slimfx.compile (--calib on the command line)")
+            raise DataError(
+                f"pass '{p.spec()}' needs {need.value}{labels}: pass calib_data=[batch, ...] to "
+                "slimfx.compile (--calib on the command line)"
+            )
 
 
 # -- running it -----------------------------------------------------------------------------------
@@ -123,8 +126,9 @@ class PassManager:
             history.append(self._run_one(index, p, graph, ctx, history, state))
         return PipelineResult(tuple(history), before, state.outputs, state.module)
 
-    def _run_one(self, index: int, p: Pass, graph: Graph, ctx: PassContext, history: list[PassRecord],
-                 state: _State) -> PassRecord:
+    def _run_one(
+        self, index: int, p: Pass, graph: Graph, ctx: PassContext, history: list[PassRecord], state: _State
+    ) -> PassRecord:
         version = graph.version
         start = time.perf_counter()
         try:
@@ -137,26 +141,44 @@ class PassManager:
         error = None
         if graph.version != version or result.changed:
             if state.planned_exits:
-                raise self._failure(index, p, history, "it changed the graph after early exits were planned on it; "
-                                    "put add-exits last")
+                raise self._failure(
+                    index, p, history, "it changed the graph after early exits were planned on it; put add-exits last"
+                )
             error = self._verify(index, p, graph, graph.module, state, history)
             state.module = graph.module
         if result.exit_plan is not None:
             runtime = self._early_exit_runtime(index, p, graph, result, history)
             error = self._verify(index, p, graph, runtime, state, history)
             state.module, state.planned_exits = runtime, True
-        return PassRecord(p.name, p.spec(), p.is_exact(), result.changed, seconds, error, result.decisions,
-                          result.warnings, result.exit_plan)
+        return PassRecord(
+            p.name,
+            p.spec(),
+            p.is_exact(),
+            result.changed,
+            seconds,
+            error,
+            result.decisions,
+            result.warnings,
+            result.exit_plan,
+        )
 
-    def _early_exit_runtime(self, index: int, p: Pass, graph: Graph, result: PassResult,
-                            history: list[PassRecord]) -> nn.Module:
+    def _early_exit_runtime(
+        self, index: int, p: Pass, graph: Graph, result: PassResult, history: list[PassRecord]
+    ) -> nn.Module:
         try:
             return build_early_exit(graph.module, result.exit_plan)
         except SlimfxError as exc:
             raise self._failure(index, p, history, f"its early-exit plan cannot be built: {exc}") from exc
 
-    def _verify(self, index: int, p: Pass, graph: Graph, module: nn.Module | fx.GraphModule, state: _State,
-                history: list[PassRecord]) -> float:
+    def _verify(
+        self,
+        index: int,
+        p: Pass,
+        graph: Graph,
+        module: nn.Module | fx.GraphModule,
+        state: _State,
+        history: list[PassRecord],
+    ) -> float:
         """Check ``module`` (the graph's, or a runtime built on it) against the outputs before ``p``."""
         try:
             lint(graph)
@@ -166,15 +188,21 @@ class PassManager:
         except SlimfxError as exc:
             raise self._failure(index, p, history, f"the graph it produced is broken: {exc}") from exc
         except Exception as exc:
-            raise self._failure(index, p, history, f"the graph it produced does not run: {type(exc).__name__}: {exc}") from exc
+            raise self._failure(
+                index, p, history, f"the graph it produced does not run: {type(exc).__name__}: {exc}"
+            ) from exc
         if not comparison.shapes_match:
             raise self._failure(
-                index, p, history,
+                index,
+                p,
+                history,
                 f"output shapes changed from {comparison.reference_shapes} to {comparison.candidate_shapes}",
             )
         if p.is_exact() and comparison.relative_error > self.tolerance:
             raise self._failure(
-                index, p, history,
+                index,
+                p,
+                history,
                 f"it claims to be exact but changed the outputs by {comparison.relative_error:.3g} relative "
                 f"(tolerance {self.tolerance:g})",
             )

@@ -7,6 +7,7 @@ scores from ``prune.importance``; how many and which channels each group loses f
 BatchNorm that touches them (``prune.slicing``), through ``ir.rewrite``, so the result is
 really smaller.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -141,7 +142,9 @@ class PruneChannels(Pass):
                 if not (keep_in.all() and keep_out.all()):
                     module = graph.module.get_submodule(layer.target)
                     node = graph.node(layer.node)
-                    rewriter.replace_module(node, sliced_layer(module, layer, keep_in, keep_out, scales.get(layer.node)))
+                    rewriter.replace_module(
+                        node, sliced_layer(module, layer, keep_in, keep_out, scales.get(layer.node))
+                    )
         ensure_costs(graph)
         for plan in plans:
             decisions[plan.group.index] = self._decision(plan, analysis, layer_macs, graph, removed)
@@ -160,11 +163,17 @@ class PruneChannels(Pass):
             if not group.blocked and not isinstance(consumers, str):
                 readers.update({layer.node: layer for layer in consumers})
         ctx.report_progress(f"prune-channels: ThiNet calibration over {len(readers)} layers")
-        return None, collect_contributions(graph, readers.values(), ctx.batches(f"{self.name}: criterion=thinet"), ctx.seed)
+        return None, collect_contributions(
+            graph, readers.values(), ctx.batches(f"{self.name}: criterion=thinet"), ctx.seed
+        )
 
     def _plan(
-        self, group: ChannelGroup, analysis: ChannelAnalysis, scores: UnitScores | None,
-        contributions: dict, layer_macs: dict[str, int],
+        self,
+        group: ChannelGroup,
+        analysis: ChannelAnalysis,
+        scores: UnitScores | None,
+        contributions: dict,
+        layer_macs: dict[str, int],
     ) -> _Plan | str:
         if group.blocked:
             more = f" (and {len(group.blocked) - 1} more)" if len(group.blocked) > 1 else ""
@@ -189,7 +198,9 @@ class PruneChannels(Pass):
         return _Plan(group, local, rows, _macs_per_unit(analysis, group, layer_macs))
 
     # -- how many and which ------------------------------------------------------------------
-    def _choose(self, plans: list[_Plan], analysis: ChannelAnalysis, layer_macs: dict[str, int], graph: Graph) -> list[str]:
+    def _choose(
+        self, plans: list[_Plan], analysis: ChannelAnalysis, layer_macs: dict[str, int], graph: Graph
+    ) -> list[str]:
         if self.target_macs is not None:
             return self._choose_for_target(plans, analysis, layer_macs, graph)
         if self.global_:  # the lowest normalized scores of all groups: a budget of units to keep
@@ -245,12 +256,24 @@ class PruneChannels(Pass):
         after = sum(_macs(graph, m.node) for m in members)
         kept_mask = torch.ones(total, dtype=torch.bool)
         kept_mask[plan.removed] = False
-        importance = ImportanceStats(self.criterion, _stat(plan.scores[~kept_mask], torch.max),
-                                     _stat(plan.scores[kept_mask], torch.min), _stat(plan.scores[kept_mask], torch.median))
-        details = PruneDetails(group.sources, tuple(m.target for m in members), total, total - cut, importance,
-                               int(plan.macs_per_unit[plan.removed].sum()) if cut else 0)
+        importance = ImportanceStats(
+            self.criterion,
+            _stat(plan.scores[~kept_mask], torch.max),
+            _stat(plan.scores[kept_mask], torch.min),
+            _stat(plan.scores[kept_mask], torch.median),
+        )
+        details = PruneDetails(
+            group.sources,
+            tuple(m.target for m in members),
+            total,
+            total - cut,
+            importance,
+            int(plan.macs_per_unit[plan.removed].sum()) if cut else 0,
+        )
         if cut == 0:
-            reason = f"keeps all {total} channels (ratio, min-channels={self.min_channels} and round-to={self.round_to})"
+            reason = (
+                f"keeps all {total} channels (ratio, min-channels={self.min_channels} and round-to={self.round_to})"
+            )
             return Decision(group.name, Action.DECLINED, reason, before, after, details=details)
         reason = (
             f"{self.criterion}: removed {cut} of {total} channels with the lowest importance "
@@ -342,8 +365,13 @@ def _thinet_refit(analysis: ChannelAnalysis, contributions: dict, removed: torch
 
 def _declined(group: ChannelGroup, analysis: ChannelAnalysis, reason: str, layer_macs: dict[str, int]) -> Decision:
     members = analysis.layers_of(group)
-    details = PruneDetails(group.sources, tuple(m.target for m in members), len(group.units), len(group.units),
-                           blocked=tuple(group.blocked[:5]))
+    details = PruneDetails(
+        group.sources,
+        tuple(m.target for m in members),
+        len(group.units),
+        len(group.units),
+        blocked=tuple(group.blocked[:5]),
+    )
     macs = sum(layer_macs[m.node] for m in members)
     return Decision(group.name, Action.DECLINED, reason, macs, macs, details=details)
 

@@ -10,6 +10,7 @@ that grid instead. Weights get per-channel symmetric int8 scales (or a low-bit s
 result is still a runnable fx graph, which exports to ONNX as QuantizeLinear/
 DequantizeLinear pairs that onnxruntime runs with int8 kernels.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -116,16 +117,23 @@ class Quantize(Pass):
         if self.act_bits not in (8, 1):
             raise self.invalid("act-bits", self.act_bits, "8, or 1 with weights=binary")
         if self.act_bits == 1 and self.weights != "binary":
-            raise self.invalid("act-bits", self.act_bits, "8 unless weights=binary (binary activations go with binary weights)")
+            raise self.invalid(
+                "act-bits", self.act_bits, "8 unless weights=binary (binary activations go with binary weights)"
+            )
         budgets = [b for b in (self.target_size, self.target_macs_bits) if b is not None]
         if self.bits == "auto" and len(budgets) != 1:
             raise self.invalid("bits", self.bits, "auto together with exactly one of target-size or target-macs-bits")
         if self.bits == "fixed" and budgets:
-            raise self.invalid("target-size" if self.target_size is not None else "target-macs-bits", budgets[0],
-                               "a budget only with bits=auto")
+            raise self.invalid(
+                "target-size" if self.target_size is not None else "target-macs-bits",
+                budgets[0],
+                "a budget only with bits=auto",
+            )
         for name, value in (("target-size", self.target_size), ("target-macs-bits", self.target_macs_bits)):
             if value is not None and not 0 < value <= 1:
-                raise self.invalid(name, value, "a fraction in (0, 1] (of the fp32 weight bytes / of the 8-bit MACs x bits)")
+                raise self.invalid(
+                    name, value, "a fraction in (0, 1] (of the fp32 weight bytes / of the 8-bit MACs x bits)"
+                )
 
     def requires(self) -> tuple[Pass, ...]:
         """BatchNorms are folded first (exact), as every int8 deployment does: the folded
@@ -152,8 +160,9 @@ class Quantize(Pass):
             decision = self._freeze(graph, point, observed[point.node], grids, macs.get(point.node.name))
             decisions[point.node.name] = decision
         listed = [d for d in decisions.values() if d is not None]
-        return PassResult(changed=bool(points), decisions=tuple(listed) + (_size_summary(listed),),
-                          warnings=tuple(warnings))
+        return PassResult(
+            changed=bool(points), decisions=tuple(listed) + (_size_summary(listed),), warnings=tuple(warnings)
+        )
 
     def _open_attention(self, graph: Graph) -> dict[str, Decision | None]:
         """Write each nn.MultiheadAttention call out as projections and matmuls (AttentionParts),
@@ -168,11 +177,14 @@ class Quantize(Pass):
         found = layer_candidates(graph, (nn.MultiheadAttention,), self.exclude, why_not, one_input=False)
         declined: dict[str, Decision | None] = {
             name: Decision(str(graph.node(name).target), Action.DECLINED, f"attention left whole: {why}")
-            for name, why in found.declined.items()}
+            for name, why in found.declined.items()
+        }
         with Rewriter(graph, self.name) as rewriter:
             for node in found.eligible:
                 mha = graph.submodule(node)
-                rewriter.inline_module(node, AttentionParts(mha, need_weights=bool(node.kwargs.get("need_weights", True))))
+                rewriter.inline_module(
+                    node, AttentionParts(mha, need_weights=bool(node.kwargs.get("need_weights", True)))
+                )
         return declined
 
     def _insert_quantizers(self, graph: Graph, targets: list[fx.Node], schemes: dict[str, str]) -> list[_Point]:
@@ -190,23 +202,33 @@ class Quantize(Pass):
                 if node.name in target_names:
                     relu = sole_relu_user(graph, node)
                     activation = ops.relu_type(relu, graph.submodule)() if relu is not None else None
-                    layer = QuantizedLayer(graph.submodule(node), activation, schemes[node.name], self.block_size, self.act_bits)
+                    layer = QuantizedLayer(
+                        graph.submodule(node), activation, schemes[node.name], self.block_size, self.act_bits
+                    )
                     rewriter.replace_module(node, layer)
                     if relu is not None:
                         rewriter.bypass(relu, node)
                         removed.add(relu)
                     output = any(u.op == "output" for u in node.users)  # the model's own output stays float
-                    points.append(_Point(node, str(node.target), self._inherits(graph, node, on_grid), quantize_output=not output))
+                    points.append(
+                        _Point(node, str(node.target), self._inherits(graph, node, on_grid), quantize_output=not output)
+                    )
                     if not output:
                         on_grid.add(node)
                 elif ops.is_matmul(node) and all(isinstance(a, fx.Node) for a in node.args[:2]):
                     for position, arg in enumerate(node.args[:2]):
-                        quant = rewriter.insert_module_after(arg, f"{node.name}_input{position}_quant", ActivationQuant(), (arg,))
+                        quant = rewriter.insert_module_after(
+                            arg, f"{node.name}_input{position}_quant", ActivationQuant(), (arg,)
+                        )
                         rewriter.rewire_input(node, arg, quant)
-                        points.append(_Point(quant, f"{node.name} input {position}", self._inherits(graph, quant, on_grid)))
+                        points.append(
+                            _Point(quant, f"{node.name} input {position}", self._inherits(graph, quant, on_grid))
+                        )
                 elif self._output_worth_quantizing(graph, node, on_grid):
                     anchor = sole_relu_user(graph, node) or node
-                    quant = rewriter.insert_module_after(anchor, f"{node.name}_output_quant", ActivationQuant(), (anchor,))
+                    quant = rewriter.insert_module_after(
+                        anchor, f"{node.name}_output_quant", ActivationQuant(), (anchor,)
+                    )
                     rewriter.replace_uses(anchor, quant)
                     after = f" (after {_where(anchor)})" if anchor is not node else ""
                     points.append(_Point(quant, f"{_where(node)} output{after}", self._inherits(graph, quant, on_grid)))
@@ -225,8 +247,14 @@ class Quantize(Pass):
         inputs = ops.join_inputs(node) or (node.args[:1] if is_pool(graph, node) else None)
         return inputs is not None and all(grid_source(graph, t) in on_grid for t in inputs)
 
-    def _freeze(self, graph: Graph, point: _Point, observed: _Observed, grids: dict[fx.Node, tuple[float, int, str]],
-                macs: int | None) -> Decision:
+    def _freeze(
+        self,
+        graph: Graph,
+        point: _Point,
+        observed: _Observed,
+        grids: dict[fx.Node, tuple[float, int, str]],
+        macs: int | None,
+    ) -> Decision:
         """Set the point's grids, its input's from the tensor it reads when that is already
         quantized (through ReLU, max pool, reshape...) and from its own histogram otherwise."""
         module = graph.submodule(point.node)
@@ -244,9 +272,14 @@ class Quantize(Pass):
         if isinstance(module, ActivationQuant):
             module.freeze(scale, zero_point)
             grids[point.node] = (scale, zero_point, point.label)
-            return Decision(point.label, Action.QUANTIZED, f"uint8 per tensor on {how}",
-                            details=ActivationQuantDetails("uint8 activation", 8, t, None if t is None else hist.upper,
-                                                           scale, zero_point))
+            return Decision(
+                point.label,
+                Action.QUANTIZED,
+                f"uint8 per tensor on {how}",
+                details=ActivationQuantDetails(
+                    "uint8 activation", 8, t, None if t is None else hist.upper, scale, zero_point
+                ),
+            )
         out_t, out_scale, out_zero_point = None, None, 0
         if point.quantize_output:
             out_t = threshold(observed.outputs, self.calib, self.percentile)
@@ -259,8 +292,18 @@ class Quantize(Pass):
                 error = sqnr_db(module.float_forward(observed.sample), module(observed.sample))
         return self._layer_decision(point, module, hist, t, how, observed.outputs, out_t, error, macs)
 
-    def _layer_decision(self, point: _Point, module: QuantizedLayer, hist: AbsHistogram, t: float | None, how: str,
-                        out_hist: AbsHistogram, out_t: float | None, error: float | None, macs: int | None) -> Decision:
+    def _layer_decision(
+        self,
+        point: _Point,
+        module: QuantizedLayer,
+        hist: AbsHistogram,
+        t: float | None,
+        how: str,
+        out_hist: AbsHistogram,
+        out_t: float | None,
+        error: float | None,
+        macs: int | None,
+    ) -> Decision:
         layer, scheme = module.layer, module.scheme
         ws = module.weight_scale
         stored = quantize_weight(layer.weight.detach(), scheme, self.block_size)
@@ -270,11 +313,21 @@ class Quantize(Pass):
         fused = None if module.activation is None else type(module.activation).__name__
         details = QuantizedLayerDetails(
             scheme=f"{scheme} weights x {'binary' if self.act_bits == 1 else 'uint8 (per tensor)'} input",
-            bits=stored.bits, calibration=self.calib, threshold=t, observed_max=None if t is None else hist.upper,
-            size=size, input_range="non-negative" if module.input_zero_point == 0 else "signed", input_grid=how,
-            input_scale=module.input_scale, input_zero_point=module.input_zero_point, fused_activation=fused,
-            output_threshold=out_t, output_observed_max=out_hist.upper,
-            weight_scale_min=float(ws.min()), weight_scale_max=float(ws.max()), output_sqnr_db=error,
+            bits=stored.bits,
+            calibration=self.calib,
+            threshold=t,
+            observed_max=None if t is None else hist.upper,
+            size=size,
+            input_range="non-negative" if module.input_zero_point == 0 else "signed",
+            input_grid=how,
+            input_scale=module.input_scale,
+            input_zero_point=module.input_zero_point,
+            fused_activation=fused,
+            output_threshold=out_t,
+            output_observed_max=out_hist.upper,
+            weight_scale_min=float(ws.min()),
+            weight_scale_max=float(ws.max()),
+            output_sqnr_db=error,
         )
         sqnr = "not measured" if error is None else f"{error:.1f} dB"
         with_relu = f" with {fused} fused" if fused else ""
@@ -282,7 +335,9 @@ class Quantize(Pass):
         reason = f"{scheme} ({stored.bits}-bit) weights{with_relu}; input on {how}; {output}; output SQNR {sqnr}"
         return Decision(point.label, Action.QUANTIZED, reason, macs, macs, details=details)
 
-    def _mixed_precision(self, graph: Graph, targets: list[fx.Node], ctx: PassContext) -> tuple[dict[str, str], list[str]]:
+    def _mixed_precision(
+        self, graph: Graph, targets: list[fx.Node], ctx: PassContext
+    ) -> tuple[dict[str, str], list[str]]:
         """Sensitivity of each layer at 8, 4 and 2 bits (only that layer quantized), then widths
         that meet the budget with the least total sensitivity."""
         inputs = next(ctx.batches(self.name)).inputs
@@ -296,7 +351,9 @@ class Quantize(Pass):
                 for bits in WIDTHS:
                     layer.weight.data = quantize_weight(original, _WIDTH_SCHEME[bits]).weight
                     out = graph.module(*inputs)
-                    sensitivity[node.name][bits] = float((out - reference).pow(2).mean() / reference.pow(2).mean().clamp_min(1e-12))
+                    sensitivity[node.name][bits] = float(
+                        (out - reference).pow(2).mean() / reference.pow(2).mean().clamp_min(1e-12)
+                    )
                     macs = graph.info(node).cost.cost.macs
                     cost[node.name][bits] = original.numel() * bits / 8 if self.target_size is not None else macs * bits
                 layer.weight.data = original
@@ -306,16 +363,23 @@ class Quantize(Pass):
         else:
             budget = self.target_macs_bits * sum(cost[n.name][8] for n in targets)
         widths, met = allocate_widths(sensitivity, cost, budget, WIDTHS)
-        warnings = [] if met else [f"quantize: the bits=auto budget cannot be met even at {min(WIDTHS)} bits everywhere; "
-                                   "every layer is at its narrowest width"]
+        warnings = (
+            []
+            if met
+            else [
+                f"quantize: the bits=auto budget cannot be met even at {min(WIDTHS)} bits everywhere; "
+                "every layer is at its narrowest width"
+            ]
+        )
         return {name: _WIDTH_SCHEME[bits] for name, bits in widths.items()}, warnings
 
     def _targets(self, graph: Graph) -> tuple[list[fx.Node], dict[str, Decision | None]]:
         for node in graph.nodes():
             if node.op == "call_module" and isinstance(graph.submodule(node), ops.WEIGHTED_LAYERS):
                 if not bool(torch.isfinite(graph.submodule(node).weight).all()):
-                    raise NonFiniteError(f"quantize: layer '{node.target}' has non-finite weights (inf or nan); "
-                                         "fix the model first")
+                    raise NonFiniteError(
+                        f"quantize: layer '{node.target}' has non-finite weights (inf or nan); fix the model first"
+                    )
         found = layer_candidates(graph, ops.WEIGHTED_LAYERS, self.exclude)
         decisions: dict[str, Decision | None] = {}
         for node in graph.nodes():  # graph order; the quantized layers fill their places later
@@ -331,8 +395,15 @@ class Quantize(Pass):
         observed = {p.node: _Observed() for p in points}
         handles = []
         for point in points:
-            def hook(module: nn.Module, args: tuple, result: torch.Tensor, seen: _Observed = observed[point.node],
-                     label: str = point.label, inherits: bool = point.inherits) -> None:
+
+            def hook(
+                module: nn.Module,
+                args: tuple,
+                result: torch.Tensor,
+                seen: _Observed = observed[point.node],
+                label: str = point.label,
+                inherits: bool = point.inherits,
+            ) -> None:
                 try:
                     if not inherits:  # a quantizer on its producer's grid needs no histogram
                         seen.inputs.update(args[0])
@@ -342,6 +413,7 @@ class Quantize(Pass):
                     raise NonFiniteError(f"quantize: {label}: {exc}") from None
                 if seen.sample is None and isinstance(module, QuantizedLayer):
                     seen.sample = args[0].detach()
+
             handles.append(graph.submodule(point.node).register_forward_hook(hook))
         try:
             with torch.no_grad():
@@ -375,7 +447,12 @@ class _Observed:
 
 def _size_summary(decisions: list[Decision]) -> Decision:
     """Deep Compression's accounting over every quantized layer: fp32, chosen widths, Huffman."""
-    total = sum((d.details.size for d in decisions if isinstance(d.details, QuantizedLayerDetails)), WeightSize(0, 0, 0, 0))
-    reason = (f"weights of the quantized layers: fp32 {total.fp32_bytes / 1e6:.3f} MB -> {total.quantized_bytes / 1e6:.3f} MB "
-              f"at the chosen widths -> {total.huffman_bytes / 1e6:.3f} MB Huffman-coded; {total.zero_share:.1%} of weights are 0")
+    total = sum(
+        (d.details.size for d in decisions if isinstance(d.details, QuantizedLayerDetails)), WeightSize(0, 0, 0, 0)
+    )
+    reason = (
+        f"weights of the quantized layers: fp32 {total.fp32_bytes / 1e6:.3f} MB -> "
+        f"{total.quantized_bytes / 1e6:.3f} MB at the chosen widths -> {total.huffman_bytes / 1e6:.3f} MB "
+        f"Huffman-coded; {total.zero_share:.1%} of weights are 0"
+    )
     return Decision("(model size)", Action.SUMMARY, reason, details=total)

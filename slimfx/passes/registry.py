@@ -5,6 +5,7 @@ further ``option=value`` items belong to the last pass named. A bare item after 
 option (``at=layer2,layer3``) extends that list. ``fold-bn,prune-channels:ratio=0.5,criterion=l1``
 is two passes, the second with two options.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -111,7 +112,9 @@ def convert(pass_name: str, option: str, raw: str, kind: Any) -> Any:
         return convert(pass_name, option, raw, inner)
     if origin is Literal:
         if raw not in args:
-            raise PassSpecError(f"{pass_name}: invalid value {raw!r} for '{option}'; choose one of: {', '.join(map(str, args))}")
+            raise PassSpecError(
+                f"{pass_name}: invalid value {raw!r} for '{option}'; choose one of: {', '.join(map(str, args))}"
+            )
         return raw
     if origin is tuple:
         return tuple(v.strip() for v in raw.split(",") if v.strip())

@@ -3,6 +3,7 @@
 Scores are summed over every coupled member of a unit (all BatchNorms that normalize it, all
 filters that produce it). ``has_score`` marks units the criterion has something to say about.
 """
+
 from __future__ import annotations
 
 from collections.abc import Iterable
@@ -68,7 +69,8 @@ def thinet_consumers(analysis: ChannelAnalysis, units: torch.Tensor) -> list[Lay
     """The layers whose output ThiNet must preserve for these units, or why it cannot."""
     wanted = set(units.tolist())
     readers = [
-        layer for layer in analysis.layers.values()
+        layer
+        for layer in analysis.layers.values()
         if not layer.per_channel and wanted.intersection(layer.in_units.tolist())
     ]
     if not readers:
@@ -126,7 +128,11 @@ def _contributions(module: nn.Module, x: torch.Tensor, generator: torch.Generato
     if not isinstance(module, nn.Conv2d):
         raise RewriteError(f"ThiNet supports Conv2d and Linear layers, not {type(module).__name__}")
     if module.padding_mode != "zeros" or isinstance(module.padding, str):
-        x = F.pad(x, module._reversed_padding_repeated_twice, mode="constant" if module.padding_mode == "zeros" else module.padding_mode)
+        x = F.pad(
+            x,
+            module._reversed_padding_repeated_twice,
+            mode="constant" if module.padding_mode == "zeros" else module.padding_mode,
+        )
         padding = 0
     else:
         padding = module.padding

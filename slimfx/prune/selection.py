@@ -1,4 +1,5 @@
 """Pure functions that decide how many channels a group loses and which ones."""
+
 from __future__ import annotations
 
 import math

@@ -1,4 +1,5 @@
 """Cutting channels out of layers, and what the model then costs (pure functions over the channel analysis)."""
+
 from __future__ import annotations
 
 import copy
@@ -21,7 +22,10 @@ def predicted_macs(analysis: ChannelAnalysis, layer_macs: dict[str, int], total:
 
 
 def sliced_layer(
-    module: nn.Module, layer: LayerChannels, keep_in: torch.Tensor, keep_out: torch.Tensor,
+    module: nn.Module,
+    layer: LayerChannels,
+    keep_in: torch.Tensor,
+    keep_out: torch.Tensor,
     in_scale: torch.Tensor | None = None,
 ) -> nn.Module:
     """A copy of ``module`` with only the kept channels (weights, bias, running stats sliced)."""
@@ -59,7 +63,9 @@ def _shallow_copy(module: nn.Module) -> nn.Module:
     return new
 
 
-def _sliced_conv_weight(weight: torch.Tensor, groups: int, keep_in: torch.Tensor, keep_out: torch.Tensor) -> torch.Tensor:
+def _sliced_conv_weight(
+    weight: torch.Tensor, groups: int, keep_in: torch.Tensor, keep_out: torch.Tensor
+) -> torch.Tensor:
     """Conv weight (out, in/groups, *k) with kept channels; each group keeps its own inputs."""
     in_per_group = keep_in.reshape(groups, -1)  # (groups, in/groups)
     index = torch.stack([row.nonzero().squeeze(1) for row in in_per_group])  # equal counts per group

@@ -5,6 +5,7 @@ quantize pass replaces each call it can by ``AttentionParts`` with the same weig
 four ``nn.Linear`` projections become quantized layers and whose two matmuls get quantized
 inputs. ``why_not_inlined`` says which calls keep the opaque module, and why.
 """
+
 from __future__ import annotations
 
 import math
@@ -45,9 +46,9 @@ class AttentionParts(nn.Module):
         self.q_proj, self.k_proj, self.v_proj = (nn.Linear(e, e, bias=bias) for _ in range(3))
         with torch.no_grad():
             for i, proj in enumerate((self.q_proj, self.k_proj, self.v_proj)):
-                proj.weight.copy_(mha.in_proj_weight[i * e:(i + 1) * e])
+                proj.weight.copy_(mha.in_proj_weight[i * e : (i + 1) * e])
                 if bias:
-                    proj.bias.copy_(mha.in_proj_bias[i * e:(i + 1) * e])
+                    proj.bias.copy_(mha.in_proj_bias[i * e : (i + 1) * e])
         self.out_proj = nn.Linear(e, e, bias=mha.out_proj.bias is not None)
         self.out_proj.load_state_dict(mha.out_proj.state_dict())
         self.num_heads, self.head_dim = mha.num_heads, mha.head_dim
@@ -57,7 +58,9 @@ class AttentionParts(nn.Module):
         """(batch, length, embed) -> (batch, heads, length, head_dim)."""
         return x.unflatten(-1, (self.num_heads, self.head_dim)).transpose(1, 2)
 
-    def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def forward(
+        self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         if not self.batch_first:
             query, key, value = query.transpose(0, 1), key.transpose(0, 1), value.transpose(0, 1)
         q = self._heads(self.q_proj(query)) * (1.0 / math.sqrt(self.head_dim))

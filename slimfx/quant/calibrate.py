@@ -5,6 +5,7 @@ Threshold rules (pure functions of the histogram, each tested alone): ``minmax``
 ``percentile`` (of |x|), ``entropy`` (TensorRT's KL-divergence search) and ``mse`` (least
 quantization mean squared error).
 """
+
 from __future__ import annotations
 
 import math
@@ -112,17 +113,24 @@ def entropy_threshold(hist: AbsHistogram, levels: int = 128, start: int = 128, m
         return hist.upper
     sizes = torch.arange(start, hist.bins + 1, dtype=torch.float64)  # candidate bin counts i
     c_log_c = torch.where(counts > 0, counts * torch.log(counts.clamp_min(1e-300)), torch.zeros(()))
-    mass_before, used_before, clog_before = (torch.cat([torch.zeros(1, dtype=torch.float64), torch.cumsum(v, 0)])
-                                             for v in (counts, (counts > 0).double(), c_log_c))
+    mass_before, used_before, clog_before = (
+        torch.cat([torch.zeros(1, dtype=torch.float64), torch.cumsum(v, 0)])
+        for v in (counts, (counts > 0).double(), c_log_c)
+    )
     i = sizes.long()
     last = counts[i - 1]  # bin i-1 takes the clipped tail
     clipped = total - mass_before[i]
     folded_last = last + clipped
     # sum over bins of p log p, with p = c' / total and c' the counts after folding
-    p_log_p_sum = clog_before[i] - c_log_c[i - 1] + torch.where(folded_last > 0, folded_last * torch.log(folded_last.clamp_min(1e-300)),
-                                                                 torch.zeros(()))
+    p_log_p_sum = (
+        clog_before[i]
+        - c_log_c[i - 1]
+        + torch.where(folded_last > 0, folded_last * torch.log(folded_last.clamp_min(1e-300)), torch.zeros(()))
+    )
     groups = torch.arange(levels + 1, dtype=torch.float64)
-    bounds = torch.div(groups[None, :] * sizes[:, None] + (levels - 1), levels, rounding_mode="floor").long()  # first bin of each group
+    bounds = torch.div(
+        groups[None, :] * sizes[:, None] + (levels - 1), levels, rounding_mode="floor"
+    ).long()  # first bin of each group
     mass = mass_before[bounds[:, 1:]] - mass_before[bounds[:, :-1]]
     filled = used_before[bounds[:, 1:]] - used_before[bounds[:, :-1]]
     reference_mass = mass.clone()
@@ -131,7 +139,9 @@ def entropy_threshold(hist: AbsHistogram, levels: int = 128, start: int = 128, m
     q_log = torch.where(mass > 0, torch.log(mass.clamp_min(1e-300)) - torch.log(filled.clamp_min(1)), torch.zeros(()))
     cross = (reference_mass * q_log).sum(1) - total * torch.log(kept.clamp_min(1e-300))
     divergence = (p_log_p_sum - cross) / total - math.log(total)
-    impossible = ((last == 0) & (clipped > 0)) | (clipped > max_clipped * total)  # P > 0 where Q = 0, or too much clipped
+    impossible = ((last == 0) & (clipped > 0)) | (
+        clipped > max_clipped * total
+    )  # P > 0 where Q = 0, or too much clipped
     divergence[impossible] = math.inf
     if bool(torch.isinf(divergence).all()):
         return hist.upper

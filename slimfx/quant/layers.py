@@ -5,6 +5,7 @@ grid and back in float, with straight-through gradients (so the layers also trai
 export to ONNX as QuantizeLinear/DequantizeLinear pairs that onnxruntime fuses into int8
 kernels (QLinearConv, QLinearMatMul).
 """
+
 from __future__ import annotations
 
 import torch
@@ -41,8 +42,14 @@ class QuantizedLayer(nn.Module):
     ``freeze`` sets the activation grids.
     """
 
-    def __init__(self, layer: nn.Module, activation: nn.Module | None = None, scheme: str = "int8",
-                 block_size: int = 16, act_bits: int = 8):
+    def __init__(
+        self,
+        layer: nn.Module,
+        activation: nn.Module | None = None,
+        scheme: str = "int8",
+        block_size: int = 16,
+        act_bits: int = 8,
+    ):
         super().__init__()
         self.layer = layer
         self.activation = activation
@@ -54,8 +61,9 @@ class QuantizedLayer(nn.Module):
         self.register_buffer("weight_scale", weight_scales(layer.weight))
         self.register_buffer("weight_zero_point", torch.zeros(layer.weight.shape[0], dtype=torch.int32))
 
-    def freeze(self, input_scale: float, input_zero_point: int, output_scale: float | None = None,
-               output_zero_point: int = 0) -> QuantizedLayer:
+    def freeze(
+        self, input_scale: float, input_zero_point: int, output_scale: float | None = None, output_zero_point: int = 0
+    ) -> QuantizedLayer:
         """Quantize from now on: the input on (input_scale, input_zero_point), the output on
         (output_scale, output_zero_point) unless output_scale is None (a float output)."""
         if self.act_bits == 1:  # sign activations: -1 and +1 lie exactly on this uint8 grid
@@ -72,18 +80,23 @@ class QuantizedLayer(nn.Module):
     def quantized_weight(self) -> torch.Tensor:
         if self.scheme == "int8":
             return torch.fake_quantize_per_channel_affine(
-                self.layer.weight, self.weight_scale, self.weight_zero_point, 0, WEIGHT_QMIN, WEIGHT_QMAX)
+                self.layer.weight, self.weight_scale, self.weight_zero_point, 0, WEIGHT_QMIN, WEIGHT_QMAX
+            )
         stored = quantize_weight(self.layer.weight, self.scheme, self.block_size)
         if self.training:
             return stored.weight
         weight, scale = stored.weight, stored.scale
         if torch.onnx.is_in_onnx_export():  # the scheme's result, not its computation, goes into the file
-            weight, scale = (None if t is None else torch.from_numpy(t.detach().float().numpy().copy()) for t in (weight, scale))
+            weight, scale = (
+                None if t is None else torch.from_numpy(t.detach().float().numpy().copy()) for t in (weight, scale)
+            )
         if scale is None:  # block: a scale per (channel, block) has no int8 grid per channel; float weights
             return weight
         # integers x per-channel scale, with |integers| <= 8: the same values on an int8 grid,
         # which export as int8 weights that onnxruntime runs with its int8 kernels
-        return torch.fake_quantize_per_channel_affine(weight, scale, self.weight_zero_point, 0, WEIGHT_QMIN, WEIGHT_QMAX)
+        return torch.fake_quantize_per_channel_affine(
+            weight, scale, self.weight_zero_point, 0, WEIGHT_QMIN, WEIGHT_QMAX
+        )
 
     def weight_grid(self) -> tuple[torch.Tensor, torch.Tensor] | None:
         """The quantized weight and its per-output-channel int8 scale (weight / scale are

@@ -13,6 +13,7 @@ say which ops can be fused that way:
 - ops that keep values on their input's grid (ReLU, max pool, flatten, reshape, dropout...)
   pass that grid on, so the next quantize reuses it and quantizes nothing twice.
 """
+
 from __future__ import annotations
 
 import torch
@@ -48,8 +49,10 @@ def grid_source(graph: Graph, node: fx.Node) -> fx.Node:
     return node
 
 
-_POOLS = ops.op_set((*ops.WINDOW_POOLS.modules, *ops.ADAPTIVE_AVG_POOLS.modules),
-                    (*ops.WINDOW_POOLS.functions, *ops.ADAPTIVE_AVG_POOLS.functions))
+_POOLS = ops.op_set(
+    (*ops.WINDOW_POOLS.modules, *ops.ADAPTIVE_AVG_POOLS.modules),
+    (*ops.WINDOW_POOLS.functions, *ops.ADAPTIVE_AVG_POOLS.functions),
+)
 
 
 def is_pool(graph: Graph, node: fx.Node) -> bool:

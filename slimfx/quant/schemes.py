@@ -10,6 +10,7 @@
 Every function returns float weights that carry a straight-through gradient (the rounding is
 invisible to backward), so the same layers train in QAT.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -41,8 +42,9 @@ def symmetric(weight: torch.Tensor, bits: int) -> QuantizedWeight:
     flat = _per_channel(weight)
     scale = (flat.detach().abs().amax(1, keepdim=True) / qmax).clamp_min(1e-12)
     integers = torch.clamp(torch.round(flat.detach() / scale), -qmax - 1, qmax)
-    return QuantizedWeight(_straight_through(weight, (integers * scale).reshape(weight.shape)), integers.long(), bits,
-                           scale.reshape(-1))
+    return QuantizedWeight(
+        _straight_through(weight, (integers * scale).reshape(weight.shape)), integers.long(), bits, scale.reshape(-1)
+    )
 
 
 def ternary(weight: torch.Tensor) -> QuantizedWeight:
@@ -51,16 +53,24 @@ def ternary(weight: torch.Tensor) -> QuantizedWeight:
     mask = flat.abs() > delta
     alpha = (flat.abs() * mask).sum(1, keepdim=True) / mask.sum(1, keepdim=True).clamp_min(1)
     integers = torch.sign(flat) * mask
-    return QuantizedWeight(_straight_through(weight, (integers * alpha).reshape(weight.shape)), integers.long(), 2,
-                           alpha.reshape(-1).clamp_min(1e-12))
+    return QuantizedWeight(
+        _straight_through(weight, (integers * alpha).reshape(weight.shape)),
+        integers.long(),
+        2,
+        alpha.reshape(-1).clamp_min(1e-12),
+    )
 
 
 def binary(weight: torch.Tensor) -> QuantizedWeight:
     flat = _per_channel(weight).detach()
     alpha = flat.abs().mean(1, keepdim=True)
     integers = torch.where(flat >= 0, 1.0, -1.0)
-    return QuantizedWeight(_straight_through(weight, (integers * alpha).reshape(weight.shape)), integers.long(), 1,
-                           alpha.reshape(-1).clamp_min(1e-12))
+    return QuantizedWeight(
+        _straight_through(weight, (integers * alpha).reshape(weight.shape)),
+        integers.long(),
+        1,
+        alpha.reshape(-1).clamp_min(1e-12),
+    )
 
 
 def block(weight: torch.Tensor, block_size: int, bits: int = 8) -> QuantizedWeight:
@@ -75,7 +85,11 @@ def block(weight: torch.Tensor, block_size: int, bits: int = 8) -> QuantizedWeig
     scale = (grouped.abs().amax(2, keepdim=True) / qmax).clamp_min(1e-12)
     integers = torch.clamp(torch.round(grouped / scale), -qmax - 1, qmax)
     dequantized = (integers * scale).reshape(padded.shape)[:, :cin]
-    return QuantizedWeight(_straight_through(weight, dequantized), integers.reshape(cout, -1)[:, : cin * (grouped.shape[2] // block_size)].long(), bits)
+    return QuantizedWeight(
+        _straight_through(weight, dequantized),
+        integers.reshape(cout, -1)[:, : cin * (grouped.shape[2] // block_size)].long(),
+        bits,
+    )
 
 
 @dataclass(frozen=True)
@@ -89,14 +103,17 @@ class WeightScheme:
     quantize: Callable[[torch.Tensor, int], QuantizedWeight]  # (weight, block size)
 
 
-SCHEMES: dict[str, WeightScheme] = {s.name: s for s in (
-    WeightScheme("int8", 8, True, lambda w, _: symmetric(w, 8)),
-    WeightScheme("int4", 4, True, lambda w, _: symmetric(w, 4)),
-    WeightScheme("int2", 2, True, lambda w, _: symmetric(w, 2)),
-    WeightScheme("ternary", 2, True, lambda w, _: ternary(w)),
-    WeightScheme("binary", 1, True, lambda w, _: binary(w)),
-    WeightScheme("block", 8, False, block),
-)}
+SCHEMES: dict[str, WeightScheme] = {
+    s.name: s
+    for s in (
+        WeightScheme("int8", 8, True, lambda w, _: symmetric(w, 8)),
+        WeightScheme("int4", 4, True, lambda w, _: symmetric(w, 4)),
+        WeightScheme("int2", 2, True, lambda w, _: symmetric(w, 2)),
+        WeightScheme("ternary", 2, True, lambda w, _: ternary(w)),
+        WeightScheme("binary", 1, True, lambda w, _: binary(w)),
+        WeightScheme("block", 8, False, block),
+    )
+}
 SCHEME_BITS = {name: scheme.bits for name, scheme in SCHEMES.items()}
 
 

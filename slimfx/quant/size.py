@@ -1,4 +1,5 @@
 """Deep Compression's size accounting: fp32, at the chosen bit widths, and Huffman-coded."""
+
 from __future__ import annotations
 
 import heapq
@@ -48,8 +49,9 @@ class WeightSize(Details):
     def __add__(self, other: WeightSize) -> WeightSize:
         weights = self.fp32_bytes + other.fp32_bytes
         zeros = (self.zero_share * self.fp32_bytes + other.zero_share * other.fp32_bytes) / weights if weights else 0.0
-        return WeightSize(weights, self.quantized_bytes + other.quantized_bytes, self.huffman_bytes + other.huffman_bytes,
-                          zeros)
+        return WeightSize(
+            weights, self.quantized_bytes + other.quantized_bytes, self.huffman_bytes + other.huffman_bytes, zeros
+        )
 
 
 def layer_size(integers: torch.Tensor, bits: int, scales: int, extra_params: int = 0) -> WeightSize:
@@ -60,5 +62,9 @@ def layer_size(integers: torch.Tensor, bits: int, scales: int, extra_params: int
     """
     count = integers.numel()
     overhead = 4 * (scales + extra_params)
-    return WeightSize(4 * (count + extra_params), count * bits / 8 + overhead, huffman_bits(integers) / 8 + overhead,
-                      float((integers == 0).float().mean()) if count else 0.0)
+    return WeightSize(
+        4 * (count + extra_params),
+        count * bits / 8 + overhead,
+        huffman_bits(integers) / 8 + overhead,
+        float((integers == 0).float().mean()) if count else 0.0,
+    )

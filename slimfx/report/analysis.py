@@ -4,6 +4,7 @@ Reports read what the analyses left on the graph (shapes and costs must be curre
 runs ``ensure_costs`` first); they compute nothing themselves. ``to_dict`` gives the stable
 JSON schema documented in docs/report-schema.md.
 """
+
 from __future__ import annotations
 
 import json
@@ -107,8 +108,10 @@ class Report:
         for row in self.nodes:
             counts[row.kind] = counts.get(row.kind, 0) + 1
             costs[row.kind] = costs.get(row.kind, Cost()) + row.cost
-        rows = [KindRow(kind, counts[kind], cost, cost.macs / self.totals.macs if self.totals.macs else 0.0)
-                for kind, cost in costs.items()]
+        rows = [
+            KindRow(kind, counts[kind], cost, cost.macs / self.totals.macs if self.totals.macs else 0.0)
+            for kind, cost in costs.items()
+        ]
         return sorted(rows, key=lambda r: (r.cost.macs, r.cost.elem_ops), reverse=True)
 
     def to_dict(self, top: int | None = None) -> dict[str, Any]:
@@ -131,19 +134,21 @@ def build_report(graph: Graph, model: str = "model") -> Report:
     rows = []
     for node in graph.nodes():
         info = graph.info(node)
-        rows.append(NodeRow(
-            name=node.name,
-            op=node.op,
-            kind=info.kind,
-            module=str(node.target) if node.op == "call_module" else None,
-            inputs=tuple(n.name for n in node.all_input_nodes),
-            out_shape=info.out_shape,
-            cost=info.cost.cost,
-            share=info.cost.cost.macs / totals.macs if totals.macs else 0.0,
-            rule=info.cost.rule,
-            counted=info.cost.counted,
-            provenance=info.provenance,
-        ))
+        rows.append(
+            NodeRow(
+                name=node.name,
+                op=node.op,
+                kind=info.kind,
+                module=str(node.target) if node.op == "call_module" else None,
+                inputs=tuple(n.name for n in node.all_input_nodes),
+                out_shape=info.out_shape,
+                cost=info.cost.cost,
+                share=info.cost.cost.macs / totals.macs if totals.macs else 0.0,
+                rule=info.cost.rule,
+                counted=info.cost.counted,
+                provenance=info.provenance,
+            )
+        )
     shapes = tuple(tuple(t.shape) for t in graph.example_inputs)
     return Report(model, shapes, tuple(rows), totals)
 
@@ -172,7 +177,12 @@ class Latency:
         return self.before_ms / self.after_ms
 
     def to_dict(self) -> dict[str, Any]:
-        return {"before_ms": self.before_ms, "after_ms": self.after_ms, "speedup": self.speedup, "baseline": self.baseline}
+        return {
+            "before_ms": self.before_ms,
+            "after_ms": self.after_ms,
+            "speedup": self.speedup,
+            "baseline": self.baseline,
+        }
 
 
 @dataclass(frozen=True)
@@ -185,8 +195,14 @@ class OnnxMeasurement:
     kernels: dict[str, int]
 
     def to_dict(self) -> dict[str, Any]:
-        return {"path": self.path, "fp32_ms": self.latency.before_ms, "compiled_ms": self.latency.after_ms,
-                "speedup": self.latency.speedup, "baseline": self.latency.baseline, "kernels": dict(self.kernels)}
+        return {
+            "path": self.path,
+            "fp32_ms": self.latency.before_ms,
+            "compiled_ms": self.latency.after_ms,
+            "speedup": self.latency.speedup,
+            "baseline": self.latency.baseline,
+            "kernels": dict(self.kernels),
+        }
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,5 @@
 """Graphviz DOT drawing of a report: one box per node, shaded by its share of MACs."""
+
 from __future__ import annotations
 
 from slimfx.report.analysis import Report

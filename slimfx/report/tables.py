@@ -1,4 +1,5 @@
 """Render reports as text tables (tabulate), Markdown, CSV and JSON."""
+
 from __future__ import annotations
 
 import csv
@@ -46,13 +47,31 @@ _TOTAL_LABELS = {
     "bytes_read": "bytes read",
     "bytes_written": "bytes written",
 }
-_NODE_COLUMNS = ["node", "op", "module type / function", "output shape", "MACs", "share of MACs", "element ops", "params"]
+_NODE_COLUMNS = [
+    "node",
+    "op",
+    "module type / function",
+    "output shape",
+    "MACs",
+    "share of MACs",
+    "element ops",
+    "params",
+]
 _KIND_COLUMNS = ["module type / function", "nodes", "MACs", "share of MACs", "element ops", "params"]
 
 
 def _node_values(row: NodeRow) -> list[Any]:
     shape = "x".join(map(str, row.out_shape)) if row.out_shape else "-"
-    return [row.name, row.op, row.label, shape, row.cost.macs, f"{100 * row.share:.1f}%", row.cost.elem_ops, row.cost.params]
+    return [
+        row.name,
+        row.op,
+        row.label,
+        shape,
+        row.cost.macs,
+        f"{100 * row.share:.1f}%",
+        row.cost.elem_ops,
+        row.cost.params,
+    ]
 
 
 def _kind_values(group: KindRow) -> list[Any]:
@@ -123,18 +142,27 @@ def render_compile(result: CompileReport, fmt: str = "table") -> str:
         )
     if result.onnx:
         o = result.onnx
-        parts.append(f"onnxruntime ({o.latency.baseline}): original {o.latency.before_ms:.2f} ms, compiled "
-                     f"{o.latency.after_ms:.2f} ms, speedup {o.latency.speedup:.2f}x; wrote {o.path} "
-                     f"(what onnxruntime runs: {counts_text(o.kernels)})")
+        parts.append(
+            f"onnxruntime ({o.latency.baseline}): original {o.latency.before_ms:.2f} ms, compiled "
+            f"{o.latency.after_ms:.2f} ms, speedup {o.latency.speedup:.2f}x; wrote {o.path} "
+            f"(what onnxruntime runs: {counts_text(o.kernels)})"
+        )
     parts.extend(result.notes)
     return "\n".join(parts).rstrip() + "\n"
 
 
 def _exits_text(plan: ExitPlan, tablefmt: str) -> str:
-    rows = [[s.exit, s.node, f"{s.threshold:.4g}", f"{s.share:.1%}", si(s.macs_to_exit_per_sample, "MACs")] for s in plan.stats]
+    rows = [
+        [s.exit, s.node, f"{s.threshold:.4g}", f"{s.share:.1%}", si(s.macs_to_exit_per_sample, "MACs")]
+        for s in plan.stats
+    ]
     rows.append(["full model", "", "", f"{plan.final_share:.1%}", si(plan.final_macs_per_sample, "MACs")])
-    table = tabulate(rows, headers=["exit", "after node", "entropy threshold", "share of held-out rows", "cost to answer there"],
-                     tablefmt=tablefmt, disable_numparse=True)
+    table = tabulate(
+        rows,
+        headers=["exit", "after node", "entropy threshold", "share of held-out rows", "cost to answer there"],
+        tablefmt=tablefmt,
+        disable_numparse=True,
+    )
     return (
         f"early exits: expected {si(plan.expected_macs_per_sample, 'MACs')} per sample vs "
         f"{si(plan.full_macs_per_sample, 'MACs')} for the full model "
@@ -157,7 +185,11 @@ def _pass_text(record: PassRecord, tablefmt: str) -> str:
     headers, columns = ["layer", "decision"], [lambda d: d.target, lambda d: str(d.action)]
     if any(d.details is not None and d.details.channels() is not None for d in record.decisions):
         headers.append("channels")
-        columns.append(lambda d: _arrow(*(d.details.channels() if d.details is not None and d.details.channels() else (None, None))))
+        columns.append(
+            lambda d: _arrow(
+                *(d.details.channels() if d.details is not None and d.details.channels() else (None, None))
+            )
+        )
     if any(d.macs_before is not None for d in record.decisions):
         headers.append("MACs of its layers")
         columns.append(lambda d: _arrow(d.macs_before, d.macs_after, si))

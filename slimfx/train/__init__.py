@@ -1,4 +1,5 @@
 """Training helpers that prepare a model for slimfx's passes."""
+
 from slimfx.train.qat import qat
 from slimfx.train.sparsity import bn_sparsity_penalty
 

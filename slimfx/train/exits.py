@@ -1,4 +1,5 @@
 """Training exit heads: self-distillation (backbone frozen) and BranchyNet joint training."""
+
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
@@ -11,8 +12,14 @@ from slimfx.train.loop import fit
 
 
 def distill_heads(
-    extractor: nn.Module, heads: Sequence[nn.Module], batches: Sequence[torch.Tensor], *,
-    temperature: float, epochs: int, lr: float, progress: Callable[[str], None] | None = None,
+    extractor: nn.Module,
+    heads: Sequence[nn.Module],
+    batches: Sequence[torch.Tensor],
+    *,
+    temperature: float,
+    epochs: int,
+    lr: float,
+    progress: Callable[[str], None] | None = None,
 ) -> list[float]:
     """Fit each head to the full model's softened outputs (KL at ``temperature``); no labels.
 
@@ -24,18 +31,27 @@ def distill_heads(
         with torch.no_grad():
             *features, teacher = extractor(x)
             target = F.softmax(teacher / temperature, dim=-1)
-        return sum(
-            F.kl_div(F.log_softmax(head(f) / temperature, dim=-1), target, reduction="batchmean")
-            for head, f in zip(heads, features)
-        ) * temperature**2
+        return (
+            sum(
+                F.kl_div(F.log_softmax(head(f) / temperature, dim=-1), target, reduction="batchmean")
+                for head, f in zip(heads, features)
+            )
+            * temperature**2
+        )
 
     params = [p for head in heads for p in head.parameters()]
     return fit(params, batches, loss, epochs=epochs, lr=lr, label="add-exits: distilling heads", progress=progress)
 
 
 def train_branchynet(
-    extractor: nn.Module, heads: Sequence[nn.Module], batches: Sequence[tuple[torch.Tensor, torch.Tensor]], *,
-    epochs: int, lr: float, exit_weight: float = 1.0, progress: Callable[[str], None] | None = None,
+    extractor: nn.Module,
+    heads: Sequence[nn.Module],
+    batches: Sequence[tuple[torch.Tensor, torch.Tensor]],
+    *,
+    epochs: int,
+    lr: float,
+    exit_weight: float = 1.0,
+    progress: Callable[[str], None] | None = None,
 ) -> list[float]:
     """BranchyNet: backbone and heads together on labels, loss = final + weight x sum of exits."""
 

@@ -1,4 +1,5 @@
 """The one training loop slimfx's helpers share: Adam over batches, mean loss per epoch, progress."""
+
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
@@ -14,8 +15,14 @@ def progress_bar(done: int, total: int, width: int = 24) -> str:
 
 
 def fit(
-    params: Iterable[torch.nn.Parameter], batches: Sequence[Any], batch_loss: Callable[[Any], torch.Tensor], *,
-    epochs: int, lr: float, label: str, progress: Callable[[str], None] | None = None,
+    params: Iterable[torch.nn.Parameter],
+    batches: Sequence[Any],
+    batch_loss: Callable[[Any], torch.Tensor],
+    *,
+    epochs: int,
+    lr: float,
+    label: str,
+    progress: Callable[[str], None] | None = None,
 ) -> list[float]:
     """Minimize ``batch_loss(batch)`` with Adam for ``epochs``; returns the mean loss of each epoch."""
     optimizer = torch.optim.Adam(list(params), lr=lr)

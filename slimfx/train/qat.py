@@ -5,6 +5,7 @@ passes gradients straight through, the optimizer updates the float weights under
 BatchNorms that were not folded are frozen (running statistics kept), as the paper recommends
 for the end of training.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
@@ -18,8 +19,13 @@ from slimfx.train.loop import fit
 
 
 def qat(
-    module: nn.Module, data: Iterable[tuple[Any, Any]], loss_fn: Callable[[Any, Any], torch.Tensor], *,
-    epochs: int = 1, lr: float = 1e-3, progress: Callable[[str], None] | None = None,
+    module: nn.Module,
+    data: Iterable[tuple[Any, Any]],
+    loss_fn: Callable[[Any, Any], torch.Tensor],
+    *,
+    epochs: int = 1,
+    lr: float = 1e-3,
+    progress: Callable[[str], None] | None = None,
 ) -> list[float]:
     """Train ``module`` on ``(inputs, targets)`` batches; returns the mean loss of each epoch."""
     if epochs < 1:
@@ -33,7 +39,14 @@ def qat(
         if isinstance(m, nn.modules.batchnorm._BatchNorm):
             m.eval()  # frozen statistics
     try:
-        return fit(params, batches, lambda batch: loss_fn(module(batch[0]), batch[1]),
-                   epochs=epochs, lr=lr, label="qat:", progress=progress)
+        return fit(
+            params,
+            batches,
+            lambda batch: loss_fn(module(batch[0]), batch[1]),
+            epochs=epochs,
+            lr=lr,
+            label="qat:",
+            progress=progress,
+        )
     finally:
         module.eval()

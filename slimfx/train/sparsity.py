@@ -11,6 +11,7 @@ Network Slimming", 2017)::
         loss.backward()
         optimizer.step()
 """
+
 from __future__ import annotations
 
 import torch

@@ -27,7 +27,7 @@ from slimfx.ir.verify import compare_outputs
 from slimfx.passes.base import Pass, PassContext
 from slimfx.passes.manager import EXACT_TOLERANCE, PassManager, check_data
 from slimfx.passes.registry import resolve_passes
-from slimfx.report.analysis import CompileReport, Latency, OnnxMeasurement, Report, build_report
+from slimfx.report.analysis import CompileReport, Int8Timing, Latency, OnnxMeasurement, Report, build_report
 
 Inputs = Sequence[torch.Tensor] | torch.Tensor
 LATENCY_BATCHES = 8  # calibration batches an early-exit model is timed on
@@ -144,15 +144,16 @@ def compile(
     after = build_report(graph, label)
     module = run.module
     error = compare_outputs(run.outputs_before, run.outputs_after).relative_error
-    latency, notes = None, ()
+    latency, int8, notes = None, None, ()
     if latency_repeats > 0:
-        latency, notes = _measure_latency(model, module, inputs, calib_data if run.exit_plan else None, latency_repeats)
+        exit_data = calib_data if run.exit_plan else None
+        latency, int8 = _measure_latency(model, module, inputs, exit_data, latency_repeats)
     if run.exit_plan is not None:
         notes += (
             f"the after totals count the model without its exit heads; the heads add "
             f"{run.exit_plan.head_macs_per_sample:,} MACs per sample in all, included in the early-exit costs above",
         )
-    report = CompileReport(before, after, run.records, error, latency, notes=notes, exits=run.exit_plan)
+    report = CompileReport(before, after, run.records, error, latency, notes, run.exit_plan, torch_int8=int8)
     return CompileResult(module, graph, report)
 
 
@@ -162,12 +163,22 @@ def _measure_latency(
     inputs: tuple[torch.Tensor, ...],
     calib_data: Iterable[Any] | None,
     repeats: int,
-) -> tuple[Latency, tuple[str, ...]]:
+) -> tuple[Latency, Int8Timing | None]:
     """Eager latency before and after; an early-exit model is timed on calibration batches
-    (exits pay off on real data), a quantized one on torch's int8 kernels."""
-    from slimfx.backends.torch_int8 import has_quantized_layers
+    (exits pay off on real data), a quantized one lowered onto torch's int8 kernels (the
+    fake-quant graph is a float simulation whose speed means nothing)."""
+    from slimfx.backends.torch_int8 import has_quantized_layers, lower_int8_model
 
-    timed, notes = _int8_for_timing(compiled) if has_quantized_layers(compiled) else (compiled, ())
+    timed, int8 = compiled, None
+    if has_quantized_layers(compiled):
+        early_exit = isinstance(compiled, EarlyExitModel)
+        try:
+            lowered = lower_int8_model(compiled)
+        except BackendError as exc:
+            int8 = Int8Timing(None, {}, (), early_exit, str(exc))
+        else:
+            timed = lowered.module
+            int8 = Int8Timing(lowered.engine, dict(lowered.kernels), tuple(lowered.float_ops), early_exit)
     measured = [inputs]
     if calib_data is not None:
         measured = [b.inputs for _, b in zip(range(LATENCY_BATCHES), batches(calib_data, inputs))] or [inputs]
@@ -178,30 +189,4 @@ def _measure_latency(
         baseline += f", mean over {len(measured)} calibration batches"
     if timed is not compiled:
         baseline += "; after: torch int8 kernels"
-    return Latency(before, after, baseline), notes
-
-
-def _int8_for_timing(module: nn.Module) -> tuple[nn.Module, tuple[str, ...]]:
-    """What to time for a quantized graph: its lowering onto torch's int8 kernels (the fake-quant
-    graph is a float simulation whose speed means nothing), and a note saying so."""
-    from slimfx.backends.torch_int8 import lower_int8_model
-    from slimfx.report.tables import counts_text
-
-    try:
-        lowered = lower_int8_model(module)
-    except BackendError as exc:
-        return module, (
-            f"the after latency is the fake-quant graph, a float simulation ({exc}); "
-            "pass --onnx OUT.onnx for int8 speed",
-        )
-    floats = f"; in float: {'; '.join(lowered.float_ops)}" if lowered.float_ops else ""
-    where = (
-        " (each stage of the early-exit model; the exit heads run in float)"
-        if isinstance(module, EarlyExitModel)
-        else ""
-    )
-    note = (
-        f"after latency: the quantized graph lowered onto torch's int8 kernels{where} "
-        f"(engine {lowered.engine}: {counts_text(lowered.kernels)}){floats}"
-    )
-    return lowered.module, (note,)
+    return Latency(before, after, baseline), int8

@@ -181,3 +181,18 @@ def test_quantize_folds_batchnorm_first_unless_told_not_to() -> None:
     assert [r.name for r in kept.report.passes] == ["quantize"]
     with torch.no_grad():
         assert sqnr_db(model(x), folded.module(x)) >= 30
+
+
+def test_calibration_data_in_any_accepted_form_gives_the_same_result() -> None:
+    from torch.utils.data import DataLoader, TensorDataset
+
+    model, (x, y) = trained_cnn(), split()["calib"]
+    test = split()["test"][0]
+    forms = [list(x.split(100)), x, DataLoader(TensorDataset(x, y), batch_size=100)]
+    results = [compile(model, test[:100], "quantize:calib=minmax", calib_data=data) for data in forms]
+    thresholds = [
+        [d.details.threshold for d in r.report.passes[-1].decisions if d.action == "quantized"] for r in results
+    ]
+    assert thresholds[0] == thresholds[1] == thresholds[2]
+    with torch.no_grad():
+        assert torch.equal(results[0].module(test), results[2].module(test))

@@ -10,6 +10,7 @@ from digits import calibration, split, trained_cnn
 from slimfx import compile
 from slimfx.backends.torch_int8 import lower_int8
 from slimfx.metrics import sqnr_db
+from slimfx.report.tables import render_compile
 
 torchvision = pytest.importorskip("torchvision")
 
@@ -66,14 +67,17 @@ def test_compile_times_the_int8_lowering_and_says_so() -> None:
     model, x = trained_cnn(), split()["test"][0][:1]
     result = compile(model, x, "fold-bn,quantize", calib_data=calibration(), latency_repeats=2)
     assert "after: torch int8 kernels" in result.report.latency.baseline
-    assert any("quantized::conv2d_relu 4" in note for note in result.report.notes)
+    int8 = result.report.torch_int8
+    assert int8.kernels["quantized::conv2d_relu"] == 4 and int8.failure is None and not int8.early_exit
+    assert "quantized::conv2d_relu 4" in render_compile(result.report)
 
 
 @pytest.mark.slow
 def test_early_exit_stages_are_lowered_for_timing_too() -> None:
     model, (x, _) = trained_cnn(), split()["test"]
     result = compile(model, x[:2], "fold-bn,quantize,add-exits:exits=2", calib_data=calibration(), latency_repeats=1)
-    assert any("each stage of the early-exit model" in note for note in result.report.notes)
+    assert result.report.torch_int8.early_exit
+    assert "each stage of the early-exit model" in render_compile(result.report)
     lowered = result.to_torch_int8().module
     with torch.no_grad():
         agree = float((lowered(x).argmax(-1) == result.module(x).argmax(-1)).float().mean())

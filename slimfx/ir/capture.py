@@ -100,8 +100,12 @@ def _trace(
         fx_graph = tracer.trace(model, concrete_args=concrete_args)
     except Exception as exc:
         raise CaptureError(_describe_trace_failure(model, tracer, exc)) from exc
-    name = type(model).__name__
-    return fx.GraphModule(tracer.root, fx_graph, name)
+    module = fx.GraphModule(tracer.root, fx_graph, type(model).__name__)
+    # fx's tracer ends up in reference cycles (closures it patches in); drop its hold on the
+    # traced model, so that what the graph no longer uses is freed at once, not at the next
+    # garbage collection (a multi-GB model would otherwise stay in memory twice)
+    tracer.root = tracer.submodule_paths = None
+    return module
 
 
 def _describe_trace_failure(model: torch.nn.Module, tracer: SlimfxTracer, exc: Exception) -> str:

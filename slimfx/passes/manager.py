@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -118,7 +119,9 @@ class PassManager:
         check_order(self.passes)
 
     def run(self, graph: Graph, ctx: PassContext | None = None) -> PipelineResult:
-        ctx = ctx or PassContext(example_inputs=graph.example_inputs)
+        ctx = ctx or PassContext()
+        if not ctx.example_inputs:  # batches are checked against the graph's example inputs
+            ctx = dataclasses.replace(ctx, example_inputs=graph.example_inputs)
         history: list[PassRecord] = []
         before = tuple(run_outputs(graph.module, graph.example_inputs))
         state = _State(before, graph.module)

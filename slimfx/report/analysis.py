@@ -206,6 +206,27 @@ class OnnxMeasurement:
 
 
 @dataclass(frozen=True)
+class Int8Timing:
+    """How a quantized model was timed: lowered onto torch's int8 kernels (the engine, the
+    kernels it calls, what still runs in float), or, when the lowering failed, why."""
+
+    engine: str | None
+    kernels: dict[str, int]
+    float_ops: tuple[str, ...]
+    early_exit: bool  # every stage of an early-exit model lowered; its heads run in float
+    failure: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "engine": self.engine,
+            "kernels": dict(self.kernels),
+            "float_ops": list(self.float_ops),
+            "early_exit": self.early_exit,
+            "failure": self.failure,
+        }
+
+
+@dataclass(frozen=True)
 class CompileReport:
     """Before/after reports, the record of each pass, and end-to-end measurements."""
 
@@ -217,6 +238,7 @@ class CompileReport:
     notes: tuple[str, ...] = field(default_factory=tuple)
     exits: ExitPlan | None = None
     onnx: OnnxMeasurement | None = None
+    torch_int8: Int8Timing | None = None
 
     def to_dict(self, top: int | None = None) -> dict[str, Any]:
         return {
@@ -230,6 +252,7 @@ class CompileReport:
             "notes": list(self.notes),
             "exits": self.exits.to_dict() if self.exits else None,
             "onnx": self.onnx.to_dict() if self.onnx else None,
+            "torch_int8": self.torch_int8.to_dict() if self.torch_int8 else None,
         }
 
     def to_json(self, top: int | None = None) -> str:

@@ -13,7 +13,7 @@ from tabulate import tabulate
 from slimfx.exits.plan import ExitPlan
 from slimfx.ir.meta import Cost
 from slimfx.passes.manager import PassRecord
-from slimfx.report.analysis import CompileReport, KindRow, NodeRow, Report, totals_dict
+from slimfx.report.analysis import CompileReport, Int8Timing, KindRow, NodeRow, Report, totals_dict
 
 TABLE_FORMATS = {"table": "simple", "md": "github"}
 
@@ -147,8 +147,24 @@ def render_compile(result: CompileReport, fmt: str = "table") -> str:
             f"{o.latency.after_ms:.2f} ms, speedup {o.latency.speedup:.2f}x; wrote {o.path} "
             f"(what onnxruntime runs: {counts_text(o.kernels)})"
         )
+    if result.torch_int8:
+        parts.append(_int8_text(result.torch_int8))
     parts.extend(result.notes)
     return "\n".join(parts).rstrip() + "\n"
+
+
+def _int8_text(int8: Int8Timing) -> str:
+    if int8.failure is not None:
+        return (
+            f"the after latency is the fake-quant graph, a float simulation ({int8.failure}); "
+            "pass --onnx OUT.onnx for int8 speed"
+        )
+    where = " (each stage of the early-exit model; the exit heads run in float)" if int8.early_exit else ""
+    floats = f"; in float: {'; '.join(int8.float_ops)}" if int8.float_ops else ""
+    return (
+        f"after latency: the quantized graph lowered onto torch's int8 kernels{where} "
+        f"(engine {int8.engine}: {counts_text(int8.kernels)}){floats}"
+    )
 
 
 def _exits_text(plan: ExitPlan, tablefmt: str) -> str:

@@ -76,7 +76,9 @@ def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="allow loading a pickled model file, which can run code: only for files you trust",
     )
-    parser.add_argument("--seed", type=int, default=0, help="seed for the random example inputs (default 0)")
+    parser.add_argument(
+        "--seed", type=int, default=0, help="seed for random weights (torchvision:NAME) and example inputs (default 0)"
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -146,6 +148,7 @@ def cmd_report(args: argparse.Namespace) -> None:
         raise OutputError(f"--top must be at least 1, got {args.top}")
     if args.output:
         check_writable(args.output)
+    torch.manual_seed(args.seed)  # random-init weights are the same on every run with the same seed
     loaded = load_model(args.model, trust=args.trust_model_file)
     inputs = _example_inputs(args, loaded.input_shape)
     report = analyze(loaded.module, inputs, name=loaded.name, leaf_modules=args.leaf_module)
@@ -165,6 +168,7 @@ def cmd_compile(args: argparse.Namespace) -> None:
     for path in (args.output, args.onnx):
         if path:
             check_writable(path)
+    torch.manual_seed(args.seed)  # random-init weights are the same on every run with the same seed
     loaded = load_model(args.model, trust=args.trust_model_file)
     inputs = _example_inputs(args, loaded.input_shape)
     calib = calibration_batches(args.calib, inputs, seed=args.seed + 1) if args.calib else None
@@ -206,6 +210,7 @@ def cmd_demo(args: argparse.Namespace) -> None:
     from slimfx import analyze, compile, load_model
     from slimfx.report.tables import render_compile, render_report
 
+    torch.manual_seed(0)
     loaded = load_model(args.model)
     inputs = (torch.randn(loaded.input_shape, generator=torch.Generator().manual_seed(0)),)
     print(f"== slimfx report {args.model} --top 10  (where the cost goes)\n")

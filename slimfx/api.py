@@ -120,16 +120,21 @@ def compile(
     tolerance: float = EXACT_TOLERANCE,
     latency_repeats: int = 0,
     progress: Any = None,
+    allow_non_finite: bool = False,
 ) -> CompileResult:
     """Run the ``passes`` pipeline on a copy of ``model``; the original is left untouched.
 
     ``passes`` is a spec string (``"fold-bn,prune-channels:ratio=0.5"``) or pass objects.
     ``calib_data`` (a list of batches, ``(inputs, labels)`` pairs, a DataLoader or one tensor)
     feeds the passes that need data. With ``latency_repeats > 0`` the report includes
-    measured eager latency before/after.
+    measured eager latency before/after. Outputs that hold inf or nan cannot be verified: that
+    is an error naming the node where they first appear, or, with ``allow_non_finite``, a
+    warning in the report's notes.
     """
     inputs = _as_tuple(example_inputs)
-    manager = PassManager(resolve_passes(passes), tolerance=tolerance)  # requirements and order, before any work
+    manager = PassManager(
+        resolve_passes(passes), tolerance=tolerance, allow_non_finite=allow_non_finite
+    )  # requirements and order, before any work
     check_data(manager.passes, calib_data)
     if calib_data is not None:
         check_reusable(calib_data)
@@ -144,7 +149,7 @@ def compile(
     after = build_report(graph, label)
     module = run.module
     error = compare_outputs(run.outputs_before, run.outputs_after).relative_error
-    latency, int8, notes = None, None, ()
+    latency, int8, notes = None, None, tuple(f"WARNING: {w}" for w in run.warnings)
     if latency_repeats > 0:
         exit_data = calib_data if run.exit_plan else None
         latency, int8 = _measure_latency(model, module, inputs, exit_data, latency_repeats)

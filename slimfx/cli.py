@@ -107,6 +107,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="calibration data for passes that need it: random:N (N random batches shaped like the "
         "example inputs, a stand-in) or a file written by torch.save (a tensor or a list of batches)",
     )
+    comp.add_argument(
+        "--allow-non-finite",
+        action="store_true",
+        help="go on, with a warning, when the model's outputs hold inf or nan (nothing can then be verified)",
+    )
     comp.add_argument("-o", "--output", help="save the compiled model here (slimfx format; 'slimfx report' loads it)")
     comp.add_argument(
         "--repeats", type=int, default=20, help="timed runs for measured latency before/after (median; 0 skips timing)"
@@ -181,6 +186,7 @@ def cmd_compile(args: argparse.Namespace) -> None:
         leaf_modules=args.leaf_module,
         latency_repeats=max(args.repeats, 0),
         calib_data=calib,
+        allow_non_finite=args.allow_non_finite,
         progress=_terminal_progress(),
     )
     if sys.stderr.isatty():

@@ -11,7 +11,7 @@ from digits import calibration, split, trained_cnn
 from nets import MatmulAttention, SelfAttentionBlock
 
 from slimfx import compile
-from slimfx.errors import DataError, PassError, PassSpecError
+from slimfx.errors import DataError, NonFiniteError, PassError, PassSpecError
 from slimfx.metrics import sqnr_db
 from slimfx.passes.quantize import QuantizedLayerDetails
 from slimfx.passes.registry import parse_pipeline
@@ -46,8 +46,10 @@ def test_bad_input_is_a_clear_error() -> None:
     broken = nn.Sequential(nn.Conv2d(1, 2, 3), nn.Flatten(), nn.Linear(72, 2)).eval()
     with torch.no_grad():
         broken[0].weight[0, 0, 0, 0] = float("nan")
-    with pytest.raises(PassError, match="layer '0' has non-finite weights"):
+    with pytest.raises(NonFiniteError, match=r"first appear at node '_0' \(module '0', Conv2d\)"):
         compile(broken, torch.rand(2, 1, 8, 8), "quantize", calib_data=[torch.rand(4, 1, 8, 8)])
+    with pytest.raises(PassError, match="layer '0' has non-finite weights"):  # unverified, still refused
+        compile(broken, torch.rand(2, 1, 8, 8), "quantize", calib_data=[torch.rand(4, 1, 8, 8)], allow_non_finite=True)
     with pytest.raises(PassSpecError, match="choose one of: int8, int4, ternary, binary, block"):
         parse_pipeline("quantize:weights=int3")
     with pytest.raises(PassSpecError, match="choose one of: minmax, percentile, entropy, mse"):

@@ -4,13 +4,17 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
+import torch.fx as fx
 import torch.nn as nn
 from torch.utils._pytree import tree_flatten
 
 from slimfx.errors import VerificationError
 from slimfx.ir.graph import Graph, attribute
+from slimfx.ir.meta import node_kind
+from slimfx.ir.source import node_source_line
 from slimfx.metrics import relative_error
 
 
@@ -62,3 +66,40 @@ def compare_outputs(reference: Sequence[torch.Tensor], candidate: Sequence[torch
 def compare(reference: nn.Module, candidate: nn.Module, inputs: Sequence[torch.Tensor]) -> Comparison:
     """Run both modules on ``inputs`` and compare their outputs."""
     return compare_outputs(run_outputs(reference, inputs), run_outputs(candidate, inputs))
+
+
+def all_finite(tensors: Sequence[torch.Tensor]) -> bool:
+    """Whether no floating tensor holds inf or nan."""
+    return all(bool(torch.isfinite(t).all()) for t in tensors if t.is_floating_point())
+
+
+class _FirstNonFinite(fx.Interpreter):
+    """Runs a graph and remembers the first node whose result holds inf or nan."""
+
+    found: fx.Node | None = None
+
+    def run_node(self, node: fx.Node) -> Any:
+        result = super().run_node(node)
+        if self.found is None and node.op != "output":
+            tensors = [t for t in tree_flatten(result)[0] if isinstance(t, torch.Tensor)]
+            if not all_finite(tensors):
+                self.found = node
+        return result
+
+
+def first_non_finite(module: fx.GraphModule, inputs: Sequence[torch.Tensor]) -> str | None:
+    """Where inf or nan first appears when ``module`` runs on ``inputs`` (node, module, source
+    line), or None when every value is finite."""
+    interpreter = _FirstNonFinite(module)
+    with torch.no_grad():
+        interpreter.run(*inputs)
+    node = interpreter.found
+    if node is None:
+        return None
+    where = f"node '{node.name}'"
+    if node.op == "call_module":
+        where += f" (module '{node.target}', {type(module.get_submodule(str(node.target))).__name__})"
+    else:
+        where += f" ({node_kind(node, None)})"
+    line = node_source_line(node)
+    return where + (f" at {line}" if line else "")

@@ -13,11 +13,11 @@ import torch.fx as fx
 import torch.nn as nn
 
 from slimfx.backends.early_exit import build_early_exit
-from slimfx.errors import DataError, PassError, PassOrderError, SlimfxError
+from slimfx.errors import DataError, NonFiniteError, PassError, PassOrderError, SlimfxError
 from slimfx.exits.plan import ExitPlan
 from slimfx.ir.graph import Graph
 from slimfx.ir.shapes import ensure_shapes
-from slimfx.ir.verify import compare_outputs, lint, run_outputs
+from slimfx.ir.verify import all_finite, compare_outputs, first_non_finite, lint, run_outputs
 from slimfx.passes.base import DataNeed, Decision, Pass, PassContext, PassResult
 
 EXACT_TOLERANCE = 1e-4
@@ -60,6 +60,7 @@ class PipelineResult:
     outputs_before: tuple[torch.Tensor, ...]
     outputs_after: tuple[torch.Tensor, ...]
     module: nn.Module
+    warnings: tuple[str, ...] = ()  # about the run as a whole (non-finite outputs let through)
 
     @property
     def exit_plan(self) -> ExitPlan | None:
@@ -113,9 +114,10 @@ class PassManager:
     built from its plan checked the same way. The measured error is recorded for every pass.
     """
 
-    def __init__(self, passes: Sequence[Pass], tolerance: float = EXACT_TOLERANCE):
+    def __init__(self, passes: Sequence[Pass], tolerance: float = EXACT_TOLERANCE, allow_non_finite: bool = False):
         self.passes = with_requirements(passes)
         self.tolerance = tolerance
+        self.allow_non_finite = allow_non_finite  # go on with a warning where inf or nan make outputs unverifiable
         check_order(self.passes)
 
     def run(self, graph: Graph, ctx: PassContext | None = None) -> PipelineResult:
@@ -124,10 +126,23 @@ class PassManager:
             ctx = dataclasses.replace(ctx, example_inputs=graph.example_inputs)
         history: list[PassRecord] = []
         before = tuple(run_outputs(graph.module, graph.example_inputs))
+        warnings: list[str] = []
+        if not all_finite(before):
+            where = first_non_finite(graph.module, graph.example_inputs)
+            what = (
+                f"the model's outputs hold inf or nan on the example inputs before any pass ran; "
+                f"they first appear at {where}"
+            )
+            if not self.allow_non_finite:
+                raise NonFiniteError(
+                    f"{what}. No pass can be verified on such outputs: fix the weights or the inputs "
+                    "(or pass allow_non_finite=True, CLI --allow-non-finite, to go on unverified)"
+                )
+            warnings.append(f"{what}; passes were not verified numerically")
         state = _State(before, graph.module)
         for index, p in enumerate(self.passes):
             history.append(self._run_one(index, p, graph, ctx, history, state))
-        return PipelineResult(tuple(history), before, state.outputs, state.module)
+        return PipelineResult(tuple(history), before, state.outputs, state.module, tuple(warnings + state.warnings))
 
     def _run_one(
         self, index: int, p: Pass, graph: Graph, ctx: PassContext, history: list[PassRecord], state: _State
@@ -209,6 +224,14 @@ class PassManager:
                 f"it claims to be exact but changed the outputs by {comparison.relative_error:.3g} relative "
                 f"(tolerance {self.tolerance:g})",
             )
+        if not all_finite(outputs) and all_finite(state.outputs):
+            where = first_non_finite(module, graph.example_inputs) if isinstance(module, fx.GraphModule) else None
+            what = (
+                f"its outputs hold inf or nan on the example inputs{f'; they first appear at {where}' if where else ''}"
+            )
+            if not self.allow_non_finite:
+                raise self._failure(index, p, history, what)
+            state.warnings.append(f"pass '{p.spec()}': {what}")
         state.outputs = tuple(outputs)
         return comparison.relative_error
 
@@ -226,3 +249,4 @@ class _State:
     outputs: tuple[torch.Tensor, ...]
     module: nn.Module
     planned_exits: bool = False
+    warnings: list[str] = field(default_factory=list)

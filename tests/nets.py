@@ -138,3 +138,29 @@ class SelfAttentionBlock(nn.Module):
         y = self.norm(x)
         y, _ = self.attention(y, y, y, need_weights=False, attn_mask=self.mask)
         return self.head((x + y).mean(1))
+
+
+# -- norm + activation in one layer, as timm writes it ----------------------------------------------
+class BatchNormAct(nn.BatchNorm2d):
+    """timm's ``BatchNormAct2d`` in miniature: a BatchNorm2d subclass whose forward calls
+    ``F.batch_norm`` and then its own dropout and activation."""
+
+    def __init__(self, channels: int, act: type[nn.Module] = nn.SiLU):
+        super().__init__(channels)
+        self.drop, self.act = nn.Identity(), act()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps)
+        return self.act(self.drop(x))
+
+
+class NormActNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(3, 16, 3, padding=1, bias=False), BatchNormAct(16, nn.SiLU)
+        self.conv2, self.bn2 = nn.Conv2d(16, 32, 3, padding=1, bias=False), BatchNormAct(32, nn.ReLU)
+        self.head = nn.Linear(32, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.bn2(self.conv2(self.bn1(self.conv1(x))))
+        return self.head(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))

@@ -145,3 +145,21 @@ def test_depthwise_conv_keeps_channel_identity() -> None:
     dw = analysis.layers["dw_0"]
     assert dw.kind == "depthwise" and torch.equal(dw.in_units, analysis.layers["a_0"].out_units)
     assert {"dw_0", "dw_1", "b_0"} <= set(group_of(analysis, "a.0").members)
+
+
+class FixedSizeSplit(nn.Module):
+    """``x.split(8, dim=1)``: parts of 8 channels, however many there are (CSPNet, Res2Net)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.c = conv_bn(3, 16), conv_bn(8, 8), conv_bn(8, 8)
+
+    def forward(self, x):
+        left, right = self.a(x).split(8, dim=1)
+        return self.b(left) + self.c(right)
+
+
+def test_split_into_fixed_sizes_blocks_its_group_with_the_reason() -> None:
+    analysis = analyze(FixedSizeSplit())
+    (reason,) = [r for r in group_of(analysis, "a.0").blocked if "split" in r]
+    assert "fixed size (8 channels)" in reason

@@ -195,6 +195,12 @@ def _sdpa(op: Op) -> Cost:
     )
 
 
+def _normalization(op: Op) -> Cost:
+    """One element op per output element, and one more per activation a norm layer applies itself."""
+    tail = ops.norm_activation_tail(op.module) or ()
+    return op.compute(elem_ops=op.out_numel * (1 + sum(not isinstance(m, nn.Identity) for m in tail)))
+
+
 def _per_input_element(op: Op) -> Cost:
     return op.compute(elem_ops=sum(t.numel for t in op.tensor_inputs()))
 
@@ -330,7 +336,7 @@ def _register_builtin_rules(rules: CostRules) -> None:
     rules.add_modules((nn.Linear,), "linear", linear_cost)
     rules.add_modules((nn.Bilinear,), "bilinear", _bilinear)
     rules.add_modules((nn.MultiheadAttention,), "attention", _multihead_attention)
-    rules.add_modules(ops.NORMALIZATIONS, "normalization", per_element)
+    rules.add_modules(ops.NORMALIZATIONS, "normalization", _normalization)
     rules.add_modules(ops.WINDOW_POOLS.modules, "pooling", _window_pool)
     rules.add_modules(ops.ADAPTIVE_POOLS.modules, "pooling", _per_input_element)
     rules.add_modules((ops.ACTIVATIONS | ops.CHANNEL_ACTIVATIONS | ops.SOFTMAX).modules, "activation", per_element)

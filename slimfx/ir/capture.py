@@ -9,6 +9,7 @@ import torch
 import torch.fx as fx
 
 from slimfx.errors import CaptureError, ShapeError
+from slimfx.ir import ops
 from slimfx.ir.graph import Graph
 from slimfx.ir.shapes import ensure_shapes
 from slimfx.ir.source import exception_source_line
@@ -37,7 +38,11 @@ class SlimfxTracer(fx.Tracer):
     def is_leaf_module(self, m: torch.nn.Module, module_qualified_name: str) -> bool:
         if module_qualified_name in self.leaf_paths or isinstance(m, self.leaf_types):
             return True
-        return super().is_leaf_module(m, module_qualified_name) or _inherits_standard_forward(m)
+        return (
+            super().is_leaf_module(m, module_qualified_name)
+            or _inherits_standard_forward(m)
+            or ops.norm_activation_tail(m) is not None  # timm's BatchNormAct2d: a known layer
+        )
 
     def call_module(self, m: torch.nn.Module, forward: Any, args: Any, kwargs: Any) -> Any:
         try:

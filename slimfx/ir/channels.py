@@ -414,6 +414,8 @@ class _CouplingBuilder:
         d = dim % (ids.dim() + 1)
         if d == 0 or not isinstance(how, int):
             raise _Unsupported(f"{name} along the batch dimension or into fixed sizes")
+        if name == "split" and _varies(ids, d - 1):  # split(64): parts of 64 channels, however many remain
+            raise _Unsupported(f"split into parts of a fixed size ({how} channels), which pruning would break")
         parts = torch.chunk(ids, how, d - 1) if name == "chunk" else torch.split(ids, how, d - 1)
         if _varies(ids, d - 1):  # halves must shrink alike: couple them position by position
             if len({p.shape[d - 1] for p in parts}) != 1:

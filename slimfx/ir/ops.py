@@ -232,3 +232,24 @@ def join_inputs(node: fx.Node) -> list[fx.Node] | None:
 def is_stochastic_depth(target: Any) -> bool:
     """torchvision's ``stochastic_depth`` (an fx-wrapped function), by name so torchvision stays optional."""
     return getattr(target, "__name__", "") == "stochastic_depth" and "torchvision" in getattr(target, "__module__", "")
+
+
+def norm_activation_tail(module: nn.Module) -> list[nn.Module] | None:
+    """For a BatchNorm subclass with its own ``forward`` whose children are only activations,
+    dropout or identities (timm's ``BatchNormAct2d``: batch norm, then ``drop``, then ``act``),
+    those children in order: the elementwise ops applied after normalizing. None otherwise.
+
+    Such a layer is kept whole at capture, pruned as a BatchNorm, counted with its activation,
+    and folded by ``fold-bn`` into the conv before it, its children staying in its place; the
+    pass manager verifies that fold exactly, so the order assumed here is checked.
+    """
+    if not isinstance(module, nn.modules.batchnorm._BatchNorm) or type(module).forward is _BATCHNORM_FORWARD:
+        return None
+    children = list(module.children())
+    if not children or not all(isinstance(c, _TAIL_MODULES) for c in children):
+        return None
+    return children
+
+
+_BATCHNORM_FORWARD = nn.modules.batchnorm._BatchNorm.forward
+_TAIL_MODULES = (*ACTIVATIONS.modules, *DROPOUT.modules, nn.Identity)

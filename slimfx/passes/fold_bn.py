@@ -83,11 +83,16 @@ class FoldBatchNorm(Pass):
         layer = graph.submodule(layer_node)
         macs = graph.info(layer_node).cost.cost.macs
         rewriter.replace_module(layer_node, _folded(layer, bn))
-        rewriter.bypass(bn_node)
+        kept = [m for m in ops.norm_activation_tail(bn) or () if not isinstance(m, nn.Identity)]
+        if kept:  # a norm+activation layer: its activation stays where the layer was
+            rewriter.replace_module(bn_node, kept[0] if len(kept) == 1 else nn.Sequential(*kept))
+        else:
+            rewriter.bypass(bn_node)
+        stays = f"; its {', '.join(type(m).__name__ for m in kept)} stays" if kept else ""
         return Decision(
             target,
             Action.FOLDED,
-            f"folded into {layer_node.target} ({type(layer).__name__})",
+            f"folded into {layer_node.target} ({type(layer).__name__}){stays}",
             macs_before=macs,
             macs_after=macs,
             details=FoldDetails(bn_cost.cost.elem_ops if bn_cost else None),

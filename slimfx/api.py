@@ -44,9 +44,19 @@ def analyze(
     name: str | None = None,
     leaf_modules: Iterable[LeafSpec] = (),
     concrete_args: dict[str, Any] | None = None,
+    capture_fallback: bool = True,
 ) -> Report:
-    """Capture ``model`` and report, node by node, where its MACs, params and bytes go."""
-    graph = capture(model, _as_tuple(example_inputs), leaf_modules=leaf_modules, concrete_args=concrete_args)
+    """Capture ``model`` and report, node by node, where its MACs, params and bytes go.
+
+    With ``capture_fallback`` (the default), submodules torch.fx cannot trace are kept whole
+    (opaque, listed in the report, their cost measured)."""
+    graph = capture(
+        model,
+        _as_tuple(example_inputs),
+        leaf_modules=leaf_modules,
+        concrete_args=concrete_args,
+        fallback=capture_fallback,
+    )
     ensure_costs(graph)
     return build_report(graph, name or type(model).__name__)
 
@@ -121,6 +131,7 @@ def compile(
     latency_repeats: int = 0,
     progress: Any = None,
     allow_non_finite: bool = False,
+    capture_fallback: bool = True,
 ) -> CompileResult:
     """Run the ``passes`` pipeline on a copy of ``model``; the original is left untouched.
 
@@ -139,7 +150,9 @@ def compile(
     if calib_data is not None:
         check_reusable(calib_data)
         next(batches(calib_data, inputs), None)  # a malformed first batch fails now, not after capture
-    graph = capture(copy.deepcopy(model), inputs, leaf_modules=leaf_modules, concrete_args=concrete_args)
+    graph = capture(
+        copy.deepcopy(model), inputs, leaf_modules=leaf_modules, concrete_args=concrete_args, fallback=capture_fallback
+    )
     label = name or type(model).__name__
     ensure_costs(graph)
     before = build_report(graph, label)

@@ -72,6 +72,11 @@ def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
         help="module path to keep whole when tracing (repeatable)",
     )
     parser.add_argument(
+        "--no-fallback",
+        action="store_true",
+        help="fail when a submodule does not trace, instead of keeping it whole (opaque)",
+    )
+    parser.add_argument(
         "--trust-model-file",
         action="store_true",
         help="allow loading a pickled model file, which can run code: only for files you trust",
@@ -156,7 +161,9 @@ def cmd_report(args: argparse.Namespace) -> None:
     torch.manual_seed(args.seed)  # random-init weights are the same on every run with the same seed
     loaded = load_model(args.model, trust=args.trust_model_file)
     inputs = _example_inputs(args, loaded.input_shape)
-    report = analyze(loaded.module, inputs, name=loaded.name, leaf_modules=args.leaf_module)
+    report = analyze(
+        loaded.module, inputs, name=loaded.name, leaf_modules=args.leaf_module, capture_fallback=not args.no_fallback
+    )
     text = to_dot(report) if args.format == "dot" else render_report(report, args.format, args.top, args.by)
     _emit(text, args.output)
 
@@ -187,6 +194,7 @@ def cmd_compile(args: argparse.Namespace) -> None:
         latency_repeats=max(args.repeats, 0),
         calib_data=calib,
         allow_non_finite=args.allow_non_finite,
+        capture_fallback=not args.no_fallback,
         progress=_terminal_progress(),
     )
     if sys.stderr.isatty():

@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.nn as nn
 
+from slimfx import analyze, compile
 from slimfx.errors import CaptureError, RewriteError, ShapeError, VerificationError
 from slimfx.ir.capture import capture
 from slimfx.ir.meta import META_KEY, NodeInfo
@@ -48,9 +49,23 @@ def test_every_node_gets_typed_shapes() -> None:
     assert infos["block"].outputs[0].dtype == torch.float32
 
 
-def test_untraceable_model_names_module_and_source_line() -> None:
+def test_untraceable_submodule_is_kept_whole_measured_and_left_alone() -> None:
+    model, x = Net().eval(), torch.randn(1, 3, 8, 8)
+    graph = capture(model, x)
+    assert graph.opaque == {"block"}
+    assert [n.target for n in graph.nodes() if n.op == "call_module"][-2:] == ["block", "head"]
+    report = analyze(model, x)
+    (block,) = [r for r in report.nodes if r.name == "block"]
+    assert block.rule == "measured by FlopCounterMode (opaque module)" and block.cost.macs == 4 * 3 * 9 * 6 * 6
+    assert report.opaque == ("block",) and report.uncounted == ()
+    pruned = compile(model, x, "prune-channels:ratio=0.5").report.passes[0]
+    reasons = [r for d in pruned.decisions for r in (d.reason, *(d.details.blocked or ()))]
+    assert any("opaque" in r or "channel behaviour unknown" in r for r in reasons), reasons
+
+
+def test_untraceable_model_names_module_and_source_line_without_fallback() -> None:
     with pytest.raises(CaptureError) as err:
-        capture(Net().eval(), torch.randn(1, 3, 8, 8))
+        capture(Net().eval(), torch.randn(1, 3, 8, 8), fallback=False)
     message = str(err.value)
     assert "module 'block' (Branchy)" in message
     assert "test_capture.py" in message and "if y.sum() > 0" in message

@@ -273,9 +273,11 @@ def write_untraceable(tmp_path: Path) -> Path:
 
 def test_untraceable_model_from_a_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     spec = f"{write_untraceable(tmp_path)}:make"
-    code, _, err = run(capsys, "report", spec, "--input-shape", "1,3,8,8")
+    code, _, err = run(capsys, "report", spec, "--input-shape", "1,3,8,8", "--no-fallback")
     assert code == 2 and len(err.strip().splitlines()) == 1
     assert "module 'gate' (Gate)" in err and "user_model.py:4: if x.mean() > 0:" in err
+    code, out, _ = run(capsys, "report", spec, "--input-shape", "1,3,8,8")
+    assert code == 0 and "opaque modules (torch.fx cannot trace them" in out and ": gate" in out
     code, out, _ = run(capsys, "report", spec, "--input-shape", "1,3,8,8", "--leaf-module", "gate", "--format", "json")
     assert code == 0 and any(n["name"] == "gate" for n in json.loads(out)["nodes"])
     code, _, err = run(capsys, "report", spec)

@@ -415,8 +415,37 @@ def count_node(node: fx.Node, module: Any) -> NodeCost:
         return NodeCost(FREE, f"{found.name} rule could not read its arguments ({exc})", counted=False)
 
 
+class _OpaqueCounter(fx.Interpreter):
+    """Runs the graph, counting FLOPs inside each opaque module with ``FlopCounterMode``."""
+
+    def __init__(self, module: fx.GraphModule, opaque: frozenset[str]):
+        super().__init__(module)
+        self.opaque, self.flops = opaque, {}
+
+    def call_module(self, target: Any, args: Any, kwargs: Any) -> Any:
+        if str(target) not in self.opaque:
+            return super().call_module(target, args, kwargs)
+        from torch.utils.flop_counter import FlopCounterMode
+
+        counter = FlopCounterMode(display=False)
+        with counter:
+            result = super().call_module(target, args, kwargs)
+        self.flops[str(target)] = self.flops.get(str(target), 0) + counter.get_total_flops()
+        return result
+
+
+def measure_opaque(graph: Graph) -> dict[str, int]:
+    """MACs (FLOPs / 2, by ``FlopCounterMode``) of every opaque module, from one run of the
+    graph on its example inputs: opaque modules branch on values, so they are measured, not counted."""
+    counter = _OpaqueCounter(graph.module, graph.opaque)
+    with torch.no_grad():
+        counter.run(*graph.example_inputs)
+    return {target: flops // 2 for target, flops in counter.flops.items()}
+
+
 def annotate_costs(graph: Graph) -> None:
     """Store a ``NodeCost`` in every node's NodeInfo (shapes must be current)."""
+    measured = measure_opaque(graph) if graph.opaque else {}
     for node in graph.nodes():
         if node.op == "call_module":
             target = graph.submodule(node)
@@ -424,7 +453,11 @@ def annotate_costs(graph: Graph) -> None:
             target = attribute(graph.module, str(node.target))
         else:
             target = None
-        node.meta[META_KEY] = replace(node.meta[META_KEY], cost=count_node(node, target))
+        cost = count_node(node, target)
+        if not cost.counted and node.op == "call_module" and str(node.target) in measured:
+            op = Op(node, target, node.meta[META_KEY].outputs)
+            cost = NodeCost(op.compute(macs=measured[str(node.target)]), "measured by FlopCounterMode (opaque module)")
+        node.meta[META_KEY] = replace(node.meta[META_KEY], cost=cost)
 
 
 def ensure_costs(graph: Graph) -> None:

@@ -64,18 +64,34 @@ def _inherits_standard_forward(m: torch.nn.Module) -> bool:
     )
 
 
+MAX_OPAQUE = 64  # submodules capture may keep whole before it gives up
+
+
+class _TraceFailure(Exception):
+    """Tracing failed inside ``path`` ('' for the top-level module); ``message`` explains it."""
+
+    def __init__(self, path: str | None, message: str):
+        super().__init__(message)
+        self.path, self.message = path, message
+
+
 def capture(
     model: torch.nn.Module,
     example_inputs: Sequence[torch.Tensor] | torch.Tensor,
     *,
     leaf_modules: Iterable[LeafSpec] = (),
     concrete_args: dict[str, Any] | None = None,
+    fallback: bool = True,
 ) -> Graph:
     """Trace ``model`` with torch.fx and annotate every node with its output shapes.
 
     The model is traced in its current mode (call ``.eval()`` first for inference graphs).
-    Raises ``CaptureError`` naming the module path and source line when tracing fails, and
-    ``ShapeError`` naming the node when the example inputs do not fit the model.
+    When tracing fails inside a submodule (Python control flow on tensor values), that
+    submodule is kept whole and tracing retried (``fallback=False`` turns this off); such
+    *opaque* modules are listed in ``Graph.opaque``, their cost is measured, and every pass
+    leaves them alone. Raises ``CaptureError`` naming the module path and source line when the
+    top-level module itself does not trace, and ``ShapeError`` naming the node when the example
+    inputs do not fit the model.
     """
     if isinstance(example_inputs, torch.Tensor):
         example_inputs = (example_inputs,)
@@ -83,12 +99,22 @@ def capture(
         graph = Graph(model, tuple(example_inputs))
         ensure_shapes(graph)
         return graph
-    graph = Graph(_trace(model, leaf_modules, concrete_args), tuple(example_inputs))
+    leaves, opaque = list(leaf_modules), []
+    while True:
+        try:
+            module = _trace(model, leaves, concrete_args)
+            break
+        except _TraceFailure as failure:
+            if not fallback or not failure.path or failure.path in opaque or len(opaque) >= MAX_OPAQUE:
+                raise CaptureError(failure.message) from failure.__cause__
+            leaves.append(failure.path)
+            opaque.append(failure.path)
+    graph = Graph(module, tuple(example_inputs), opaque=frozenset(opaque))
     try:
         ensure_shapes(graph)
     except ShapeError:
         # Recording source lines makes tracing ~3x slower, so it is done only to explain a failure.
-        traced = _trace(model, leaf_modules, concrete_args, record_stack_traces=True)
+        traced = _trace(model, leaves, concrete_args, record_stack_traces=True)
         ensure_shapes(Graph(traced, tuple(example_inputs)))
         raise
     return graph
@@ -104,7 +130,8 @@ def _trace(
     try:
         fx_graph = tracer.trace(model, concrete_args=concrete_args)
     except Exception as exc:
-        raise CaptureError(_describe_trace_failure(model, tracer, exc)) from exc
+        path = tracer.failed_module[0] if tracer.failed_module else None
+        raise _TraceFailure(path, _describe_trace_failure(model, tracer, exc)) from exc
     module = fx.GraphModule(tracer.root, fx_graph, type(model).__name__)
     # fx's tracer ends up in reference cycles (closures it patches in); drop its hold on the
     # traced model, so that what the graph no longer uses is freed at once, not at the next

@@ -36,9 +36,12 @@ class Graph:
     the version so that every cached analysis is recomputed on next use.
     """
 
-    def __init__(self, module: fx.GraphModule, example_inputs: tuple[torch.Tensor, ...]):
+    def __init__(
+        self, module: fx.GraphModule, example_inputs: tuple[torch.Tensor, ...], opaque: frozenset[str] = frozenset()
+    ):
         self.module = module
         self.example_inputs = tuple(example_inputs)
+        self.opaque = opaque  # module paths capture kept whole because they do not trace
         self.version = 0
         self._cache: dict[str, tuple[int, Any]] = {}
 
@@ -80,6 +83,8 @@ class Graph:
     def why_not_single_call(self, node: fx.Node, one_input: bool = True) -> str | None:
         """Why the layer that ``node`` calls cannot be rewritten for this call alone, or None:
         its module runs at other nodes too, or (``one_input``) the call passes more than one input."""
+        if str(node.target) in self.opaque:
+            return "opaque: kept whole at capture because torch.fx cannot trace it"
         calls = self.module_calls().get(str(node.target), 0)
         if calls > 1:
             return f"module called {calls} times"

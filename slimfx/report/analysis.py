@@ -89,6 +89,7 @@ class Report:
     input_shapes: tuple[tuple[int, ...], ...]
     nodes: tuple[NodeRow, ...]
     totals: Cost
+    opaque: tuple[str, ...] = ()  # modules kept whole at capture: cost measured, left alone by every pass
 
     @property
     def uncounted(self) -> tuple[NodeRow, ...]:
@@ -123,6 +124,7 @@ class Report:
             "totals": totals_dict(self.totals),
             "nodes": [row.to_dict() for row in self.top(top)],
             "uncounted": [{"name": r.name, "kind": r.label, "reason": r.rule} for r in self.uncounted],
+            "opaque": list(self.opaque),
         }
 
 
@@ -150,7 +152,7 @@ def build_report(graph: Graph, model: str = "model") -> Report:
             )
         )
     shapes = tuple(tuple(t.shape) for t in graph.example_inputs)
-    return Report(model, shapes, tuple(rows), totals)
+    return Report(model, shapes, tuple(rows), totals, tuple(sorted(graph.opaque)))
 
 
 def totals_dict(cost: Cost) -> dict[str, int]:

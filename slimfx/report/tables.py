@@ -102,10 +102,16 @@ def render_report(report: Report, fmt: str = "table", top: int | None = None, by
 
 
 def _uncounted_text(report: Report) -> str:
+    opaque = ""
+    if report.opaque:
+        opaque = (
+            f"opaque modules (torch.fx cannot trace them: kept whole, cost measured, left alone by every pass): "
+            f"{', '.join(report.opaque)}\n"
+        )
     if not report.uncounted:
-        return "uncounted ops: none (every node has a cost rule)"
+        return opaque + "uncounted ops: none (every node has a cost rule)"
     items = "\n".join(f"  {r.name} ({r.label}): {r.rule}" for r in report.uncounted)
-    return f"uncounted ops ({len(report.uncounted)}; their cost is missing from the totals):\n{items}"
+    return opaque + f"uncounted ops ({len(report.uncounted)}; their cost is missing from the totals):\n{items}"
 
 
 def _csv(header: list[str], rows: list[list[Any]]) -> str:

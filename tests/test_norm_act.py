@@ -66,3 +66,17 @@ def test_timm_cnns_fold_and_prune(name: str) -> None:
     assert pruned.report.after.totals.macs <= 0.8 * pruned.report.before.totals.macs
     with torch.no_grad():
         assert pruned.module(x).shape == net(x).shape
+
+
+@pytest.mark.corpus
+@pytest.mark.parametrize("name", ["tf_efficientnet_b0", "mobilevit_xxs"])
+def test_timm_models_that_branch_on_shapes_capture_with_opaque_parts(name: str) -> None:
+    net, x = timm.create_model(name, pretrained=False).eval(), torch.randn(1, 3, 64, 64)
+    report = analyze(net, x)
+    assert report.opaque and report.uncounted == () and report.totals.macs > 0
+    result = compile(net, x, "prune-channels:ratio=0.3")
+    with torch.no_grad():
+        assert result.module(x).shape == net(x).shape
+    opaque_layers = set(report.opaque)
+    changed = {d.target for d in result.report.passes[0].decisions if d.action == "pruned"}
+    assert not changed & opaque_layers

@@ -140,3 +140,23 @@ def test_crashing_pass_is_named_with_its_history() -> None:
         PassManager(parse_pipeline("test-scale,fold-bn,test-crash")).run(small_graph())
     assert "pass 'test-crash' (3 of 3) failed: internal error RuntimeError: boom" in str(err.value)
     assert "Passes run before it: test-scale, fold-bn" in str(err.value)
+
+
+class SharedWeight(nn.Module):
+    """A layer whose weight is also read directly (as a positional embedding projection may be)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = nn.Conv2d(3, 3, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(x) + self.proj.weight.sum()
+
+
+def test_a_layer_whose_weights_are_read_directly_is_left_alone() -> None:
+    from slimfx import compile
+
+    x = torch.randn(4, 3, 8, 8)
+    result = compile(SharedWeight().eval(), x[:1], "quantize:calib=minmax", calib_data=[x])
+    (decision,) = [d for d in result.report.passes[-1].decisions if d.target == "proj"]
+    assert decision.declined and "read directly, at node 'proj_weight'" in decision.reason

@@ -80,11 +80,28 @@ class Graph:
 
         return self.cached("module_calls", count)
 
+    def attribute_readers(self) -> dict[str, str]:
+        """Module path -> the first get_attr node that reads one of its parameters or buffers directly."""
+
+        def find() -> dict[str, str]:
+            readers: dict[str, str] = {}
+            for node in self.module.graph.nodes:
+                if node.op == "get_attr":
+                    parts = str(node.target).split(".")
+                    for depth in range(1, len(parts)):
+                        readers.setdefault(".".join(parts[:depth]), node.name)
+            return readers
+
+        return self.cached("attribute_readers", find)
+
     def why_not_single_call(self, node: fx.Node, one_input: bool = True) -> str | None:
         """Why the layer that ``node`` calls cannot be rewritten for this call alone, or None:
         its module runs at other nodes too, or (``one_input``) the call passes more than one input."""
         if str(node.target) in self.opaque:
             return "opaque: kept whole at capture because torch.fx cannot trace it"
+        reader = self.attribute_readers().get(str(node.target))
+        if reader is not None:
+            return f"its parameters are also read directly, at node '{reader}'"
         calls = self.module_calls().get(str(node.target), 0)
         if calls > 1:
             return f"module called {calls} times"

@@ -1,6 +1,7 @@
 """quantize: calibrated int8 quantize/dequantize on convs, linears, matmuls and what joins them.
 
-BatchNorms are folded first. Unfrozen quantizers go in (``quant.placement`` says where: each
+``fold-bn`` runs first (the pass requires it; the pipeline inserts it unless ``fold-bn=false``).
+Unfrozen quantizers go in (``quant.placement`` says where: each
 conv/linear with the ReLU after it fused, matmul inputs, and the outputs of adds, concats and
 pools of quantized tensors); one streaming pass over ``calib_data`` fills their |x|
 histograms (``quant.calibrate``); a threshold rule (``calib=minmax|percentile|entropy|mse``)

@@ -2,8 +2,9 @@
 
 onnxruntime fuses a float op into its int8 kernel when every tensor input comes straight from
 a DequantizeLinear and the output goes straight into a QuantizeLinear (QLinearConv,
-QLinearAdd, QLinearConcat, QLinearGlobalAveragePool). These functions read the fx graph and
-say which ops can be fused that way:
+QLinearAdd, QLinearConcat, QLinearGlobalAveragePool). These functions (with
+``ir.ops.join_inputs`` and ``ir.ops.relu_type``) read the fx graph and say which ops can be
+fused that way:
 
 - a ReLU/ReLU6 that alone follows a conv or linear is folded into the layer, whose output is
   then quantized after it (a non-negative grid: all 256 levels on values that occur);

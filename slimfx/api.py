@@ -49,7 +49,8 @@ def analyze(
     """Capture ``model`` and report, node by node, where its MACs, params and bytes go.
 
     With ``capture_fallback`` (the default), submodules torch.fx cannot trace are kept whole
-    (opaque, listed in the report, their cost measured)."""
+    (opaque, listed in the report, their cost measured), and a model whose own code branches
+    on its input's shape is traced at the example's shapes (``Report.fixed_shapes``)."""
     graph = capture(
         model,
         _as_tuple(example_inputs),
@@ -157,7 +158,11 @@ def compile(
     ensure_costs(graph)
     before = build_report(graph, label)
     torch.manual_seed(seed)
-    run = manager.run(graph, PassContext(calib_data=calib_data, example_inputs=inputs, seed=seed, progress=progress))
+    fixed_rows = int(inputs[0].shape[0]) if graph.fixed_shapes and inputs[0].dim() else None
+    if calib_data is not None and fixed_rows is not None:
+        next(batches(calib_data, inputs, fixed_rows=fixed_rows), None)  # before any pass runs
+    context = PassContext(calib_data, inputs, seed, progress, fixed_rows)
+    run = manager.run(graph, context)
     ensure_costs(graph)
     after = build_report(graph, label)
     module = run.module
@@ -165,7 +170,7 @@ def compile(
     latency, int8, notes = None, None, tuple(f"WARNING: {w}" for w in run.warnings)
     if latency_repeats > 0:
         exit_data = calib_data if run.exit_plan else None
-        latency, int8 = _measure_latency(model, module, inputs, exit_data, latency_repeats)
+        latency, int8 = _measure_latency(model, module, inputs, exit_data, latency_repeats, fixed_rows)
     if run.exit_plan is not None:
         notes += (
             f"the after totals count the model without its exit heads; the heads add "
@@ -181,6 +186,7 @@ def _measure_latency(
     inputs: tuple[torch.Tensor, ...],
     calib_data: Iterable[Any] | None,
     repeats: int,
+    fixed_rows: int | None = None,
 ) -> tuple[Latency, Int8Timing | None]:
     """Eager latency before and after; an early-exit model is timed on calibration batches
     (exits pay off on real data), a quantized one lowered onto torch's int8 kernels (the
@@ -199,7 +205,9 @@ def _measure_latency(
             int8 = Int8Timing(lowered.engine, dict(lowered.kernels), tuple(lowered.float_ops), early_exit)
     measured = [inputs]
     if calib_data is not None:
-        measured = [b.inputs for _, b in zip(range(LATENCY_BATCHES), batches(calib_data, inputs))] or [inputs]
+        measured = [
+            b.inputs for _, b in zip(range(LATENCY_BATCHES), batches(calib_data, inputs, fixed_rows=fixed_rows))
+        ] or [inputs]
     before = sum(module_latency_ms(original, b, repeats) for b in measured) / len(measured)
     after = sum(module_latency_ms(timed, b, repeats) for b in measured) / len(measured)
     baseline = baseline_name(measured[0])

@@ -74,7 +74,8 @@ def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--no-fallback",
         action="store_true",
-        help="fail when a submodule does not trace, instead of keeping it whole (opaque)",
+        help="fail when the model does not trace, instead of keeping a submodule whole (opaque) "
+        "or tracing at the example's fixed shapes",
     )
     parser.add_argument(
         "--trust-model-file",

@@ -44,20 +44,37 @@ def check_reusable(data: Iterable[Any], what: str = "calib_data") -> None:
 
 
 def batches(
-    data: Iterable[Any] | torch.Tensor, example_inputs: Sequence[torch.Tensor], what: str = "calib_data"
+    data: Iterable[Any] | torch.Tensor,
+    example_inputs: Sequence[torch.Tensor],
+    what: str = "calib_data",
+    fixed_rows: int | None = None,
 ) -> Iterator[Batch]:
     """Every batch of ``data`` as a ``Batch``, checked against ``example_inputs``.
 
     A tensor is split into batches of the example batch size. Each item of an iterable is a
     tensor (the only input), or a tuple/list of one tensor per model input, optionally followed
     by a 1-D tensor of labels. Inputs must match the example inputs' shape past the batch
-    dimension; floating inputs are cast to the example's dtype.
+    dimension; floating inputs are cast to the example's dtype. With ``fixed_rows`` (a graph
+    traced at fixed shapes runs on its example's batch size only), each batch is split into
+    batches of exactly that many rows.
     """
     if isinstance(data, torch.Tensor):
         size = max(int(example_inputs[0].shape[0]) if example_inputs[0].dim() else 1, 1)
         data = list(data.split(size)) if data.dim() else [data]
     for index, item in enumerate(data):
-        yield as_batch(item, example_inputs, f"{what}: batch {index}")
+        batch = as_batch(item, example_inputs, f"{what}: batch {index}")
+        yield from (batch,) if fixed_rows is None else _split_rows(batch, fixed_rows, f"{what}: batch {index}")
+
+
+def _split_rows(batch: Batch, rows: int, where: str) -> Iterator[Batch]:
+    if batch.rows % rows:
+        raise DataError(
+            f"{where} has {batch.rows} rows; the model was traced at fixed shapes (it branches on its input's "
+            f"shape), so it runs on batches of {rows} only: give a multiple of {rows} rows per batch"
+        )
+    for start in range(0, batch.rows, rows):
+        labels = None if batch.labels is None else batch.labels[start : start + rows]
+        yield Batch(tuple(t[start : start + rows] for t in batch.inputs), labels)
 
 
 def as_batch(item: Any, example_inputs: Sequence[torch.Tensor], where: str) -> Batch:

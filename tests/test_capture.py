@@ -7,13 +7,14 @@ import torch
 import torch.nn as nn
 
 from slimfx import analyze, compile
-from slimfx.errors import CaptureError, RewriteError, ShapeError, VerificationError
+from slimfx.errors import CaptureError, DataError, RewriteError, ShapeError, VerificationError
 from slimfx.ir.capture import capture
 from slimfx.ir.meta import META_KEY, NodeInfo
 from slimfx.ir.rewrite import Rewriter
 from slimfx.ir.shapes import ensure_shapes
 from slimfx.ir.verify import compare, lint
 from slimfx.metrics import relative_error
+from slimfx.report.tables import render_report
 
 
 class Branchy(nn.Module):
@@ -132,3 +133,82 @@ def test_inserted_module_takes_over_the_uses_and_is_stamped() -> None:
     ensure_shapes(graph)
     assert graph.info(scale).provenance == "my-pass" and graph.info(scale).out_shape == (1, 3, 4, 4)
     torch.testing.assert_close(graph.run(x), model(x))
+
+
+class ResizesOddInputs(nn.Module):
+    """Branches on its input's shape in its own forward (as timm's CrossViT does)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.token = nn.Parameter(torch.randn(1, 4, 1))
+        self.head = nn.Linear(4, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] != 8:
+            x = nn.functional.interpolate(x, size=(8, 8))
+        y = self.conv(x).flatten(2)  # (B, 4, 64)
+        y = torch.cat([self.token.expand(x.size(0), -1, -1), y], dim=2)
+        return self.head(y.mean(2))
+
+
+def test_top_level_shape_branch_is_traced_at_fixed_shapes() -> None:
+    model, x = ResizesOddInputs().eval(), torch.randn(2, 3, 6, 6)
+    graph = capture(model, x)
+    assert graph.fixed_shapes and not graph.opaque
+    assert any(n.target is nn.functional.interpolate for n in graph.nodes())  # the branch the example takes
+    torch.testing.assert_close(graph.run(x), model(x))
+    report = analyze(model, x)
+    assert report.fixed_shapes and report.to_dict()["fixed_shapes"] is True
+    text = render_report(report)
+    assert "traced at fixed shapes" in text and "(2, 3, 6, 6) only" in text
+    with pytest.raises(CaptureError, match="top-level module"):
+        capture(model, x, fallback=False)
+
+
+def test_fixed_shape_graph_takes_calibration_data_in_its_batch_size() -> None:
+    model, x = ResizesOddInputs().eval(), torch.randn(2, 3, 6, 6)
+    result = compile(model, x, "quantize:calib=minmax", calib_data=[torch.randn(6, 3, 6, 6)])
+    assert result.report.passes[-1].changed
+    with pytest.raises(DataError, match="batches of 2 only"):
+        compile(model, x, "quantize:calib=minmax", calib_data=[torch.randn(3, 3, 6, 6)])
+
+
+class ValueBranchAtTop(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.conv(x)
+        return y if y.sum() > 0 else -y
+
+
+def test_top_level_value_branch_is_still_a_clear_error() -> None:
+    with pytest.raises(CaptureError) as err:
+        capture(ValueBranchAtTop().eval(), torch.randn(1, 3, 8, 8))
+    assert "top-level module (ValueBranchAtTop)" in str(err.value) and "y.sum() > 0" in str(err.value)
+
+
+class CachesInEval(nn.Module):
+    """Keeps a derived tensor in a plain dict in eval mode, as timm's LeViT does."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.bias = nn.Parameter(torch.randn(4, 1, 1))
+        self.conv = nn.Conv2d(3, 4, 1)
+        self.cache: dict[str, torch.Tensor] = {}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if "bias" not in self.cache:
+            self.cache["bias"] = self.bias * 2
+        return self.conv(x) + self.cache["bias"]
+
+
+def test_tracing_leaves_no_proxy_in_the_model() -> None:
+    model, x = CachesInEval().eval(), torch.randn(1, 3, 4, 4)
+    first = capture(model, x)
+    assert model.cache == {}  # the proxy the trace stored is taken back
+    second = capture(model, x)  # would read a node of the first trace otherwise
+    torch.testing.assert_close(second.run(x), first.run(x))
+    torch.testing.assert_close(second.run(x), model(x))

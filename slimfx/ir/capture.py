@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -10,6 +11,7 @@ import torch.fx as fx
 
 from slimfx.errors import CaptureError, ShapeError
 from slimfx.ir import ops
+from slimfx.ir.fixed_shapes import fixed_shape_tracer
 from slimfx.ir.graph import Graph
 from slimfx.ir.shapes import ensure_shapes
 from slimfx.ir.source import exception_source_line
@@ -86,12 +88,17 @@ def capture(
     """Trace ``model`` with torch.fx and annotate every node with its output shapes.
 
     The model is traced in its current mode (call ``.eval()`` first for inference graphs).
-    When tracing fails inside a submodule (Python control flow on tensor values), that
-    submodule is kept whole and tracing retried (``fallback=False`` turns this off); such
-    *opaque* modules are listed in ``Graph.opaque``, their cost is measured, and every pass
-    leaves them alone. Raises ``CaptureError`` naming the module path and source line when the
-    top-level module itself does not trace, and ``ShapeError`` naming the node when the example
-    inputs do not fit the model.
+    When tracing fails (``fallback=False`` turns each step off):
+
+    1. in the top-level module's own code, it is traced again *at fixed shapes*: every op runs
+       on the example inputs while it is recorded, so branches on shapes follow the example
+       and the graph holds for these input shapes only (``Graph.fixed_shapes``);
+    2. inside a submodule, that submodule is kept whole and tracing retried; such *opaque*
+       modules are listed in ``Graph.opaque``, their cost is measured, every pass leaves them alone.
+
+    Raises ``CaptureError`` naming the module path and source line when that does not help
+    (branches on tensor values in the top-level module), and ``ShapeError`` naming the node
+    when the example inputs do not fit the model.
     """
     if isinstance(example_inputs, torch.Tensor):
         example_inputs = (example_inputs,)
@@ -99,45 +106,108 @@ def capture(
         graph = Graph(model, tuple(example_inputs))
         ensure_shapes(graph)
         return graph
-    leaves, opaque = list(leaf_modules), []
+    inputs = _inputs_by_name(model, tuple(example_inputs), concrete_args)
+    leaves, opaque, fixed = list(leaf_modules), [], None
     while True:
         try:
-            module = _trace(model, leaves, concrete_args)
+            module = _trace(model, leaves, concrete_args, fixed)
             break
         except _TraceFailure as failure:
-            if not fallback or not failure.path or failure.path in opaque or len(opaque) >= MAX_OPAQUE:
+            if not fallback:
+                raise CaptureError(failure.message) from failure.__cause__
+            if not failure.path and fixed is None:
+                fixed, leaves, opaque = inputs, list(leaf_modules), []  # shapes may be what stopped it
+                continue
+            if not failure.path or failure.path in opaque or len(opaque) >= MAX_OPAQUE:
                 raise CaptureError(failure.message) from failure.__cause__
             leaves.append(failure.path)
             opaque.append(failure.path)
-    graph = Graph(module, tuple(example_inputs), opaque=frozenset(opaque))
+    graph = Graph(module, tuple(example_inputs), opaque=frozenset(opaque), fixed_shapes=fixed is not None)
     try:
         ensure_shapes(graph)
     except ShapeError:
         # Recording source lines makes tracing ~3x slower, so it is done only to explain a failure.
-        traced = _trace(model, leaves, concrete_args, record_stack_traces=True)
+        traced = _trace(model, leaves, concrete_args, fixed, record_stack_traces=True)
         ensure_shapes(Graph(traced, tuple(example_inputs)))
         raise
     return graph
+
+
+def _inputs_by_name(
+    model: torch.nn.Module, example_inputs: tuple[torch.Tensor, ...], concrete_args: dict[str, Any] | None
+) -> dict[str, torch.Tensor]:
+    """The example input of each traced argument of ``model.forward``, by parameter name."""
+    names = [
+        name
+        for name, parameter in inspect.signature(model.forward).parameters.items()
+        if parameter.kind in (parameter.POSITIONAL_ONLY, parameter.POSITIONAL_OR_KEYWORD)
+        and name not in (concrete_args or {})
+    ]
+    return dict(zip(names, example_inputs))
 
 
 def _trace(
     model: torch.nn.Module,
     leaf_modules: Iterable[LeafSpec],
     concrete_args: dict[str, Any] | None,
+    fixed_inputs: dict[str, torch.Tensor] | None = None,
     record_stack_traces: bool = False,
 ) -> fx.GraphModule:
-    tracer = SlimfxTracer(leaf_modules, record_stack_traces)
+    tracer_class = SlimfxTracer if fixed_inputs is None else fixed_shape_tracer(SlimfxTracer, fixed_inputs)
+    tracer = tracer_class(leaf_modules, record_stack_traces)
+    state = _python_state(model)
     try:
         fx_graph = tracer.trace(model, concrete_args=concrete_args)
     except Exception as exc:
         path = tracer.failed_module[0] if tracer.failed_module else None
         raise _TraceFailure(path, _describe_trace_failure(model, tracer, exc)) from exc
+    finally:
+        _restore_python_state(model, state)
     module = fx.GraphModule(tracer.root, fx_graph, type(model).__name__)
     # fx's tracer ends up in reference cycles (closures it patches in); drop its hold on the
     # traced model, so that what the graph no longer uses is freed at once, not at the next
     # garbage collection (a multi-GB model would otherwise stay in memory twice)
     tracer.root = tracer.submodule_paths = None
     return module
+
+
+_MODULE_SLOTS = frozenset({"_modules", "_parameters", "_buffers"})
+
+
+def _python_state(model: torch.nn.Module) -> list[tuple[torch.nn.Module, dict[str, Any]]]:
+    """Each module's plain attributes (containers shallow-copied), to be restored after tracing."""
+    return [(m, {k: _copy(v) for k, v in vars(m).items() if k not in _MODULE_SLOTS}) for m in model.modules()]
+
+
+def _restore_python_state(model: torch.nn.Module, state: list[tuple[torch.nn.Module, dict[str, Any]]]) -> None:
+    """Take back the proxies tracing left in modules' plain attributes: a cache that stored one
+    (timm's LeViT keeps its attention biases in one) would hand a node of this trace to the next.
+    Attributes tracing added without a proxy (fx's tensor constants) stay."""
+    for module, saved in state:
+        attributes = vars(module)
+        for key in [k for k, v in attributes.items() if k not in _MODULE_SLOTS and _holds_proxy(v)]:
+            value, current = saved.get(key), attributes[key]
+            if key not in saved:
+                del attributes[key]
+            elif isinstance(value, dict) and isinstance(current, dict) and current is not value:
+                current.clear()
+                current.update(value)
+            elif isinstance(value, list) and isinstance(current, list) and current is not value:
+                current[:] = value
+            else:
+                attributes[key] = value
+
+
+def _copy(value: Any) -> Any:
+    return type(value)(value) if type(value) in (dict, list) else value
+
+
+def _holds_proxy(value: Any) -> bool:
+    if isinstance(value, fx.Proxy):
+        return True
+    if isinstance(value, dict):
+        value = list(value.values())
+    return isinstance(value, (list, tuple)) and any(isinstance(v, fx.Proxy) for v in value)
 
 
 def _describe_trace_failure(model: torch.nn.Module, tracer: SlimfxTracer, exc: Exception) -> str:

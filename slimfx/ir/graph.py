@@ -37,11 +37,16 @@ class Graph:
     """
 
     def __init__(
-        self, module: fx.GraphModule, example_inputs: tuple[torch.Tensor, ...], opaque: frozenset[str] = frozenset()
+        self,
+        module: fx.GraphModule,
+        example_inputs: tuple[torch.Tensor, ...],
+        opaque: frozenset[str] = frozenset(),
+        fixed_shapes: bool = False,
     ):
         self.module = module
         self.example_inputs = tuple(example_inputs)
         self.opaque = opaque  # module paths capture kept whole because they do not trace
+        self.fixed_shapes = fixed_shapes  # traced at the example input shapes: holds for those only
         self.version = 0
         self._cache: dict[str, tuple[int, Any]] = {}
 

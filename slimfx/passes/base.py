@@ -93,6 +93,7 @@ class PassContext:
     example_inputs: Sequence[torch.Tensor] = ()
     seed: int = 0
     progress: Callable[[str], None] | None = None
+    fixed_rows: int | None = None  # the graph was traced at fixed shapes: batches of this many rows
 
     def report_progress(self, message: str) -> None:
         if self.progress is not None:
@@ -107,7 +108,7 @@ class PassContext:
                 "(--calib on the command line)"
             )
         count = 0
-        for batch in batches(self.calib_data, self.example_inputs):
+        for batch in batches(self.calib_data, self.example_inputs, fixed_rows=self.fixed_rows):
             count += 1
             yield batch
         if count == 0:

@@ -90,6 +90,7 @@ class Report:
     nodes: tuple[NodeRow, ...]
     totals: Cost
     opaque: tuple[str, ...] = ()  # modules kept whole at capture: cost measured, left alone by every pass
+    fixed_shapes: bool = False  # traced at the example input shapes (the model branches on shapes)
 
     @property
     def uncounted(self) -> tuple[NodeRow, ...]:
@@ -125,6 +126,7 @@ class Report:
             "nodes": [row.to_dict() for row in self.top(top)],
             "uncounted": [{"name": r.name, "kind": r.label, "reason": r.rule} for r in self.uncounted],
             "opaque": list(self.opaque),
+            "fixed_shapes": self.fixed_shapes,
         }
 
 
@@ -152,7 +154,7 @@ def build_report(graph: Graph, model: str = "model") -> Report:
             )
         )
     shapes = tuple(tuple(t.shape) for t in graph.example_inputs)
-    return Report(model, shapes, tuple(rows), totals, tuple(sorted(graph.opaque)))
+    return Report(model, shapes, tuple(rows), totals, tuple(sorted(graph.opaque)), graph.fixed_shapes)
 
 
 def totals_dict(cost: Cost) -> dict[str, int]:

@@ -108,6 +108,12 @@ def _uncounted_text(report: Report) -> str:
             f"opaque modules (torch.fx cannot trace them: kept whole, cost measured, left alone by every pass): "
             f"{', '.join(report.opaque)}\n"
         )
+    if report.fixed_shapes:
+        shapes = ", ".join(str(s) for s in report.input_shapes)
+        opaque += (
+            f"traced at fixed shapes (the model branches on its input's shape): the graph holds for inputs of "
+            f"shape {shapes} only\n"
+        )
     if not report.uncounted:
         return opaque + "uncounted ops: none (every node has a cost rule)"
     items = "\n".join(f"  {r.name} ({r.label}): {r.rule}" for r in report.uncounted)

@@ -49,6 +49,25 @@ class Split(nn.Module):
         return self.head(F.adaptive_avg_pool2d(y, 1).flatten(1))
 
 
+class SizedSplit(nn.Module):
+    """Splits with literal sizes: Res2Net's ``split(8, 1)`` with a hierarchy of convs, and a
+    ``torch.split`` into unequal parts."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.c = conv_bn(3, 24), conv_bn(8, 8), conv_bn(8, 8)
+        self.head = nn.Linear(24, 5)
+
+    def forward(self, x):
+        p0, p1, p2 = self.a(x).split(8, 1)
+        y1 = self.b(p1)
+        y2 = self.c(p2 + y1)
+        y = torch.cat([p0, y1, y2], 1)
+        front, back = torch.split(y, [6, 18], dim=1)
+        y = torch.cat([back, front], 1)
+        return self.head(F.adaptive_avg_pool2d(y, 1).flatten(1))
+
+
 class Grouped(nn.Module):
     def __init__(self) -> None:
         super().__init__()

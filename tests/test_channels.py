@@ -6,6 +6,7 @@ import torch
 import torch.nn as nn
 from nets import Concat, Grouped, Residual, Shuffle, Split, SqueezeExcite, conv_bn
 
+from slimfx import compile
 from slimfx.ir.capture import capture
 from slimfx.ir.channels import ChannelAnalysis, analyze_channels
 
@@ -159,7 +160,37 @@ class FixedSizeSplit(nn.Module):
         return self.b(left) + self.c(right)
 
 
-def test_split_into_fixed_sizes_blocks_its_group_with_the_reason() -> None:
+def test_split_into_fixed_sizes_is_followed_and_its_sizes_rewritten() -> None:
     analysis = analyze(FixedSizeSplit())
-    (reason,) = [r for r in group_of(analysis, "a.0").blocked if "split" in r]
-    assert "fixed size (8 channels)" in reason
+    assert not group_of(analysis, "a.0").blocked
+    (split,) = analysis.splits
+    assert [len(units) for units in split.part_units] == [8, 8]
+    removed = torch.zeros(analysis.num_units, dtype=torch.bool)
+    assert split.sizes_after(removed) is None  # nothing removed: the literal stays
+    removed[split.part_units[0][:3]] = True
+    assert split.sizes_after(removed) == [5, 8]
+
+
+def test_pruned_split_sizes_are_rewritten_and_the_model_runs() -> None:
+    model, x = FixedSizeSplit().eval(), torch.randn(2, 3, 16, 16)
+    result = compile(model, x, "prune-channels:ratio=0.5")
+    (split,) = [n for n in result.graph.nodes() if n.target == "split"]
+    assert split.args[1] == [4, 4] and result.module(x).shape == (2, 8, 16, 16)
+    assert result.report.passes[0].changed
+
+
+class DynamicSplit(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = conv_bn(3, 16), conv_bn(8, 8)
+
+    def forward(self, x):
+        left, _ = self.a(x).split(x.shape[1] + 5, dim=1)  # 8, but computed from a shape at run time
+        return self.b(left)
+
+
+def test_split_by_sizes_computed_at_run_time_blocks_its_group() -> None:
+    (reason,) = [r for r in group_of(analyze(DynamicSplit()), "a.0").blocked if "split" in r]
+    assert "sizes computed at run time" in reason
+
+

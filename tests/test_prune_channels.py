@@ -255,3 +255,34 @@ def test_sparsity_training_drives_gammas_down() -> None:
         loss.backward()
         optimizer.step()
     assert float(model[0][1].weight.detach().abs().sum()) < start
+
+
+class SplitThenHead(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.c, self.d = conv_bn(3, 16), conv_bn(8, 8), conv_bn(8, 8), conv_bn(8, 8)
+        self.head = nn.Linear(8, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        left, right = self.a(x).split(8, dim=1)
+        y = self.d(self.b(left) + self.c(right))
+        return self.head(y.mean((2, 3)))
+
+
+def test_a_plan_that_would_break_the_graph_is_declined_not_applied(monkeypatch: pytest.MonkeyPatch) -> None:
+    from slimfx.ir.channels import SplitSizes
+
+    def wrong_sizes(self: SplitSizes, removed: torch.Tensor) -> list[int] | None:  # an injected analysis bug
+        return [1, 1] if removed[torch.cat(self.part_units)].any() else None
+
+    monkeypatch.setattr(SplitSizes, "sizes_after", wrong_sizes)
+    model, x = SplitThenHead().eval(), torch.randn(2, 3, 16, 16)
+    result = compile(model, x, "prune-channels:ratio=0.5")
+    record = result.report.passes[0]
+    (split_group,) = [d for d in record.decisions if d.details.sources[0] == "a.0"]
+    assert split_group.action == "declined" and "the pruned graph would not run" in split_group.reason
+    assert "shape propagation failed at node" in split_group.reason
+    pruned = {d.details.sources for d in record.decisions if d.action == "pruned"}
+    assert pruned == {("b.0", "c.0"), ("d.0",)}  # the groups that run are still pruned
+    assert any("would not run" in w for w in record.warnings)
+    assert result.module(x).shape == (2, 4)

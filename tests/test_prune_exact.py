@@ -11,7 +11,17 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn as nn
-from nets import Concat, FlattenLinear, Grouped, Residual, Shuffle, Split, SqueezeExcite, randomize_batchnorm
+from nets import (
+    Concat,
+    FlattenLinear,
+    Grouped,
+    Residual,
+    Shuffle,
+    SizedSplit,
+    Split,
+    SqueezeExcite,
+    randomize_batchnorm,
+)
 
 from slimfx import compile
 from slimfx.ir.capture import capture
@@ -69,7 +79,7 @@ def assert_dead_channels_pruned_exactly(model: nn.Module, x: torch.Tensor) -> No
     assert sum(d.details.channels_before - d.details.channels_after for d in pruned) == killed
 
 
-SMALL = [Concat, Split, Grouped, SqueezeExcite, Shuffle, FlattenLinear, Residual]
+SMALL = [Concat, Split, SizedSplit, Grouped, SqueezeExcite, Shuffle, FlattenLinear, Residual]
 
 
 @pytest.mark.parametrize("model_class", SMALL, ids=[c.__name__ for c in SMALL])

@@ -102,14 +102,35 @@ class ChannelGroup:
         return self.sources[0] + more
 
 
+@dataclass(frozen=True)
+class SplitSizes:
+    """A split along channels with literal part sizes (``x.split(26, 1)``): after pruning, its
+    sizes argument (position ``index``, or keyword ``name``) becomes the kept count of each part.
+
+    ``part_units[i]`` holds the unit of each channel of part ``i``, in order.
+    """
+
+    node: str
+    index: int
+    name: str
+    part_units: tuple[torch.Tensor, ...]
+
+    def sizes_after(self, removed: torch.Tensor) -> list[int] | None:
+        """Part sizes once ``removed`` units are gone, or None when no part changes."""
+        kept = [int((~removed[units]).sum()) for units in self.part_units]
+        return None if kept == [len(units) for units in self.part_units] else kept
+
+
 @dataclass
 class ChannelAnalysis:
-    """Groups, the layers they touch and the unit of every channel id."""
+    """Groups, the layers they touch, the unit of every channel id, and the literal split
+    sizes that pruning rewrites."""
 
     groups: list[ChannelGroup]
     layers: dict[str, LayerChannels]
     unit_group: torch.Tensor  # group index of each unit
     num_units: int = 0
+    splits: tuple[SplitSizes, ...] = ()
 
     def layers_of(self, group: ChannelGroup) -> list[LayerChannels]:
         members = set(group.members)
@@ -139,6 +160,14 @@ class _RawLayer:
 
 
 @dataclass
+class _RawSplit:
+    node: fx.Node
+    index: int
+    name: str
+    part_ids: tuple[torch.Tensor, ...]
+
+
+@dataclass
 class _Source:
     target: str
     first: int
@@ -153,6 +182,7 @@ class _CouplingBuilder:
     blocks: list[tuple[torch.Tensor, str]] = field(default_factory=list)
     sources: list[_Source] = field(default_factory=list)
     layers: dict[str, _RawLayer] = field(default_factory=dict)
+    splits: list[_RawSplit] = field(default_factory=list)
     values: dict[fx.Node, Any] = field(default_factory=dict)
 
     # -- ids ---------------------------------------------------------------------------------
@@ -274,7 +304,9 @@ class _CouplingBuilder:
         if target is torch.reshape:
             return self._reshape(node, _arg(node, 1, "shape"))
         if target in (torch.chunk, torch.split):
-            return self._split(node, str(getattr(target, "__name__", "")), node.args[1], _arg(node, 2, "dim", 0))
+            name = str(getattr(target, "__name__", ""))
+            sizes = "chunks" if name == "chunk" else "split_size_or_sections"
+            return self._split(node, name, _arg(node, 1, sizes), _arg(node, 2, "dim", 0), sizes)
         if target in _APPLY.functions:
             return self._apply(node, target, node.args, node.kwargs)
         if target in ops.CROSS_CHANNEL_NORMS.functions:
@@ -300,7 +332,8 @@ class _CouplingBuilder:
             )
             return self._reshape(node, shape)
         if name in ("chunk", "split"):
-            return self._split(node, name, node.args[1], _arg(node, 2, "dim", 0))
+            sizes = "chunks" if name == "chunk" else "split_size"
+            return self._split(node, name, _arg(node, 1, sizes), _arg(node, 2, "dim", 0), sizes)
         if name == "expand":
             ids = self.tensor_ids(node.args[0])
             return self._checked(node, ids.unsqueeze(0).expand((1, *self.shape(node)[1:])).squeeze(0))
@@ -409,19 +442,25 @@ class _CouplingBuilder:
             raise _Unsupported("concatenation along the batch dimension")
         return self._checked(node, torch.cat([p.unsqueeze(0) for p in parts], dim).squeeze(0))
 
-    def _split(self, node: fx.Node, name: str, how: Any, dim: int) -> tuple[torch.Tensor, ...]:
+    def _split(self, node: fx.Node, name: str, how: Any, dim: int, keyword: str) -> tuple[torch.Tensor, ...]:
         ids = self.tensor_ids(node.args[0])
         d = dim % (ids.dim() + 1)
-        if d == 0 or not isinstance(how, int):
-            raise _Unsupported(f"{name} along the batch dimension or into fixed sizes")
-        if name == "split" and _varies(ids, d - 1):  # split(64): parts of 64 channels, however many remain
-            raise _Unsupported(f"split into parts of a fixed size ({how} channels), which pruning would break")
+        literal = name == "split" and (isinstance(how, int) or _all_ints(how))
+        if d == 0 or not (isinstance(how, int) or literal):
+            raise _Unsupported(f"{name} along the batch dimension or by sizes computed at run time")
         parts = torch.chunk(ids, how, d - 1) if name == "chunk" else torch.split(ids, how, d - 1)
-        if _varies(ids, d - 1):  # halves must shrink alike: couple them position by position
-            if len({p.shape[d - 1] for p in parts}) != 1:
-                raise _Unsupported(f"{name} into unequal parts along the channel dimension")
-            for part in parts[1:]:
-                self.couple(parts[0], part)
+        if not _varies(ids, d - 1):
+            return tuple(parts)
+        if literal:  # split(26): the sizes are rewritten to each part's kept channels
+            if any(_varies(ids, other) for other in range(ids.dim()) if other != d - 1):
+                raise _Unsupported(f"split of a tensor whose channels spread over more than dim {d}")
+            along = [part.movedim(d - 1, 0).reshape(part.shape[d - 1], -1)[:, 0] for part in parts]
+            self.splits.append(_RawSplit(node, 1, keyword, tuple(along)))
+            return tuple(parts)
+        if len({p.shape[d - 1] for p in parts}) != 1:  # chunk: halves must shrink alike
+            raise _Unsupported(f"{name} into unequal parts along the channel dimension")
+        for part in parts[1:]:
+            self.couple(parts[0], part)
         return tuple(parts)
 
     def _reshape(self, node: fx.Node, sizes: Any) -> torch.Tensor:
@@ -514,7 +553,11 @@ class _CouplingBuilder:
             for g in range(num_groups)
             if sources[g]  # groups made only of blocked ids (inputs, unknown ops) have no layer to prune
         ]
-        return ChannelAnalysis(groups, layers, group_of_unit, num_units)
+        splits = tuple(
+            SplitSizes(raw.node.name, raw.index, raw.name, tuple(unit_of[ids] for ids in raw.part_ids))
+            for raw in self.splits
+        )
+        return ChannelAnalysis(groups, layers, group_of_unit, num_units, splits)
 
 
 class _Unsupported(Exception):
@@ -576,6 +619,10 @@ def _arg(node: fx.Node, index: int, name: str, default: Any = None) -> Any:
     if len(node.args) > index:
         return node.args[index]
     return node.kwargs.get(name, default)
+
+
+def _all_ints(value: Any) -> bool:
+    return isinstance(value, (list, tuple)) and all(isinstance(v, int) for v in value)
 
 
 def _first_is_tensor(node: fx.Node) -> bool:

@@ -137,6 +137,15 @@ class Rewriter:
         self.graph.fx_graph.erase_node(node)
         return result
 
+    def set_argument(self, node: fx.Node, index: int, name: str, value: Any) -> None:
+        """Set argument ``index`` of ``node`` (or keyword ``name``, where it was passed by
+        keyword) to a literal ``value``: a split's sizes after pruning, say."""
+        if len(node.args) > index:
+            node.update_arg(index, value)
+        else:
+            node.update_kwarg(name, value)
+        self._stamp(node, self.graph.submodule(node) if node.op == "call_module" else None)
+
     def rewire_input(self, user: fx.Node, old: fx.Node, new: fx.Node) -> None:
         """Make ``user`` read ``new`` where it read ``old`` (other users of ``old`` unchanged)."""
         user.replace_input_with(old, new)

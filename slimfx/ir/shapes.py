@@ -93,12 +93,50 @@ def propagate_shapes(graph: Graph) -> None:
             raise ShapeError(_describe_failure(graph, interpreter.current, exc)) from exc
 
 
+class _TrialRun(fx.Interpreter):
+    """Runs the graph with some modules and node arguments substituted, recording nothing."""
+
+    def __init__(self, module: fx.GraphModule, modules: dict[str, nn.Module], arguments: dict[str, tuple]):
+        super().__init__(module)
+        self.modules, self.arguments = modules, arguments
+        self.current: fx.Node | None = None
+
+    def run_node(self, node: fx.Node) -> Any:
+        self.current = node
+        return super().run_node(node)
+
+    def fetch_args_kwargs_from_env(self, node: fx.Node) -> tuple[tuple, dict]:
+        if node.name not in self.arguments:
+            return super().fetch_args_kwargs_from_env(node)
+        args, kwargs = self.arguments[node.name]
+        return fx.node.map_arg(args, lambda n: self.env[n]), fx.node.map_arg(kwargs, lambda n: self.env[n])
+
+    def call_module(self, target: Any, args: Any, kwargs: Any) -> Any:
+        module = self.modules.get(str(target)) or self.fetch_attr(target)
+        return module(*args, **kwargs)
+
+
+def trial_run(graph: Graph, modules: dict[str, nn.Module], arguments: dict[str, tuple[tuple, dict]]) -> str | None:
+    """Why ``graph`` would fail to run on its example inputs with ``modules`` (path -> module)
+    and ``arguments`` (node name -> (args, kwargs)) in place, or None when it runs. Nothing is
+    changed: a pass checks its edits with this before making them."""
+    interpreter = _TrialRun(graph.module, modules, arguments)
+    try:
+        _run(interpreter, graph.example_inputs)
+    except Exception as exc:
+        return _describe_failure(graph, interpreter.current, exc, hint="")
+    return None
+
+
 def _run(interpreter: fx.Interpreter, inputs: Any) -> None:
     with torch.no_grad():
         interpreter.run(*inputs)
 
 
-def _describe_failure(graph: Graph, node: fx.Node | None, exc: Exception) -> str:
+_INPUT_HINT = ". Check that the input shape matches what the model expects (--input-shape)."
+
+
+def _describe_failure(graph: Graph, node: fx.Node | None, exc: Exception, hint: str = _INPUT_HINT) -> str:
     shapes = ", ".join(str(tuple(t.shape)) for t in graph.example_inputs if isinstance(t, torch.Tensor))
     first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
     if node is None:
@@ -112,7 +150,4 @@ def _describe_failure(graph: Graph, node: fx.Node | None, exc: Exception) -> str
     source = node_source_line(node)
     if source:
         where += f" at {source}"
-    return (
-        f"shape propagation failed at {where} for inputs of shape {shapes}: {first_line}. "
-        "Check that the input shape matches what the model expects (--input-shape)."
-    )
+    return f"shape propagation failed at {where} for inputs of shape {shapes}: {first_line}{hint}"

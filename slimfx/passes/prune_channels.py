@@ -18,9 +18,10 @@ import torch
 from slimfx.cost_model.counts import ensure_costs, total_cost
 from slimfx.cost_model.planner import Item, Option, allocate
 from slimfx.details import Details
-from slimfx.ir.channels import ChannelAnalysis, ChannelGroup, analyze_channels
+from slimfx.ir.channels import ChannelAnalysis, ChannelGroup, SplitSizes, analyze_channels
 from slimfx.ir.graph import Graph
 from slimfx.ir.rewrite import Rewriter
+from slimfx.ir.shapes import trial_run
 from slimfx.passes.base import Action, DataNeed, Decision, Pass, PassContext, PassResult
 from slimfx.passes.candidates import excluding_pattern
 from slimfx.passes.registry import register
@@ -134,22 +135,53 @@ class PruneChannels(Pass):
             else:
                 plans.append(plan_or_reason)
         warnings = self._choose(plans, analysis, layer_macs, graph)
+        plans, broken = self._runnable(graph, analysis, plans, contributions)
+        for plan, why in broken:
+            decisions[plan.group.index] = _declined(plan.group, analysis, why, layer_macs)
         removed = _removed_units(plans, analysis)
-        scales = _thinet_refit(analysis, contributions, removed) if self.criterion == "thinet" else {}
+        modules, arguments = _edits(graph, analysis, removed, contributions, self.criterion)
         with Rewriter(graph, self.name) as rewriter:
-            for layer in analysis.layers.values():
-                keep_in, keep_out = ~removed[layer.in_units], ~removed[layer.out_units]
-                if not (keep_in.all() and keep_out.all()):
-                    module = graph.module.get_submodule(layer.target)
-                    node = graph.node(layer.node)
-                    rewriter.replace_module(
-                        node, sliced_layer(module, layer, keep_in, keep_out, scales.get(layer.node))
-                    )
+            for layer_node, module in modules.items():
+                rewriter.replace_module(graph.node(layer_node), module)
+            for split, sizes in arguments.items():
+                rewriter.set_argument(graph.node(split.node), split.index, split.name, sizes)
         ensure_costs(graph)
         for plan in plans:
             decisions[plan.group.index] = self._decision(plan, analysis, layer_macs, graph, removed)
         ordered = tuple(decisions[g.index] for g in analysis.groups)
+        if broken:
+            warnings.append(
+                f"prune-channels: {len(broken)} group(s) left unpruned because the pruned graph would not run"
+            )
         return PassResult(changed=bool(removed.any()), decisions=ordered, warnings=tuple(warnings))
+
+    def _runnable(
+        self, graph: Graph, analysis: ChannelAnalysis, plans: list[_Plan], contributions: dict
+    ) -> tuple[list[_Plan], list[tuple[_Plan, str]]]:
+        """The plans whose pruned graph runs, and those that would break it, with why.
+
+        The channel analysis should never plan a graph that fails; if it does (a bug), the
+        groups that break it alone are declined, then all of them if the rest still fail."""
+
+        def failure(subset: list[_Plan]) -> str | None:
+            removed = _removed_units(subset, analysis)
+            modules, arguments = _edits(graph, analysis, removed, contributions, self.criterion)
+            paths = {str(graph.node(name).target): module for name, module in modules.items()}
+            return trial_run(
+                graph, paths, {s.node: _with_sizes(graph.node(s.node), s, z) for s, z in arguments.items()}
+            )
+
+        pruned = [plan for plan in plans if len(plan.removed)]
+        if failure(pruned) is None:
+            return plans, []
+        broken = [(plan, why) for plan in pruned if (why := failure([plan])) is not None]
+        rest = [plan for plan in pruned if all(plan is not b for b, _ in broken)]
+        why = failure(rest)
+        if why is not None:
+            broken += [(plan, why) for plan in rest]
+        runnable = [plan for plan in plans if all(plan is not b for b, _ in broken)]
+        note = "the pruned graph would not run ({}); a slimfx bug, please report it"
+        return runnable, [(plan, note.format(why)) for plan, why in broken]
 
     # -- scoring -----------------------------------------------------------------------------
     def _scores(self, graph: Graph, analysis: ChannelAnalysis, ctx: PassContext) -> tuple[UnitScores | None, dict]:
@@ -318,6 +350,31 @@ def _unit_item(index: int, plan: _Plan, per_mac: bool) -> Item:
     penalty = torch.cat([torch.zeros(1, dtype=torch.float64), torch.cumsum(normalized[order], 0)])
     top = float(cost[-1])
     return Item(str(index), tuple(Option(top - float(c), float(p)) for c, p in zip(cost, penalty)))
+
+
+def _edits(
+    graph: Graph, analysis: ChannelAnalysis, removed: torch.Tensor, contributions: dict, criterion: str
+) -> tuple[dict[str, torch.nn.Module], dict[SplitSizes, list[int]]]:
+    """What removing ``removed`` units changes: each touched layer's sliced module (by node
+    name) and each literal split's new sizes."""
+    scales = _thinet_refit(analysis, contributions, removed) if criterion == "thinet" else {}
+    modules = {}
+    for layer in analysis.layers.values():
+        keep_in, keep_out = ~removed[layer.in_units], ~removed[layer.out_units]
+        if not (keep_in.all() and keep_out.all()):
+            module = graph.module.get_submodule(layer.target)
+            modules[layer.node] = sliced_layer(module, layer, keep_in, keep_out, scales.get(layer.node))
+    sizes = {split: new for split in analysis.splits if (new := split.sizes_after(removed)) is not None}
+    return modules, sizes
+
+
+def _with_sizes(node: torch.fx.Node, split: SplitSizes, sizes: list[int]) -> tuple[tuple, dict]:
+    """``node``'s (args, kwargs) with the split sizes replaced."""
+    if len(node.args) > split.index:
+        args = list(node.args)
+        args[split.index] = sizes
+        return tuple(args), dict(node.kwargs)
+    return tuple(node.args), {**node.kwargs, split.name: sizes}
 
 
 def _removed_units(plans: list[_Plan], analysis: ChannelAnalysis) -> torch.Tensor:

@@ -68,6 +68,23 @@ class SizedSplit(nn.Module):
         return self.head(F.adaptive_avg_pool2d(y, 1).flatten(1))
 
 
+class GhostSlice(nn.Module):
+    """GhostNet's module: a conv, a cheap depthwise conv of its output, both concatenated and
+    cut to a literal channel count with ``[:, :8]``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.primary = conv_bn(3, 6)
+        self.cheap = nn.Sequential(nn.Conv2d(6, 6, 3, padding=1, groups=6, bias=False), nn.BatchNorm2d(6))
+        self.after = conv_bn(8, 8)
+        self.head = nn.Linear(8, 5)
+
+    def forward(self, x):
+        x1 = self.primary(x)
+        y = torch.cat([x1, self.cheap(x1)], 1)[:, :8]
+        return self.head(F.adaptive_avg_pool2d(self.after(y), 1).flatten(1))
+
+
 class Grouped(nn.Module):
     def __init__(self) -> None:
         super().__init__()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
-from nets import Concat, Grouped, Residual, Shuffle, Split, SqueezeExcite, conv_bn
+from nets import Concat, GhostSlice, Grouped, Residual, Shuffle, Split, SqueezeExcite, conv_bn
 
 from slimfx import compile
 from slimfx.ir.capture import capture
@@ -163,12 +163,12 @@ class FixedSizeSplit(nn.Module):
 def test_split_into_fixed_sizes_is_followed_and_its_sizes_rewritten() -> None:
     analysis = analyze(FixedSizeSplit())
     assert not group_of(analysis, "a.0").blocked
-    (split,) = analysis.splits
+    (split,) = analysis.literals
     assert [len(units) for units in split.part_units] == [8, 8]
     removed = torch.zeros(analysis.num_units, dtype=torch.bool)
-    assert split.sizes_after(removed) is None  # nothing removed: the literal stays
+    assert split.argument_after(removed) is None  # nothing removed: the literal stays
     removed[split.part_units[0][:3]] = True
-    assert split.sizes_after(removed) == [5, 8]
+    assert split.argument_after(removed) == [5, 8]
 
 
 def test_pruned_split_sizes_are_rewritten_and_the_model_runs() -> None:
@@ -194,3 +194,25 @@ def test_split_by_sizes_computed_at_run_time_blocks_its_group() -> None:
     assert "sizes computed at run time" in reason
 
 
+def test_a_literal_channel_slice_is_followed_and_its_bounds_rewritten() -> None:
+    analysis = analyze(GhostSlice())
+    assert not group_of(analysis, "primary.0").blocked
+    (cut,) = analysis.literals
+    assert cut.index[cut.entry] == slice(None, 8) and len(cut.units) == 12
+    removed = torch.zeros(analysis.num_units, dtype=torch.bool)
+    removed[cut.units[[0, 9]]] = True  # channels 0 and 3 go, from both halves (the depthwise copies them)
+    assert cut.argument_after(removed) == (slice(None), slice(0, 5))  # of the first 8, 0, 3 and 6 went
+
+
+class StridedSlice(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = conv_bn(3, 8), conv_bn(4, 4)
+
+    def forward(self, x):
+        return self.b(self.a(x)[:, ::2])
+
+
+def test_a_strided_channel_slice_blocks_its_group() -> None:
+    (reason,) = [r for r in group_of(analyze(StridedSlice()), "a.0").blocked if "indexing" in r]
+    assert "only a plain slice is followed" in reason

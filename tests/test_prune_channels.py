@@ -275,7 +275,7 @@ def test_a_plan_that_would_break_the_graph_is_declined_not_applied(monkeypatch: 
     def wrong_sizes(self: SplitSizes, removed: torch.Tensor) -> list[int] | None:  # an injected analysis bug
         return [1, 1] if removed[torch.cat(self.part_units)].any() else None
 
-    monkeypatch.setattr(SplitSizes, "sizes_after", wrong_sizes)
+    monkeypatch.setattr(SplitSizes, "argument_after", wrong_sizes)
     model, x = SplitThenHead().eval(), torch.randn(2, 3, 16, 16)
     result = compile(model, x, "prune-channels:ratio=0.5")
     record = result.report.passes[0]

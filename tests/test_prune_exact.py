@@ -14,6 +14,7 @@ import torch.nn as nn
 from nets import (
     Concat,
     FlattenLinear,
+    GhostSlice,
     Grouped,
     Residual,
     Shuffle,
@@ -79,7 +80,7 @@ def assert_dead_channels_pruned_exactly(model: nn.Module, x: torch.Tensor) -> No
     assert sum(d.details.channels_before - d.details.channels_after for d in pruned) == killed
 
 
-SMALL = [Concat, Split, SizedSplit, Grouped, SqueezeExcite, Shuffle, FlattenLinear, Residual]
+SMALL = [Concat, Split, SizedSplit, GhostSlice, Grouped, SqueezeExcite, Shuffle, FlattenLinear, Residual]
 
 
 @pytest.mark.parametrize("model_class", SMALL, ids=[c.__name__ for c in SMALL])

@@ -21,7 +21,7 @@ import enum
 import operator
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import networkx as nx
 import torch
@@ -102,35 +102,66 @@ class ChannelGroup:
         return self.sources[0] + more
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class SplitSizes:
     """A split along channels with literal part sizes (``x.split(26, 1)``): after pruning, its
-    sizes argument (position ``index``, or keyword ``name``) becomes the kept count of each part.
+    sizes argument (``position``, or ``keyword`` where passed so) becomes the kept count of each part.
 
     ``part_units[i]`` holds the unit of each channel of part ``i``, in order.
     """
 
     node: str
-    index: int
-    name: str
+    position: int
+    keyword: str
     part_units: tuple[torch.Tensor, ...]
 
-    def sizes_after(self, removed: torch.Tensor) -> list[int] | None:
+    def argument_after(self, removed: torch.Tensor) -> list[int] | None:
         """Part sizes once ``removed`` units are gone, or None when no part changes."""
         kept = [int((~removed[units]).sum()) for units in self.part_units]
         return None if kept == [len(units) for units in self.part_units] else kept
 
 
+@dataclass(frozen=True, eq=False)
+class ChannelSlice:
+    """Indexing a channel dim with a literal slice (GhostNet's ``out[:, :self.out_chs]``):
+    after pruning, the bounds count the kept channels before them.
+
+    ``index`` is the original index (a tuple of entries); entry ``entry`` slices the channels,
+    whose units, in order, are ``units``.
+    """
+
+    node: str
+    index: tuple[Any, ...]
+    entry: int
+    units: torch.Tensor
+    position: ClassVar[int] = 1  # getitem(x, index)
+    keyword: ClassVar[str] = ""
+
+    def argument_after(self, removed: torch.Tensor) -> tuple[Any, ...] | None:
+        """The index once ``removed`` units are gone, or None when it does not change."""
+        kept = torch.cat([torch.zeros(1, dtype=torch.long), torch.cumsum((~removed[self.units]).long(), 0)])
+        old = self.index[self.entry]
+        start, stop, _ = old.indices(len(self.units))
+        new = slice(int(kept[start]), int(kept[max(stop, start)]))
+        if (new.start, new.stop) == (start, stop):
+            return None
+        return (*self.index[: self.entry], new, *self.index[self.entry + 1 :])
+
+
+LiteralArgument = SplitSizes | ChannelSlice
+"""A literal argument (split sizes, slice bounds) that pruning rewrites to the kept channels."""
+
+
 @dataclass
 class ChannelAnalysis:
-    """Groups, the layers they touch, the unit of every channel id, and the literal split
-    sizes that pruning rewrites."""
+    """Groups, the layers they touch, the unit of every channel id, and the literal
+    arguments (split sizes, slice bounds) that pruning rewrites."""
 
     groups: list[ChannelGroup]
     layers: dict[str, LayerChannels]
     unit_group: torch.Tensor  # group index of each unit
     num_units: int = 0
-    splits: tuple[SplitSizes, ...] = ()
+    literals: tuple[LiteralArgument, ...] = ()
 
     def layers_of(self, group: ChannelGroup) -> list[LayerChannels]:
         members = set(group.members)
@@ -168,6 +199,14 @@ class _RawSplit:
 
 
 @dataclass
+class _RawSlice:
+    node: fx.Node
+    index: tuple[Any, ...]
+    entry: int
+    ids: torch.Tensor
+
+
+@dataclass
 class _Source:
     target: str
     first: int
@@ -182,7 +221,7 @@ class _CouplingBuilder:
     blocks: list[tuple[torch.Tensor, str]] = field(default_factory=list)
     sources: list[_Source] = field(default_factory=list)
     layers: dict[str, _RawLayer] = field(default_factory=dict)
-    splits: list[_RawSplit] = field(default_factory=list)
+    literals: list[_RawSplit | _RawSlice] = field(default_factory=list)
     values: dict[fx.Node, Any] = field(default_factory=dict)
 
     # -- ids ---------------------------------------------------------------------------------
@@ -455,7 +494,7 @@ class _CouplingBuilder:
             if any(_varies(ids, other) for other in range(ids.dim()) if other != d - 1):
                 raise _Unsupported(f"split of a tensor whose channels spread over more than dim {d}")
             along = [part.movedim(d - 1, 0).reshape(part.shape[d - 1], -1)[:, 0] for part in parts]
-            self.splits.append(_RawSplit(node, 1, keyword, tuple(along)))
+            self.literals.append(_RawSplit(node, 1, keyword, tuple(along)))
             return tuple(parts)
         if len({p.shape[d - 1] for p in parts}) != 1:  # chunk: halves must shrink alike
             raise _Unsupported(f"{name} into unequal parts along the channel dimension")
@@ -491,19 +530,24 @@ class _CouplingBuilder:
         if ids is None or any(isinstance(a, fx.Node) for a in _flatten_args((args[1:], kwargs))):
             return NotImplemented
         if fn is operator.getitem:
-            self._check_index(ids, args[1])
+            self._check_index(node, ids, args[1])
         result = fn(ids.unsqueeze(0), *args[1:], **kwargs)
         return self._checked(node, result.squeeze(0) if result.dim() else result)
 
-    def _check_index(self, ids: torch.Tensor, index: Any) -> None:
+    def _check_index(self, node: fx.Node, ids: torch.Tensor, index: Any) -> None:
         entries = index if isinstance(index, tuple) else (index,)
         if any(e is Ellipsis or e is None for e in entries):
             raise _Unsupported("indexing with ... or None")
         if entries and entries[0] != slice(None):
             raise _Unsupported("indexing the batch dimension")
+        varying = [d for d in range(ids.dim()) if _varies(ids, d)]
         for d, entry in enumerate(entries[1:]):
-            if entry != slice(None) and _varies(ids, d):
-                raise _Unsupported("indexing a channel dimension with fixed positions")
+            if entry == slice(None) or d not in varying:
+                continue
+            if not _literal_slice(entry) or varying != [d]:
+                raise _Unsupported("indexing a channel dimension with fixed positions (only a plain slice is followed)")
+            along = ids.movedim(d, 0).reshape(ids.shape[d], -1)[:, 0]
+            self.literals.append(_RawSlice(node, tuple(entries), d + 1, along))
 
     def _checked(self, node: fx.Node, result: torch.Tensor) -> torch.Tensor:
         expected = tuple(self.shape(node)[1:])
@@ -553,11 +597,13 @@ class _CouplingBuilder:
             for g in range(num_groups)
             if sources[g]  # groups made only of blocked ids (inputs, unknown ops) have no layer to prune
         ]
-        splits = tuple(
+        literals = tuple(
             SplitSizes(raw.node.name, raw.index, raw.name, tuple(unit_of[ids] for ids in raw.part_ids))
-            for raw in self.splits
+            if isinstance(raw, _RawSplit)
+            else ChannelSlice(raw.node.name, raw.index, raw.entry, unit_of[raw.ids])
+            for raw in self.literals
         )
-        return ChannelAnalysis(groups, layers, group_of_unit, num_units, splits)
+        return ChannelAnalysis(groups, layers, group_of_unit, num_units, literals)
 
 
 class _Unsupported(Exception):
@@ -619,6 +665,15 @@ def _arg(node: fx.Node, index: int, name: str, default: Any = None) -> Any:
     if len(node.args) > index:
         return node.args[index]
     return node.kwargs.get(name, default)
+
+
+def _literal_slice(entry: Any) -> bool:
+    """A slice with int (or no) bounds and step 1."""
+    return (
+        isinstance(entry, slice)
+        and entry.step in (None, 1)
+        and all(b is None or isinstance(b, int) for b in (entry.start, entry.stop))
+    )
 
 
 def _all_ints(value: Any) -> bool:

@@ -11,14 +11,14 @@ really smaller.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 
 from slimfx.cost_model.counts import ensure_costs, total_cost
 from slimfx.cost_model.planner import Item, Option, allocate
 from slimfx.details import Details
-from slimfx.ir.channels import ChannelAnalysis, ChannelGroup, SplitSizes, analyze_channels
+from slimfx.ir.channels import ChannelAnalysis, ChannelGroup, LiteralArgument, analyze_channels
 from slimfx.ir.graph import Graph
 from slimfx.ir.rewrite import Rewriter
 from slimfx.ir.shapes import trial_run
@@ -143,8 +143,8 @@ class PruneChannels(Pass):
         with Rewriter(graph, self.name) as rewriter:
             for layer_node, module in modules.items():
                 rewriter.replace_module(graph.node(layer_node), module)
-            for split, sizes in arguments.items():
-                rewriter.set_argument(graph.node(split.node), split.index, split.name, sizes)
+            for literal, value in arguments:
+                rewriter.set_argument(graph.node(literal.node), literal.position, literal.keyword, value)
         ensure_costs(graph)
         for plan in plans:
             decisions[plan.group.index] = self._decision(plan, analysis, layer_macs, graph, removed)
@@ -168,7 +168,7 @@ class PruneChannels(Pass):
             modules, arguments = _edits(graph, analysis, removed, contributions, self.criterion)
             paths = {str(graph.node(name).target): module for name, module in modules.items()}
             return trial_run(
-                graph, paths, {s.node: _with_sizes(graph.node(s.node), s, z) for s, z in arguments.items()}
+                graph, paths, {lit.node: _with_argument(graph.node(lit.node), lit, v) for lit, v in arguments}
             )
 
         pruned = [plan for plan in plans if len(plan.removed)]
@@ -354,9 +354,9 @@ def _unit_item(index: int, plan: _Plan, per_mac: bool) -> Item:
 
 def _edits(
     graph: Graph, analysis: ChannelAnalysis, removed: torch.Tensor, contributions: dict, criterion: str
-) -> tuple[dict[str, torch.nn.Module], dict[SplitSizes, list[int]]]:
+) -> tuple[dict[str, torch.nn.Module], list[tuple[LiteralArgument, Any]]]:
     """What removing ``removed`` units changes: each touched layer's sliced module (by node
-    name) and each literal split's new sizes."""
+    name) and each literal argument's new value (split sizes, slice bounds)."""
     scales = _thinet_refit(analysis, contributions, removed) if criterion == "thinet" else {}
     modules = {}
     for layer in analysis.layers.values():
@@ -364,17 +364,17 @@ def _edits(
         if not (keep_in.all() and keep_out.all()):
             module = graph.module.get_submodule(layer.target)
             modules[layer.node] = sliced_layer(module, layer, keep_in, keep_out, scales.get(layer.node))
-    sizes = {split: new for split in analysis.splits if (new := split.sizes_after(removed)) is not None}
-    return modules, sizes
+    literals = [(lit, new) for lit in analysis.literals if (new := lit.argument_after(removed)) is not None]
+    return modules, literals
 
 
-def _with_sizes(node: torch.fx.Node, split: SplitSizes, sizes: list[int]) -> tuple[tuple, dict]:
-    """``node``'s (args, kwargs) with the split sizes replaced."""
-    if len(node.args) > split.index:
+def _with_argument(node: torch.fx.Node, literal: LiteralArgument, value: Any) -> tuple[tuple, dict]:
+    """``node``'s (args, kwargs) with the literal argument replaced by ``value``."""
+    if len(node.args) > literal.position:
         args = list(node.args)
-        args[split.index] = sizes
+        args[literal.position] = value
         return tuple(args), dict(node.kwargs)
-    return tuple(node.args), {**node.kwargs, split.name: sizes}
+    return tuple(node.args), {**node.kwargs, literal.keyword: value}
 
 
 def _removed_units(plans: list[_Plan], analysis: ChannelAnalysis) -> torch.Tensor:

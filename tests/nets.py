@@ -85,6 +85,23 @@ class GhostSlice(nn.Module):
         return self.head(F.adaptive_avg_pool2d(self.after(y), 1).flatten(1))
 
 
+class PerChannelNorms(nn.Module):
+    """Norms that normalize each channel alone: InstanceNorm (affine and not, module and
+    functional) and a GroupNorm with one channel per group."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.InstanceNorm2d(8, affine=True), nn.ReLU())
+        self.b = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), nn.GroupNorm(8, 8), nn.ReLU())
+        self.c = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8), nn.InstanceNorm2d(8))
+        self.head = nn.Linear(8, 5)
+
+    def forward(self, x):
+        y = self.c(self.b(self.a(x)))
+        y = F.instance_norm(y) + y
+        return self.head(F.adaptive_avg_pool2d(y, 1).flatten(1))
+
+
 class Grouped(nn.Module):
     def __init__(self) -> None:
         super().__init__()

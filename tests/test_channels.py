@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
-from nets import Concat, GhostSlice, Grouped, Residual, Shuffle, Split, SqueezeExcite, conv_bn
+from nets import Concat, GhostSlice, Grouped, PerChannelNorms, Residual, Shuffle, Split, SqueezeExcite, conv_bn
 
 from slimfx import compile
 from slimfx.ir.capture import capture
@@ -216,3 +216,26 @@ class StridedSlice(nn.Module):
 def test_a_strided_channel_slice_blocks_its_group() -> None:
     (reason,) = [r for r in group_of(analyze(StridedSlice()), "a.0").blocked if "indexing" in r]
     assert "only a plain slice is followed" in reason
+
+
+def test_per_channel_norms_keep_channels_and_are_sliced() -> None:
+    analysis = analyze(PerChannelNorms())
+    for source in ("a.0", "b.0", "c.0"):
+        assert not group_of(analysis, source).blocked
+    kinds = {layer.target: layer.kind for layer in analysis.layers.values()}
+    assert kinds["a.1"] == kinds["b.1"] == kinds["c.2"] == "batchnorm"  # InstanceNorms, GroupNorm(8, 8)
+
+
+class CrossChannelGroupNorm(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Sequential(nn.Conv2d(3, 8, 3), nn.GroupNorm(2, 8))
+        self.b = nn.Conv2d(8, 4, 1)
+
+    def forward(self, x):
+        return self.b(self.a(x))
+
+
+def test_group_norm_over_several_channels_blocks_its_group() -> None:
+    (reason,) = group_of(analyze(CrossChannelGroupNorm()), "a.0").blocked
+    assert "normalizes across channels" in reason

@@ -16,6 +16,7 @@ from nets import (
     FlattenLinear,
     GhostSlice,
     Grouped,
+    PerChannelNorms,
     Residual,
     Shuffle,
     SizedSplit,
@@ -54,7 +55,7 @@ def kill_channels(model: nn.Module, x: torch.Tensor, ratio: float = RATIO) -> in
         dead[group.units[choose_removed(scores, count, rows)]] = True
     modules = dict(model.named_modules())
     for layer in analysis.layers.values():
-        if layer.kind == "batchnorm":
+        if layer.kind == "batchnorm" and modules[layer.target].weight is not None:
             bn = modules[layer.target]
             mask = dead[layer.in_units]
             bn.weight.data[mask] = 0.0
@@ -80,7 +81,18 @@ def assert_dead_channels_pruned_exactly(model: nn.Module, x: torch.Tensor) -> No
     assert sum(d.details.channels_before - d.details.channels_after for d in pruned) == killed
 
 
-SMALL = [Concat, Split, SizedSplit, GhostSlice, Grouped, SqueezeExcite, Shuffle, FlattenLinear, Residual]
+SMALL = [
+    Concat,
+    Split,
+    SizedSplit,
+    GhostSlice,
+    PerChannelNorms,
+    Grouped,
+    SqueezeExcite,
+    Shuffle,
+    FlattenLinear,
+    Residual,
+]
 
 
 @pytest.mark.parametrize("model_class", SMALL, ids=[c.__name__ for c in SMALL])

@@ -12,6 +12,7 @@ import torch.fx as fx
 from slimfx.errors import CaptureError, ShapeError
 from slimfx.ir import ops
 from slimfx.ir.fixed_shapes import fixed_shape_tracer
+from slimfx.ir.functional_layers import functional_batch_norms_as_layers
 from slimfx.ir.graph import Graph
 from slimfx.ir.shapes import ensure_shapes
 from slimfx.ir.source import exception_source_line
@@ -105,7 +106,7 @@ def capture(
     if isinstance(model, fx.GraphModule):
         graph = Graph(model, tuple(example_inputs))
         ensure_shapes(graph)
-        return graph
+        return _with_layers_taken(graph)
     inputs = _inputs_by_name(model, tuple(example_inputs), concrete_args)
     leaves, opaque, fixed = list(leaf_modules), [], None
     while True:
@@ -130,6 +131,13 @@ def capture(
         traced = _trace(model, leaves, concrete_args, fixed, record_stack_traces=True)
         ensure_shapes(Graph(traced, tuple(example_inputs)))
         raise
+    return _with_layers_taken(graph)
+
+
+def _with_layers_taken(graph: Graph) -> Graph:
+    """``graph`` with functional batch norms over constants made layers (``Graph.taken_layers``)."""
+    graph.taken_layers = functional_batch_norms_as_layers(graph)
+    ensure_shapes(graph)
     return graph
 
 

@@ -27,6 +27,7 @@ import networkx as nx
 import torch
 import torch.fx as fx
 import torch.nn as nn
+import torch.nn.functional as F
 
 from slimfx.ir import ops
 from slimfx.ir.graph import Graph
@@ -46,6 +47,7 @@ _APPLY = ops.op_set(
 )  # run on the id tensors
 _REDUCTIONS = ops.op_set((), (torch.mean, torch.sum, torch.amax), ("mean", "sum", "amax"))
 _MIXES_CHANNELS = "normalizes across channels, so removing one changes the others"
+_INSTANCE_NORM_TENSORS = ("running_mean", "running_var", "weight", "bias")
 
 
 class LayerKind(enum.StrEnum):
@@ -348,6 +350,12 @@ class _CouplingBuilder:
             return self._split(node, name, _arg(node, 1, sizes), _arg(node, 2, "dim", 0), sizes)
         if target in _APPLY.functions:
             return self._apply(node, target, node.args, node.kwargs)
+        if target is F.instance_norm:
+            if any(_arg(node, i, name) is not None for i, name in enumerate(_INSTANCE_NORM_TENSORS, 1)):
+                raise _Unsupported("functional instance_norm with statistics or weights, which pruning does not slice")
+            return self.tensor_ids(node.args[0])
+        if target is F.group_norm:
+            raise _Unsupported("group_norm normalizes groups of channels by a literal group count")
         if target in ops.CROSS_CHANNEL_NORMS.functions:
             raise _Unsupported(_MIXES_CHANNELS)
         return NotImplemented
@@ -383,7 +391,8 @@ class _CouplingBuilder:
     # -- modules -----------------------------------------------------------------------------
     def _module(self, node: fx.Node, module: nn.Module) -> Any:
         ids = self.tensor_ids(node.args[0]) if node.args else None
-        if isinstance(module, (*ops.WEIGHTED_LAYERS, *ops.BATCHNORMS)):
+        per_channel_norm = ops.is_per_channel_norm(module)
+        if isinstance(module, (*ops.WEIGHTED_LAYERS, *ops.BATCHNORMS)) or per_channel_norm:
             why = self.graph.why_not_single_call(node) or (None if ids is not None else "called with extra arguments")
             if why is not None:
                 more = "; its weights cannot be sliced for one call" if why.startswith("module called") else ""
@@ -396,7 +405,7 @@ class _CouplingBuilder:
             self._add_source(node, out)
             self.layers[node.name] = _RawLayer(node, LayerKind.LINEAR, in_ids, out)
             return out.expand(self.shape(node)[1:])
-        if isinstance(module, ops.BATCHNORMS):
+        if isinstance(module, ops.BATCHNORMS) or per_channel_norm:
             channel = self.squash(ids, 0)
             self.layers[node.name] = _RawLayer(node, LayerKind.BATCHNORM, channel, channel)
             return ids

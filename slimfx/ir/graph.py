@@ -15,7 +15,7 @@ import torch
 import torch.fx as fx
 
 from slimfx.errors import RewriteError
-from slimfx.ir.meta import META_KEY, NodeInfo
+from slimfx.ir.meta import META_KEY, NodeInfo, TakenLayer
 
 T = TypeVar("T")
 SHAPES = "shapes"  # the cache key shape propagation stores under
@@ -47,6 +47,7 @@ class Graph:
         self.example_inputs = tuple(example_inputs)
         self.opaque = opaque  # module paths capture kept whole because they do not trace
         self.fixed_shapes = fixed_shapes  # traced at the example input shapes: holds for those only
+        self.taken_layers: tuple[TakenLayer, ...] = ()  # functional calls capture made into layers
         self.version = 0
         self._cache: dict[str, tuple[int, Any]] = {}
 

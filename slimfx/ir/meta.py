@@ -96,6 +96,19 @@ class NodeInfo:
         return self.outputs[0].shape if self.outputs else None
 
 
+@dataclass(frozen=True)
+class TakenLayer:
+    """A functional call capture replaced by the layer it stands for: the call's node name, the
+    layer's module path and type (``F.batch_norm`` over constant statistics -> ``BatchNorm2d``)."""
+
+    node: str
+    path: str
+    layer: str
+
+    def __str__(self) -> str:
+        return f"F.batch_norm at node '{self.node}' -> {self.layer} '{self.path}'"
+
+
 def node_kind(node: fx.Node, module: torch.nn.Module | None) -> str:
     """A short readable name for what a node runs."""
     if node.op == "call_module":

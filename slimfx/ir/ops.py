@@ -54,6 +54,14 @@ NORMALIZATIONS = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm, nn
 NORM_FUNCTIONS = (F.layer_norm, F.group_norm, F.batch_norm, F.instance_norm, F.normalize)
 CROSS_CHANNEL_NORMS = op_set((nn.LayerNorm, nn.GroupNorm), (F.layer_norm, F.group_norm))
 
+
+def is_per_channel_norm(module: nn.Module) -> bool:
+    """InstanceNorm, or a GroupNorm with one channel per group: each channel normalized alone."""
+    if isinstance(module, nn.modules.instancenorm._InstanceNorm):
+        return True
+    return isinstance(module, nn.GroupNorm) and module.num_groups == module.num_channels
+
+
 # -- elementwise ------------------------------------------------------------------------------------
 RELU = op_set((nn.ReLU, nn.ReLU6), (torch.relu, F.relu, F.relu6), ("relu", "relu_"))
 ACTIVATIONS = RELU | op_set(

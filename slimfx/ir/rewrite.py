@@ -137,6 +137,21 @@ class Rewriter:
         self.graph.fx_graph.erase_node(node)
         return result
 
+    def replace_with_module(self, node: fx.Node, path: str, module: nn.Module, args: tuple[Any, ...]) -> fx.Node:
+        """Replace ``node`` (any op) by a call of ``module``, placed at ``path`` (replacing what
+        was there), on ``args``: a functional call becoming the layer it stands for."""
+        if path in dict(self.graph.module.named_modules()):
+            self.graph.module.set_submodule(path, module)
+        else:
+            self.graph.module.add_submodule(path, module)
+        with self.graph.fx_graph.inserting_before(node):
+            call = self.graph.fx_graph.call_module(path, args)
+        call.meta.update(node.meta)
+        self._stamp(call, module)
+        node.replace_all_uses_with(call)
+        self.graph.fx_graph.erase_node(node)
+        return call
+
     def set_argument(self, node: fx.Node, index: int, name: str, value: Any) -> None:
         """Set argument ``index`` of ``node`` (or keyword ``name``, where it was passed by
         keyword) to a literal ``value``: a split's sizes after pruning, say."""

@@ -32,7 +32,7 @@ def bn_scale_scores(graph: Graph, analysis: ChannelAnalysis) -> UnitScores:
     for layer in analysis.layers.values():
         if layer.kind is LayerKind.BATCHNORM:
             bn = graph.module.get_submodule(layer.target)
-            gamma = bn.weight.detach().abs() if bn.weight is not None else torch.ones(bn.num_features)
+            gamma = bn.weight.detach().abs() if bn.weight is not None else torch.ones(len(layer.out_units))
             scores.add(layer.out_units, gamma)
     return scores.result()
 

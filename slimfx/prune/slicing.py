@@ -32,11 +32,14 @@ def sliced_layer(
     new = _shallow_copy(module)
     if layer.kind is LayerKind.BATCHNORM:
         for name in ("weight", "bias", "running_mean", "running_var"):
-            value = getattr(module, name)
+            value = getattr(module, name, None)
             if value is not None:
                 sliced = value.detach()[keep_in].clone()
                 setattr(new, name, nn.Parameter(sliced) if isinstance(value, nn.Parameter) else sliced)
-        new.num_features = int(keep_in.sum())
+        if isinstance(module, nn.GroupNorm):  # one channel per group (ops.is_per_channel_norm)
+            new.num_channels = new.num_groups = int(keep_in.sum())
+        else:
+            new.num_features = int(keep_in.sum())
         return new
     weight = module.weight.detach()
     if in_scale is not None:

@@ -91,6 +91,7 @@ class Report:
     totals: Cost
     opaque: tuple[str, ...] = ()  # modules kept whole at capture: cost measured, left alone by every pass
     fixed_shapes: bool = False  # traced at the example input shapes (the model branches on shapes)
+    taken_layers: tuple[str, ...] = ()  # functional calls capture replaced by the layers they stand for
 
     @property
     def uncounted(self) -> tuple[NodeRow, ...]:
@@ -127,6 +128,7 @@ class Report:
             "uncounted": [{"name": r.name, "kind": r.label, "reason": r.rule} for r in self.uncounted],
             "opaque": list(self.opaque),
             "fixed_shapes": self.fixed_shapes,
+            "taken_layers": list(self.taken_layers),
         }
 
 
@@ -154,7 +156,8 @@ def build_report(graph: Graph, model: str = "model") -> Report:
             )
         )
     shapes = tuple(tuple(t.shape) for t in graph.example_inputs)
-    return Report(model, shapes, tuple(rows), totals, tuple(sorted(graph.opaque)), graph.fixed_shapes)
+    taken = tuple(str(t) for t in graph.taken_layers)
+    return Report(model, shapes, tuple(rows), totals, tuple(sorted(graph.opaque)), graph.fixed_shapes, taken)
 
 
 def totals_dict(cost: Cost) -> dict[str, int]:

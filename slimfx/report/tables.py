@@ -114,6 +114,8 @@ def _uncounted_text(report: Report) -> str:
             f"traced at fixed shapes (the model branches on its input's shape): the graph holds for inputs of "
             f"shape {shapes} only\n"
         )
+    if report.taken_layers:
+        opaque += "functional calls taken as layers: " + "; ".join(report.taken_layers) + "\n"
     if not report.uncounted:
         return opaque + "uncounted ops: none (every node has a cost rule)"
     items = "\n".join(f"  {r.name} ({r.label}): {r.rule}" for r in report.uncounted)

@@ -1,0 +1,70 @@
+"""Functional batch norms over the model's own constants are captured as BatchNorm layers."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from slimfx import analyze, compile
+from slimfx.ir.capture import capture
+from slimfx.report.tables import render_report
+
+
+class FrozenBatchNorm(nn.Module):
+    """A batch norm with fixed statistics, written functionally (as detection code does)."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.register_buffer("weight", torch.rand(channels) + 0.5)
+        self.register_buffer("bias", torch.randn(channels))
+        self.register_buffer("running_mean", torch.randn(channels))
+        self.register_buffer("running_var", torch.rand(channels) + 0.5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, 1e-5)
+
+
+class BatchStatistics(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.batch_norm(x, None, None, training=True)
+
+
+class Net(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3)
+        self.bn = FrozenBatchNorm(8)
+        self.conv2 = nn.Conv2d(8, 8, 1)
+        self.batch_stats = BatchStatistics()
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.relu(self.bn(self.conv(x)))
+        return self.fc(self.batch_stats(self.conv2(y)).mean((2, 3)))
+
+
+def test_functional_batch_norm_over_constants_becomes_a_layer_at_its_owners_path() -> None:
+    model, x = Net().eval(), torch.randn(2, 3, 8, 8)
+    graph = capture(model, x)
+    bn = graph.module.get_submodule("bn")
+    assert isinstance(bn, nn.BatchNorm2d) and not bn.training
+    assert [str(t) for t in graph.taken_layers] == ["F.batch_norm at node 'batch_norm' -> BatchNorm2d 'bn'"]
+    torch.testing.assert_close(graph.run(x), model(x))
+    still_functional = [n for n in graph.nodes() if n.target is F.batch_norm]
+    assert len(still_functional) == 1  # batch statistics: not a constant layer, left as it is
+    report = analyze(model, x)
+    assert "functional calls taken as layers: F.batch_norm at node 'batch_norm'" in render_report(report)
+    assert report.to_dict()["taken_layers"] == [str(graph.taken_layers[0])]
+
+
+def test_fold_bn_folds_it_exactly_and_prune_slices_it() -> None:
+    model, x = Net().eval(), torch.randn(2, 3, 8, 8)
+    folded = compile(model, x, "fold-bn")
+    (decision,) = folded.report.passes[0].decisions
+    assert decision.action == "folded" and decision.reason == "folded into conv (Conv2d)"
+    torch.testing.assert_close(folded.module(x), model(x), rtol=1e-5, atol=1e-5)
+    pruned = compile(model, x, "prune-channels:ratio=0.5,criterion=bn-scale")
+    (group,) = [d for d in pruned.report.passes[0].decisions if d.details.sources == ("conv",)]
+    assert group.action == "pruned" and "bn" in group.details.members
+    assert pruned.module.get_submodule("bn").num_features == 4

@@ -37,6 +37,7 @@ class PassTally:
     declined: list[str] = field(default_factory=list)
     crashed: list[tuple[str, str]] = field(default_factory=list)
     mac_ratios: dict[str, float] = field(default_factory=dict)
+    unfolded: list[tuple[str, str, str]] = field(default_factory=list)  # fold-bn: (model, BatchNorm, why)
 
 
 TIMM_FAMILIES = (
@@ -95,6 +96,29 @@ def corpus(timm_count: str, torchvision_models: bool) -> list[tuple[str, object]
     return models
 
 
+def sizes_to_try(model: torch.nn.Module, first: int) -> list[int]:
+    """Square input sizes to try: ``first``, then the model's own (timm's pretrained config), then common ones."""
+    own = getattr(model, "pretrained_cfg", {}).get("input_size", (3, 224, 224))[-1]
+    return list(dict.fromkeys([first, own, 224, 256, 299]))
+
+
+def capture_somewhere(model: torch.nn.Module, sizes: list[int]) -> tuple[torch.Tensor, Graph] | str:
+    """(example input, graph) at the first size the model runs at, or why not: it runs at none
+    (not a capture failure), or it runs but does not capture."""
+    for size in sizes:
+        x = torch.randn(1, 3, size, size)
+        try:
+            with torch.no_grad():
+                model(x)
+        except Exception:
+            continue
+        try:
+            return x, capture(model, (x,))
+        except (CaptureError, ShapeError) as exc:
+            return f"runs at {size} but: {type(exc).__name__}: {str(exc).splitlines()[0][:160]}"
+    return f"runs at none of the sizes {sizes}"
+
+
 def is_cnn(graph: Graph) -> bool:
     modules = [graph.submodule(n) for n in graph.nodes() if n.op == "call_module"]
     has_conv = any(isinstance(m, torch.nn.Conv2d) for m in modules)
@@ -119,7 +143,8 @@ def main() -> None:
     specs = args.passes.split(";")
     tallies = {spec: PassTally() for spec in specs}
     capture_failed: list[tuple[str, str]] = []
-    build_failed, too_large, cnns, opaque_models = 0, 0, [], 0
+    no_run: list[tuple[str, str]] = []  # models that run at none of the sizes tried: not a capture failure
+    build_failed, too_large, cnns, opaque_models, fixed_models = 0, 0, [], 0, 0
     start = time.perf_counter()
     models = corpus(args.timm, not args.no_torchvision)
     for index, (name, build) in enumerate(models, 1):
@@ -133,22 +158,13 @@ def main() -> None:
         if sum(p.numel() for p in model.parameters()) > args.max_params * 1e6:
             too_large += 1
             continue
-        x, graph = None, None
-        for size in (args.size, 224, 256, 299):
-            try:
-                x = torch.randn(1, 3, size, size)
-                graph = capture(model, (x,))
-                break
-            except ShapeError:
-                continue
-            except CaptureError as exc:
-                capture_failed.append((name, str(exc).splitlines()[0][:160]))
-                break
-        if graph is None:
-            if not capture_failed or capture_failed[-1][0] != name:
-                capture_failed.append((name, "no input size among the ones tried fits"))
+        outcome = capture_somewhere(model, sizes_to_try(model, args.size))
+        if isinstance(outcome, str):
+            (no_run if outcome.startswith("runs at none") else capture_failed).append((name, outcome))
             continue
+        x, graph = outcome
         opaque_models += bool(graph.opaque)
+        fixed_models += graph.fixed_shapes
         if is_cnn(graph):
             cnns.append(name)
         for spec in specs:
@@ -160,6 +176,12 @@ def main() -> None:
                 tally.crashed.append((name, f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}"))
                 continue
             record = result.report.passes[-1]
+            if spec.startswith("fold-bn"):  # a BatchNorm right after a conv or linear must fold
+                tally.unfolded += [
+                    (name, d.target, d.reason)
+                    for d in record.decisions
+                    if d.action != "folded" and not d.reason.startswith("its input comes from")
+                ]
             (tally.changed if record.changed else tally.declined).append(name)
             before, after = result.report.before.totals.macs, result.report.after.totals.macs
             tally.mac_ratios[name] = after / before if before else 1.0
@@ -175,11 +197,12 @@ def main() -> None:
                 f"{statistics.median(ratios):.3f}" if ratios else "-",
             ]
         )
-    captured = len(models) - build_failed - too_large - len(capture_failed)
+    captured = len(models) - build_failed - too_large - len(capture_failed) - len(no_run)
     print(
         f"\n{len(models)} models listed, {build_failed} could not be built at random init, {too_large} skipped "
-        f"(over {args.max_params:g}M params), {captured} captured "
-        f"({opaque_models} with opaque parts), {len(capture_failed)} did not capture; "
+        f"(over {args.max_params:g}M params), {len(no_run)} ran at none of the input sizes tried, {captured} "
+        f"captured ({opaque_models} with opaque parts, {fixed_models} at fixed shapes), of the models that run "
+        f"{len(capture_failed)} did not capture; "
         f"{time.perf_counter() - start:.0f} s in all\n"
     )
     print(
@@ -196,11 +219,18 @@ def main() -> None:
             f"\nCNNs: {len(cnns)}; prune-channels brings {len(small)} ({len(small) / len(cnns):.0%}) "
             "to at most 0.8x MACs"
         )
+    fold = next((t for s, t in tallies.items() if s.startswith("fold-bn")), None)
+    if fold is not None:
+        print(f"\nfold-bn: {len(fold.unfolded)} BatchNorms right after a conv or linear left unfolded")
+        for name, bn, why in fold.unfolded[:40]:
+            print(f"  unfolded: {name}: {bn}: {why}")
     for spec, tally in tallies.items():
         for name, why in tally.crashed:
             print(f"crash: {spec} on {name}: {why}")
     for name, why in capture_failed:
         print(f"no capture: {name}: {why}")
+    for name, why in no_run:
+        print(f"does not run: {name}: {why}")
 
 
 if __name__ == "__main__":

@@ -103,3 +103,25 @@ def test_no_batchnorm_left_in_torchvision_models(name: str) -> None:
     assert result.report.passes[0].output_error <= 1e-4
     assert result.report.after.totals.macs == result.report.before.totals.macs
     assert result.report.after.totals.elem_ops < result.report.before.totals.elem_ops
+
+
+class ChecksRank(nn.Module):
+    """Reads the conv output's rank before its BatchNorm (timm's BatchNormAct2d asserts it)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.conv(x)
+        torch._assert(y.ndim == 4, "expected 4D input")
+        return self.bn(y)
+
+
+def test_a_size_query_on_the_conv_output_does_not_stop_the_fold() -> None:
+    model, x = ChecksRank().eval(), torch.randn(1, 3, 8, 8)
+    randomize_batchnorm(model)
+    result = compile(model, x, "fold-bn")
+    (decision,) = result.report.passes[0].decisions
+    assert decision.action == "folded", decision.reason
+    torch.testing.assert_close(result.module(x), model(x), rtol=1e-5, atol=1e-5)

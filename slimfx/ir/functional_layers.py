@@ -69,14 +69,17 @@ def _as_layer(graph: Graph, node: fx.Node) -> tuple[nn.Module, str] | None:
 
 
 def _path_for(graph: Graph, node: fx.Node, targets: list[str]) -> str:
-    """The owner's path when it owns only these tensors in the graph, else a new top-level name."""
+    """The owner's path when it owns only these tensors in the graph (the layer takes its
+    place), else a new path inside the owner (``<owner>.batch_norm``), or at the top level."""
     owners = {t.rpartition(".")[0] for t in targets}
-    if len(owners) == 1:
-        owner = owners.pop()
-        reads = {str(n.target) for n in graph.nodes() if n.op == "get_attr" and str(n.target).startswith(owner + ".")}
-        calls = [n for n in graph.nodes() if n.op == "call_module" and str(n.target).startswith(owner + ".")]
-        if owner and reads <= set(targets) and not calls and _readers_are(graph, targets, node):
+    owner = owners.pop() if len(owners) == 1 else ""
+    if owner:
+        inside = owner + "."
+        reads = {str(n.target) for n in graph.nodes() if n.op == "get_attr" and str(n.target).startswith(inside)}
+        calls = [n for n in graph.nodes() if n.op == "call_module" and str(n.target).startswith(inside)]
+        if reads <= set(targets) and not calls and _readers_are(graph, targets, node):
             return owner
+        return _unique_name(graph, inside + "batch_norm")
     return _unique_name(graph, node.name)
 
 
@@ -87,9 +90,10 @@ def _readers_are(graph: Graph, targets: list[str], node: fx.Node) -> bool:
 
 
 def _unique_name(graph: Graph, base: str) -> str:
-    existing = dict(graph.module.named_modules())
+    existing = dict(graph.module.named_modules()) | dict(graph.module.named_parameters())
+    existing |= dict(graph.module.named_buffers())
     name, index = base, 1
-    while name in existing or hasattr(graph.module, name):
+    while name in existing:
         name, index = f"{base}_{index}", index + 1
     return name
 

@@ -111,8 +111,9 @@ class FoldBatchNorm(Pass):
             what = graph.info(producer).kind
             return f"its input comes from {producer.name} ({what}), not a conv or linear layer"
         layer = graph.submodule(producer)
-        if len(producer.users) != 1:
-            others = ", ".join(u.name for u in producer.users if u is not bn_node)
+        readers = [u for u in producer.users if u is not bn_node and not _reads_only_shape(graph, u)]
+        if readers:
+            others = ", ".join(u.name for u in readers)
             return f"{producer.target}'s output is also read by {others}; folding would change them"
         why = graph.why_not_single_call(producer)
         if why is not None:
@@ -123,6 +124,13 @@ class FoldBatchNorm(Pass):
         if out_channels != bn.num_features:
             return f"{producer.target} has {out_channels} output channels but BatchNorm has {bn.num_features}"
         return None
+
+
+def _reads_only_shape(graph: Graph, node: fx.Node) -> bool:
+    """A size query (``x.shape``, ``x.ndim``, ``x.size(1)``): folding leaves what it reads alone."""
+    if node.op == "call_function" and node.target is getattr:
+        return len(node.args) > 1 and node.args[1] in ("shape", "ndim", "dtype", "device")
+    return ops.SIZES.matches(node, graph.submodule)
 
 
 def _folded(layer: nn.Module, bn: nn.modules.batchnorm._BatchNorm) -> nn.Module:

@@ -19,12 +19,12 @@ import torch.nn as nn
 from slimfx.backends.early_exit import EarlyExitModel
 from slimfx.backends.timing import baseline_name, module_latency_ms
 from slimfx.cost_model.counts import ensure_costs
-from slimfx.data import batches, check_reusable
-from slimfx.errors import BackendError, OutputError
+from slimfx.data import Batch, batches, check_reusable
+from slimfx.errors import BackendError, DataError, OutputError
 from slimfx.ir.capture import LeafSpec, capture
 from slimfx.ir.graph import Graph
 from slimfx.ir.verify import compare_outputs
-from slimfx.passes.base import Pass, PassContext
+from slimfx.passes.base import DataNeed, Pass, PassContext
 from slimfx.passes.manager import EXACT_TOLERANCE, PassManager, check_data
 from slimfx.passes.registry import resolve_passes
 from slimfx.report.analysis import CompileReport, Int8Timing, Latency, OnnxMeasurement, Report, build_report
@@ -124,6 +124,7 @@ def compile(
     passes: str | Sequence[Pass | str] = "fold-bn",
     *,
     calib_data: Iterable[Any] | torch.Tensor | None = None,
+    train_data: Iterable[Any] | torch.Tensor | None = None,
     seed: int = 0,
     name: str | None = None,
     leaf_modules: Iterable[LeafSpec] = (),
@@ -138,7 +139,8 @@ def compile(
 
     ``passes`` is a spec string (``"fold-bn,prune-channels:ratio=0.5"``) or pass objects.
     ``calib_data`` (a list of batches, ``(inputs, labels)`` pairs, a DataLoader or one tensor)
-    feeds the passes that need data. With ``latency_repeats > 0`` the report includes
+    feeds the passes that need data; ``train_data`` (same forms, labels used when present)
+    feeds ``distill``. With ``latency_repeats > 0`` the report includes
     measured eager latency before/after. Outputs that hold inf or nan cannot be verified: that
     is an error naming the node where they first appear, or, with ``allow_non_finite``, a
     warning in the report's notes.
@@ -147,10 +149,13 @@ def compile(
     manager = PassManager(
         resolve_passes(passes), tolerance=tolerance, allow_non_finite=allow_non_finite
     )  # requirements and order, before any work
-    check_data(manager.passes, calib_data)
-    if calib_data is not None:
-        check_reusable(calib_data)
-        next(batches(calib_data, inputs), None)  # a malformed first batch fails now, not after capture
+    check_data(manager.passes, calib_data, train_data)
+    for data, what in ((calib_data, "calib_data"), (train_data, "train_data")):
+        if data is not None:
+            check_reusable(data, what)
+            first = next(batches(data, inputs, what), None)  # a malformed first batch fails now, not after capture
+            if what == "train_data":
+                _check_labels(manager.passes, first)
     graph = capture(
         copy.deepcopy(model), inputs, leaf_modules=leaf_modules, concrete_args=concrete_args, fallback=capture_fallback
     )
@@ -159,9 +164,10 @@ def compile(
     before = build_report(graph, label)
     torch.manual_seed(seed)
     fixed_rows = int(inputs[0].shape[0]) if graph.fixed_shapes and inputs[0].dim() else None
-    if calib_data is not None and fixed_rows is not None:
-        next(batches(calib_data, inputs, fixed_rows=fixed_rows), None)  # before any pass runs
-    context = PassContext(calib_data, inputs, seed, progress, fixed_rows)
+    for data, what in ((calib_data, "calib_data"), (train_data, "train_data")):
+        if data is not None and fixed_rows is not None:
+            next(batches(data, inputs, what, fixed_rows), None)  # before any pass runs
+    context = PassContext(calib_data, inputs, seed, progress, fixed_rows, train_data)
     run = manager.run(graph, context)
     ensure_costs(graph)
     after = build_report(graph, label)
@@ -178,6 +184,13 @@ def compile(
         )
     report = CompileReport(before, after, run.records, error, latency, notes, run.exit_plan, torch_int8=int8)
     return CompileResult(module, graph, report)
+
+
+def _check_labels(passes: Sequence[Pass], first: Batch | None) -> None:
+    """A pass that trains from labels, on training data whose first batch has none: an error now."""
+    for p in passes:
+        if p.data_need() is DataNeed.TRAINING_LABELLED and first is not None and first.labels is None:
+            raise DataError(f"pass '{p.spec()}' trains from labels: give train_data as (inputs, labels) batches")
 
 
 def _measure_latency(

@@ -114,6 +114,12 @@ def build_parser() -> argparse.ArgumentParser:
         "example inputs, a stand-in) or a file written by torch.save (a tensor or a list of batches)",
     )
     comp.add_argument(
+        "--train",
+        metavar="FILE.pt",
+        help="training data for distill: a file written by torch.save, as for --calib; (inputs, labels) "
+        "batches give accuracy, inputs alone agreement with the original",
+    )
+    comp.add_argument(
         "--allow-non-finite",
         action="store_true",
         help="go on, with a warning, when the model's outputs hold inf or nan (nothing can then be verified)",
@@ -177,7 +183,7 @@ def cmd_compile(args: argparse.Namespace) -> None:
     from slimfx.report.tables import render_compile
 
     pipeline = PassManager(resolve_passes(args.passes)).passes  # a bad spec or order fails before loading anything
-    check_data(pipeline, args.calib)  # so does a pass that needs --calib without it
+    check_data(pipeline, args.calib, args.train)  # so does a pass that needs --calib or --train without it
     for path in (args.output, args.onnx):
         if path:
             check_writable(path)
@@ -185,6 +191,7 @@ def cmd_compile(args: argparse.Namespace) -> None:
     loaded = load_model(args.model, trust=args.trust_model_file)
     inputs = _example_inputs(args, loaded.input_shape)
     calib = calibration_batches(args.calib, inputs, seed=args.seed + 1) if args.calib else None
+    train = calibration_batches(args.train, inputs, seed=args.seed + 2, flag="--train") if args.train else None
     result = compile(
         loaded.module,
         inputs,
@@ -194,6 +201,7 @@ def cmd_compile(args: argparse.Namespace) -> None:
         leaf_modules=args.leaf_module,
         latency_repeats=max(args.repeats, 0),
         calib_data=calib,
+        train_data=train,
         allow_non_finite=args.allow_non_finite,
         capture_fallback=not args.no_fallback,
         progress=_terminal_progress(),

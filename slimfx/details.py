@@ -22,6 +22,10 @@ class Details:
         """Channels before and after, for reports that show them (pruning); None otherwise."""
         return None
 
+    def summary_lines(self) -> tuple[str, ...]:
+        """Lines a report prints under the pass's table (a loss curve, say); none by default."""
+        return ()
+
 
 def to_plain(value: Any) -> Any:
     """Nested Details, tuples and lists as JSON-ready values."""

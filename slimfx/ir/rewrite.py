@@ -11,6 +11,7 @@ their info and provenance, new nodes are stamped with the builder's.
 
 from __future__ import annotations
 
+import copy
 import operator
 from collections.abc import Callable, Sequence
 from dataclasses import replace
@@ -23,6 +24,7 @@ import torch.nn as nn
 from slimfx.errors import RewriteError
 from slimfx.ir.graph import Graph
 from slimfx.ir.meta import META_KEY, NodeInfo, node_kind
+from slimfx.ir.shapes import ensure_shapes
 from slimfx.ir.verify import lint
 
 
@@ -251,6 +253,15 @@ class GraphBuilder:
     def _stamped(self, node: fx.Node, kind: str) -> fx.Node:
         node.meta[META_KEY] = NodeInfo(kind=kind, provenance=self.provenance)
         return node
+
+
+def snapshot(graph: Graph) -> Graph:
+    """An independent copy of ``graph`` (its own weights), shapes propagated: the model as it
+    was, for a pass that learns from it while the pipeline changes the original."""
+    copied = Graph(copy.deepcopy(graph.module), graph.example_inputs, graph.opaque, graph.fixed_shapes)
+    copied.taken_layers = graph.taken_layers
+    ensure_shapes(copied)
+    return copied
 
 
 def with_outputs(module: fx.GraphModule, names: Sequence[str], provenance: str) -> fx.GraphModule:

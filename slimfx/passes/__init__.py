@@ -1,6 +1,13 @@
 """Passes: importing this package registers every built-in pass."""
 
-from slimfx.passes import add_exits, factorize_convs, fold_bn, prune_channels, quantize  # noqa: F401  (registers the passes)
+from slimfx.passes import (  # noqa: F401  (registers the passes)
+    add_exits,
+    distill,
+    factorize_convs,
+    fold_bn,
+    prune_channels,
+    quantize,
+)
 from slimfx.passes.base import Action, DataNeed, Decision, Pass, PassContext, PassResult
 from slimfx.passes.manager import PassManager, PassRecord, PipelineResult
 from slimfx.passes.registry import PASSES, parse_pipeline, register

@@ -27,6 +27,7 @@ class Action(enum.StrEnum):
     FACTORIZED = "factorized"
     QUANTIZED = "quantized"
     EXIT = "exit"
+    TRAINED = "trained"  # weights trained (distillation), structure unchanged
     SUMMARY = "summary"  # a row about the whole pass (quantize's model size), not one layer
 
 
@@ -52,7 +53,7 @@ class Decision:
 
     @property
     def changed_a_layer(self) -> bool:
-        return self.action not in (Action.DECLINED, Action.SUMMARY)
+        return self.action not in (Action.DECLINED, Action.SUMMARY, Action.TRAINED)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -83,6 +84,8 @@ class DataNeed(enum.Enum):
     NONE = "none"
     CALIBRATION = "calibration data"  # inputs (labels optional)
     LABELLED = "labelled training data"  # inputs and labels
+    TRAINING = "training data"  # inputs (labels optional), given as train_data
+    TRAINING_LABELLED = "training data with labels"  # (inputs, labels) batches, given as train_data
 
 
 @dataclass
@@ -94,10 +97,25 @@ class PassContext:
     seed: int = 0
     progress: Callable[[str], None] | None = None
     fixed_rows: int | None = None  # the graph was traced at fixed shapes: batches of this many rows
+    train_data: Iterable[Any] | torch.Tensor | None = None
+    teacher: Graph | None = None  # the graph before the first pass, for passes that learn from it
 
     def report_progress(self, message: str) -> None:
         if self.progress is not None:
             self.progress(message)
+
+    def train_batches(self, pass_name: str) -> list[Batch]:
+        """The training data as checked ``Batch`` objects; a clear error names the pass when
+        there is none."""
+        if self.train_data is None:
+            raise DataError(
+                f"{pass_name} needs training data: pass train_data=[batch, ...] to slimfx.compile "
+                "(--train on the command line)"
+            )
+        loaded = list(batches(self.train_data, self.example_inputs, "train_data", self.fixed_rows))
+        if not loaded:
+            raise DataError(f"{pass_name}: train_data is empty")
+        return loaded
 
     def batches(self, pass_name: str) -> Iterator[Batch]:
         """The calibration data as checked ``Batch`` objects; a clear error names the pass
@@ -128,6 +146,7 @@ class Pass:
 
     name: ClassVar[str] = ""
     exact: ClassVar[bool] = False
+    uses_teacher: ClassVar[bool] = False  # the manager then keeps the graph before the first pass
     summary: ClassVar[str] = ""
     runs_after: ClassVar[Mapping[str, str]] = {}
     runs_before: ClassVar[Mapping[str, str]] = {}

@@ -16,6 +16,7 @@ from slimfx.backends.early_exit import build_early_exit
 from slimfx.errors import DataError, NonFiniteError, PassError, PassOrderError, SlimfxError
 from slimfx.exits.plan import ExitPlan
 from slimfx.ir.graph import Graph
+from slimfx.ir.rewrite import snapshot
 from slimfx.ir.shapes import ensure_shapes
 from slimfx.ir.verify import all_finite, compare_outputs, first_non_finite, lint, run_outputs
 from slimfx.passes.base import DataNeed, Decision, Pass, PassContext, PassResult
@@ -91,11 +92,18 @@ def check_order(passes: Sequence[Pass]) -> None:
                 )
 
 
-def check_data(passes: Sequence[Pass], calib_data: Iterable[Any] | None) -> None:
+def check_data(
+    passes: Sequence[Pass], calib_data: Iterable[Any] | None, train_data: Iterable[Any] | None = None
+) -> None:
     """Fail before any work when a pass needs data the caller did not give, naming the pass."""
     for p in passes:
         need = p.data_need()
-        if need is not DataNeed.NONE and calib_data is None:
+        if need in (DataNeed.TRAINING, DataNeed.TRAINING_LABELLED) and train_data is None:
+            raise DataError(
+                f"pass '{p.spec()}' needs {need.value}: pass train_data=[batch, ...] (or (inputs, labels) "
+                "batches) to slimfx.compile (--train on the command line)"
+            )
+        if need in (DataNeed.CALIBRATION, DataNeed.LABELLED) and calib_data is None:
             labels = " (with labels: (inputs, labels) batches)" if need is DataNeed.LABELLED else ""
             raise DataError(
                 f"pass '{p.spec()}' needs {need.value}{labels}: pass calib_data=[batch, ...] to "
@@ -124,6 +132,8 @@ class PassManager:
         ctx = ctx or PassContext()
         if not ctx.example_inputs:  # batches are checked against the graph's example inputs
             ctx = dataclasses.replace(ctx, example_inputs=graph.example_inputs)
+        if ctx.teacher is None and any(p.uses_teacher for p in self.passes):
+            ctx = dataclasses.replace(ctx, teacher=snapshot(graph))
         history: list[PassRecord] = []
         before = tuple(run_outputs(graph.module, graph.example_inputs))
         warnings: list[str] = []

@@ -227,8 +227,11 @@ def _pass_text(record: PassRecord, tablefmt: str) -> str:
     columns.append(lambda d: d.reason)
     rows = [[column(d) for column in columns] for d in record.decisions]
     table = tabulate(rows, headers=headers, tablefmt=tablefmt, disable_numparse=True)
+    lines = "".join(
+        f"\n{line}" for d in record.decisions if d.details is not None for line in d.details.summary_lines()
+    )
     warnings = "".join(f"\nwarning: {w}" for w in record.warnings)
-    return f"{head}\n{table}{warnings}\n"
+    return f"{head}\n{table}{lines}{warnings}\n"
 
 
 def _arrow(before: Any, after: Any, fmt: Any = str) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
@@ -23,19 +24,32 @@ def fit(
     lr: float,
     label: str,
     progress: Callable[[str], None] | None = None,
+    after_epoch: Callable[[int, float], None] | None = None,
 ) -> list[float]:
-    """Minimize ``batch_loss(batch)`` with Adam for ``epochs``; returns the mean loss of each epoch."""
+    """Minimize ``batch_loss(batch)`` with Adam for ``epochs``; returns the mean loss of each epoch.
+
+    ``after_epoch(epoch, mean_loss)`` runs after each epoch (held-out evaluation, keeping the
+    best weights). Progress shows epoch, batch, running loss and the time left.
+    """
     optimizer = torch.optim.Adam(list(params), lr=lr)
-    history = []
+    history: list[float] = []
+    start, steps, total_steps = time.perf_counter(), 0, epochs * max(len(batches), 1)
     for epoch in range(epochs):
         total = 0.0
-        for batch in batches:
+        for index, batch in enumerate(batches, 1):
             loss = batch_loss(batch)
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
             total += float(loss.detach())
+            steps += 1
+            if progress:
+                left = (time.perf_counter() - start) / steps * (total_steps - steps)
+                progress(
+                    f"{label} epoch {epoch + 1}/{epochs} {progress_bar(index, len(batches))} "
+                    f"loss {total / index:.4f} ETA {left:.0f} s"
+                )
         history.append(total / max(len(batches), 1))
-        if progress:
-            progress(f"{label} {progress_bar(epoch + 1, epochs)} loss {history[-1]:.4f}")
+        if after_epoch is not None:
+            after_epoch(epoch, history[-1])
     return history

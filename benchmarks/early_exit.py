@@ -20,27 +20,12 @@ import warnings
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
-import torchvision
 from tabulate import tabulate
 
 import slimfx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-from digits import split, train_classifier, trained_cnn  # noqa: E402  (the tests' digits data and CNN)
-
-
-def resnet18_on_digits(epochs: int = 4) -> tuple[torch.nn.Module, dict]:
-    """resnet18 (10 classes) trained on digits upsampled to 32x32 with 3 channels."""
-
-    def prepare(x: torch.Tensor) -> torch.Tensor:
-        return F.interpolate(x, size=32, mode="bilinear", align_corners=False).expand(-1, 3, -1, -1).contiguous()
-
-    data = {k: (prepare(x), y) for k, (x, y) in split().items()}
-    torch.manual_seed(0)
-    model = torchvision.models.resnet18(weights=None, num_classes=10)
-    train_classifier(model, *data["train"], epochs=epochs, lr=1e-3)
-    return model.eval(), data
+from digits import resnet18_on_digits, split, trained_cnn  # noqa: E402  (the tests' digits data and models)
 
 
 def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:

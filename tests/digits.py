@@ -52,6 +52,23 @@ def trained_cnn(epochs: int = 15) -> DigitsCNN:
     return model.eval()
 
 
+def upsampled(x: torch.Tensor, size: int = 32) -> torch.Tensor:
+    """Digits as 3-channel ``size`` x ``size`` images (for torchvision's classifiers)."""
+    return F.interpolate(x, size=size, mode="bilinear", align_corners=False).expand(-1, 3, -1, -1).contiguous()
+
+
+def resnet18_on_digits(epochs: int = 4) -> tuple[nn.Module, dict[str, tuple[torch.Tensor, torch.Tensor]]]:
+    """torchvision's resnet18 (10 classes) trained on the digits upsampled to 32x32, and the
+    splits at that size."""
+    import torchvision
+
+    data = {k: (upsampled(x), y) for k, (x, y) in split().items()}
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(weights=None, num_classes=10)
+    train_classifier(model, *data["train"], epochs=epochs, lr=1e-3)
+    return model.eval(), data
+
+
 def train_classifier(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, epochs: int, lr: float) -> None:
     """Cross-entropy training in batches of 50 (slimfx's shared loop)."""
     fit(

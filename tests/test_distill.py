@@ -4,6 +4,7 @@ of a pruned and a quantized digits CNN, with accuracy the test computes itself."
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,6 +13,7 @@ import torch.nn.functional as F
 from digits import split, trained_cnn
 
 from slimfx import compile
+from slimfx.cli import main
 from slimfx.errors import DataError, InvalidArgumentError, PassSpecError
 from slimfx.ir.capture import capture
 from slimfx.ir.rewrite import snapshot
@@ -157,3 +159,31 @@ def test_joint_and_mutual_need_labels() -> None:
     x = split()["train"][0]
     with pytest.raises(DataError, match="trains from labels"):
         compile(trained_cnn(), x[:1], "distill:method=mutual,epochs=1", train_data=[x[:50], x[50:100]])
+
+
+# -- the command line ----------------------------------------------------------------------------------------
+def write_digits_model(tmp_path) -> str:
+    weights = tmp_path / "cnn_weights.pt"
+    torch.save(trained_cnn().state_dict(), weights)
+    source = tmp_path / "digits_model.py"
+    tests = str(Path(__file__).parent)
+    source.write_text(
+        f"import sys, torch\nsys.path.insert(0, {tests!r})\nfrom digits import DigitsCNN\n"
+        f"def build():\n    model = DigitsCNN()\n    model.load_state_dict(torch.load({str(weights)!r}))\n"
+        "    return model\n"
+    )
+    return f"{source}:build"
+
+
+def test_cli_distills_from_a_train_file(tmp_path, capsys: pytest.CaptureFixture[str]) -> None:
+    model = write_digits_model(tmp_path)
+    train = tmp_path / "train.pt"
+    torch.save(train_batches(), train)
+    argv = ["compile", model, "--input-shape", "1,1,8,8", "--repeats", "0"]
+    code = main([*argv, "--passes", "prune-channels:ratio=0.5,distill:epochs=1", "--train", str(train)])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    assert "pass distill:epochs=1 (lossy)" in out and "held-out accuracy" in out and "loss per epoch" in out
+    code = main([*argv, "--passes", "distill"])
+    _, err = capsys.readouterr()
+    assert code == 2 and "needs training data" in err and "--train" in err and "Traceback" not in err

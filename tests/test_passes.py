@@ -83,7 +83,10 @@ def test_spec_parses_names_options_and_lists() -> None:
 @pytest.mark.parametrize(
     "spec, message",
     [
-        ("fold-bm", "unknown pass 'fold-bm'; valid passes: add-exits, distill, factorize-convs, fold-bn, prune-channels"),
+        (
+            "fold-bm",
+            "unknown pass 'fold-bm'; valid passes: add-exits, distill, factorize-convs, fold-bn, prune-channels",
+        ),
         ("test-scale:size=2", "unknown option 'size'; valid options: factor, mode, at, quiet"),
         ("test-scale:factor=big", "invalid value 'big' for 'factor'; expected float"),
         ("test-scale:factor=-1", "invalid value -1.0 for option 'factor': expected a positive number"),

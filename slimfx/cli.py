@@ -16,6 +16,7 @@ from typing import NoReturn
 
 import torch
 
+from slimfx import parallel
 from slimfx.errors import OutputError, ShapeError, SlimfxError
 
 EXIT_BAD_INPUT = 2
@@ -188,6 +189,8 @@ def cmd_compile(args: argparse.Namespace) -> None:
         if path:
             check_writable(path)
     torch.manual_seed(args.seed)  # random-init weights are the same on every run with the same seed
+    _join_process_group()  # under torchrun: distill trains with DDP, quantize calibrates on shards
+    main_rank = parallel.is_main()
     loaded = load_model(args.model, trust=args.trust_model_file)
     inputs = _example_inputs(args, loaded.input_shape)
     calib = calibration_batches(args.calib, inputs, seed=args.seed + 1) if args.calib else None
@@ -199,13 +202,15 @@ def cmd_compile(args: argparse.Namespace) -> None:
         seed=args.seed,
         name=loaded.name,
         leaf_modules=args.leaf_module,
-        latency_repeats=max(args.repeats, 0),
+        latency_repeats=max(args.repeats, 0) if main_rank else 0,
         calib_data=calib,
         train_data=train,
         allow_non_finite=args.allow_non_finite,
         capture_fallback=not args.no_fallback,
-        progress=_terminal_progress(),
+        progress=_terminal_progress() if main_rank else None,
     )
+    if not main_rank:  # only rank 0 prints and writes files
+        return
     if sys.stderr.isatty():
         sys.stderr.write("\r" + " " * 110 + "\r")  # clear the progress line
     if args.onnx:
@@ -215,6 +220,14 @@ def cmd_compile(args: argparse.Namespace) -> None:
     sys.stdout.write(render_compile(result.report, args.format))
     if args.output:
         print(f"saved the compiled model to {args.output}", file=sys.stderr)
+
+
+def _join_process_group() -> None:
+    """Under ``torchrun`` (WORLD_SIZE > 1 in the environment), join its process group: gloo on CPU."""
+    import torch.distributed as dist
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
 
 
 def _terminal_progress() -> Callable[[str], None] | None:

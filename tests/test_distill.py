@@ -187,3 +187,51 @@ def test_cli_distills_from_a_train_file(tmp_path, capsys: pytest.CaptureFixture[
     code = main([*argv, "--passes", "distill"])
     _, err = capsys.readouterr()
     assert code == 2 and "needs training data" in err and "--train" in err and "Traceback" not in err
+
+
+# -- several processes -----------------------------------------------------------------------------------------
+PARALLEL_SPEC = "prune-channels:ratio=0.5,fold-bn,distill:epochs=2,quantize:calib=minmax"
+
+
+def _compile_on_rank(rank: int, world: int, init_file: str, weights: str, out: str) -> None:
+    import torch.distributed as dist
+    from digits import DigitsCNN
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    try:
+        model = DigitsCNN()
+        model.load_state_dict(torch.load(weights))
+        x_test = split()["test"][0]
+        calib = list(split()["calib"][0].split(100))
+        result = compile(model.eval(), x_test[:1], PARALLEL_SPEC, train_data=train_batches(), calib_data=calib)
+        if rank == 0:
+            with torch.no_grad():
+                torch.save(result.module(x_test), out)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_gloo_processes_agree_with_one(tmp_path) -> None:
+    import torch.multiprocessing as mp
+
+    weights = tmp_path / "weights.pt"
+    torch.save(trained_cnn().state_dict(), weights)
+    out = tmp_path / "parallel.pt"
+    mp.spawn(_compile_on_rank, args=(2, str(tmp_path / "init"), str(weights), str(out)), nprocs=2)
+    x_test = split()["test"][0]
+    single = compile(
+        trained_cnn(),
+        x_test[:1],
+        PARALLEL_SPEC,
+        train_data=train_batches(),
+        calib_data=list(split()["calib"][0].split(100)),
+    )
+    with torch.no_grad():
+        expected = single.module(x_test)
+    parallel = torch.load(out)
+    # the same training step on each half of every batch, gradients averaged: the same weights up
+    # to float summation order; int8 rounding may then flip a rare element
+    agreement = float((parallel.argmax(1) == expected.argmax(1)).float().mean())
+    error = float((parallel - expected).norm() / expected.norm())
+    assert agreement >= 0.99 and error <= 0.02, (agreement, error)

@@ -18,7 +18,15 @@ PACKAGE = Path(slimfx.__file__).parent
 
 # Lowest first; a module may import modules of its own layer or of a layer below it.
 LAYERS: list[tuple[str, ...]] = [
-    ("slimfx.errors", "slimfx.metrics", "slimfx.details", "slimfx.ir.meta", "slimfx.ir.ops", "slimfx.ir.source"),
+    (
+        "slimfx.errors",
+        "slimfx.metrics",
+        "slimfx.details",
+        "slimfx.ir.meta",
+        "slimfx.ir.ops",
+        "slimfx.ir.source",
+        "slimfx.parallel",
+    ),
     ("slimfx.ir", "slimfx.data"),
     ("slimfx.cost_model", "slimfx.lowrank", "slimfx.prune", "slimfx.files"),
     ("slimfx.quant", "slimfx.exits", "slimfx.train"),

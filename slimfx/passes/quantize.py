@@ -21,6 +21,7 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
+from slimfx import parallel
 from slimfx.cost_model.counts import ensure_costs
 from slimfx.details import Details
 from slimfx.errors import NonFiniteError
@@ -416,14 +417,21 @@ class Quantize(Pass):
                     seen.sample = args[0].detach()
 
             handles.append(graph.submodule(point.node).register_forward_hook(hook))
+        loaded = list(ctx.batches(self.name))
+        rank, size = parallel.world()  # several processes: each calibrates on its share, histograms summed
+        mine = loaded[rank::size] if len(loaded) >= size else loaded
         try:
             with torch.no_grad():
-                for count, batch in enumerate(ctx.batches(self.name), 1):
+                for count, batch in enumerate(mine, 1):
                     graph.module(*batch.inputs)
                     ctx.report_progress(f"quantize: calibrating, batch {count}")
         finally:
             for handle in handles:
                 handle.remove()
+        if len(mine) < len(loaded):
+            for seen in observed.values():
+                seen.inputs.merge_ranks()
+                seen.outputs.merge_ranks()
         return observed
 
 

@@ -12,6 +12,7 @@ import math
 
 import torch
 
+from slimfx import parallel
 from slimfx.errors import NonFiniteError, PassSpecError
 
 BINS = 2048
@@ -63,6 +64,18 @@ class AbsHistogram:
         counts = torch.zeros(self.bins, dtype=torch.float64)
         counts.index_add_(0, target, self.counts)
         self.counts, self.upper = counts, top
+
+    def merge_ranks(self) -> None:
+        """Under ``torch.distributed``, make this the histogram of every rank's data (each
+        rank widened to the largest range seen, then the counts summed); a no-op otherwise."""
+        if not parallel.is_distributed():
+            return
+        upper, maximum, negated_minimum = parallel.all_max([self.upper, self.maximum, -self.minimum])
+        if upper > self.upper:
+            self._widen(upper)
+        self.counts = parallel.all_sum(self.counts)
+        self.zeros = int(parallel.all_sum([self.zeros])[0])
+        self.maximum, self.minimum = maximum, -negated_minimum
 
     @property
     def width(self) -> float:

@@ -31,6 +31,7 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
+from slimfx import parallel
 from slimfx.data import Batch
 from slimfx.errors import DataError, InvalidArgumentError
 from slimfx.ir import ops
@@ -246,50 +247,38 @@ def distill(
     points = tuple(hint_points(student, teacher, hints)) if method is Method.KD and hints is not None else ()
     peer = copy.deepcopy(teacher.module) if method is Method.MUTUAL or train_teacher else teacher.module
     peer.requires_grad_(peer is not teacher.module)
-    student_run = with_outputs(student.module, [p.student for p in points], "distill")
-    teacher_run = with_outputs(peer, [p.teacher for p in points], "distill")
     regressors = nn.ModuleList(p.regressor(len(student.info(student.node(p.student)).out_shape or ())) for p in points)
+    trainee = _Trainee(
+        with_outputs(student.module, [p.student for p in points], "distill"),
+        with_outputs(peer, [p.teacher for p in points], "distill"),
+        regressors,
+        _Settings(method, temperature, alpha, hint_weight, joint_weights, trains_peer=peer is not teacher.module),
+    )
+    # several processes: DDP averages the gradients, each rank training on its share of every batch
+    runner = nn.parallel.DistributedDataParallel(trainee) if parallel.is_distributed() else trainee
     apprentice = _has_quantized_layers(student.module)
-
-    def loss(batch: Batch, training: bool = True) -> torch.Tensor:
-        *features, logits = student_run(*batch.inputs)
-        with torch.set_grad_enabled(training and peer is not teacher.module):
-            *targets, teacher_logits = teacher_run(*batch.inputs)
-        logits, teacher_logits = _logits(logits), _logits(teacher_logits)
-        if method is Method.JOINT:
-            return joint_loss(teacher_logits, logits, batch.labels, weights=joint_weights, temperature=temperature)
-        if method is Method.MUTUAL:
-            return mutual_loss([logits, teacher_logits], batch.labels)
-        value = kd_loss(logits, teacher_logits, batch.labels, temperature=temperature, alpha=alpha)
-        for regressor, feature, target in zip(regressors, features, targets):
-            value = value + hint_weight * F.mse_loss(regressor(feature), target.detach())
-        return value
-
     held_out_losses: list[float] = []
     best = {"epoch": -1, "loss": float("inf"), "state": None}
 
     def after_epoch(epoch: int, train_loss: float) -> None:
-        if held_out:
+        if held_out:  # every rank on all of it: the same figure, so the same epoch is kept everywhere
             _set_mode(student.module, peer, False, apprentice)
             with torch.no_grad():
-                value = sum(float(loss(b, training=False)) for b in held_out) / len(held_out)
+                value = sum(float(trainee(b, training=False)) for b in held_out) / len(held_out)
             _set_mode(student.module, peer, True, apprentice)
         else:
-            value = train_loss
+            value = float(parallel.all_sum([train_loss])[0]) / parallel.world()[1]
         held_out_losses.append(value)
         if value < best["loss"]:
             best.update(epoch=epoch, loss=value, state=copy.deepcopy(student.module.state_dict()))
 
-    params = list(student.module.parameters()) + list(regressors.parameters())
-    if peer is not teacher.module:
-        params += list(peer.parameters())
     label = f"distill ({'apprentice' if apprentice and method is Method.KD else method})"
     _set_mode(student.module, peer, True, apprentice)
     try:
         train_losses = fit(
-            [p for p in params if p.requires_grad],
+            [p for p in trainee.parameters() if p.requires_grad],
             list(train),
-            loss,
+            lambda batch: runner(_my_rows(batch)),
             epochs=epochs,
             lr=lr,
             label=label,
@@ -309,6 +298,46 @@ def distill(
         points,
         time.perf_counter() - start,
     )
+
+
+@dataclass(frozen=True)
+class _Settings:
+    method: Method
+    temperature: float
+    alpha: float
+    hint_weight: float
+    joint_weights: tuple[float, float, float]
+    trains_peer: bool
+
+
+class _Trainee(nn.Module):
+    """The student, the teacher (or trainable peer) and the hint regressors as one module whose
+    forward is the loss of a batch: what DistributedDataParallel wraps."""
+
+    def __init__(self, student: nn.Module, teacher: nn.Module, regressors: nn.ModuleList, settings: _Settings):
+        super().__init__()
+        self.student, self.teacher, self.regressors, self.settings = student, teacher, regressors, settings
+
+    def forward(self, batch: Batch, training: bool = True) -> torch.Tensor:
+        s = self.settings
+        *features, logits = self.student(*batch.inputs)
+        with torch.set_grad_enabled(training and s.trains_peer):
+            *targets, teacher_logits = self.teacher(*batch.inputs)
+        logits, teacher_logits = _logits(logits), _logits(teacher_logits)
+        if s.method is Method.JOINT:
+            return joint_loss(teacher_logits, logits, batch.labels, weights=s.joint_weights, temperature=s.temperature)
+        if s.method is Method.MUTUAL:
+            return mutual_loss([logits, teacher_logits], batch.labels)
+        value = kd_loss(logits, teacher_logits, batch.labels, temperature=s.temperature, alpha=s.alpha)
+        for regressor, feature, target in zip(self.regressors, features, targets):
+            value = value + s.hint_weight * F.mse_loss(regressor(feature), target.detach())
+        return value
+
+
+def _my_rows(batch: Batch) -> Batch:
+    """This rank's share of the batch's rows (all of them in a single process)."""
+    labels = None if batch.labels is None else parallel.shard_rows(batch.labels)
+    return Batch(tuple(parallel.shard_rows(t) for t in batch.inputs), labels)
 
 
 def _check(train: Sequence[Batch], method: Method, epochs: int, temperature: float, alpha: float) -> None:

@@ -9,6 +9,7 @@ from nets import randomize_batchnorm
 
 from slimfx import compile
 from slimfx.passes.fold_bn import fold_bn_weights
+from slimfx.report.tables import render_compile
 
 
 def batchnorms(module: nn.Module) -> int:
@@ -125,3 +126,25 @@ def test_a_size_query_on_the_conv_output_does_not_stop_the_fold() -> None:
     (decision,) = result.report.passes[0].decisions
     assert decision.action == "folded", decision.reason
     torch.testing.assert_close(result.module(x), model(x), rtol=1e-5, atol=1e-5)
+
+
+class AmplifiesRounding(nn.Module):
+    """sin of a huge value: float32 rounding of its input decides the output."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.sin(self.bn(self.conv(x)) * 1e7)
+
+
+def test_an_exact_pass_on_a_model_that_amplifies_rounding_is_not_called_verified() -> None:
+    model, x = AmplifiesRounding().eval(), torch.randn(1, 3, 8, 8)
+    randomize_batchnorm(model)
+    result = compile(model, x, "fold-bn")
+    record = result.report.passes[0]
+    assert record.changed and not record.verified
+    (note,) = result.report.notes
+    assert "could not be verified exact" in note and "float64" in note
+    assert "exact, NOT verified" in str(render_compile(result.report))

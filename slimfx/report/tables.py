@@ -205,7 +205,7 @@ def _pass_text(record: PassRecord, tablefmt: str) -> str:
     touched = sum(d.changed_a_layer for d in record.decisions)
     declined = sum(d.declined for d in record.decisions)
     error = "not measured (graph unchanged)" if record.output_error is None else f"{record.output_error:.3g}"
-    exactness = "exact, verified" if record.exact else "lossy"  # the manager checked every exact pass
+    exactness = "lossy" if not record.exact else "exact, verified" if record.verified else "exact, NOT verified"
     head = (
         f"pass {record.spec} ({exactness}): {'changed' if record.changed else 'no change'}, "
         f"{touched} layer(s) changed, {declined} declined, {record.seconds * 1000:.1f} ms, output error {error}"

@@ -89,9 +89,9 @@ def corpus(timm_count: str, torchvision_models: bool) -> list[tuple[str, object]
         import timm
 
         names = sorted({n for family in TIMM_FAMILIES for n in timm.list_models(family)})
-        if timm_count != "all":
-            step = max(1, len(names) // int(timm_count))  # spread over the families, not the first few
-            names = names[::step][: int(timm_count)]
+        if timm_count != "all" and int(timm_count) < len(names):  # spread over the families, not the first few
+            count = int(timm_count)
+            names = [names[i * len(names) // count] for i in range(count)]
         models += [(f"timm:{name}", lambda n=name: timm.create_model(n, pretrained=False)) for name in names]
     return models
 

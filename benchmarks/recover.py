@@ -1,7 +1,7 @@
 """Recovery after pruning by half, then int8: no recovery, fine-tune, KD, KD + hints, PTQ vs Apprentice,
 and the peer route (Torch-Pruning + the same fine-tune + onnxruntime's quantize_static).
 
-    python benchmarks/recover.py [--epochs 3] [--threads 2] [--repeats 20] [--models cnn,resnet18]
+    python benchmarks/recover.py [--epochs 6] [--threads 2] [--repeats 20] [--models cnn,resnet18]
 
 Models trained here on scikit-learn's digits: the tests' digits CNN (8x8) and torchvision's
 resnet18 at 32x32. Every route prunes 50% of the channels by filter L1 norm and trains for the
@@ -49,7 +49,7 @@ class Row:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--epochs", type=int, default=6, help="training epochs of every recovery route")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--models", default="cnn,resnet18")
@@ -60,7 +60,7 @@ def main() -> None:
     if "cnn" in args.models:
         cases.append(("digits CNN (8x8)", trained_cnn(), split()))
     if "resnet18" in args.models:
-        cases.append(("resnet18 (digits 32x32)", *resnet18_on_digits()))
+        cases.append(("resnet18 (digits 32x32)", *resnet18_on_digits(epochs=8)))
     with tempfile.TemporaryDirectory() as folder:
         for label, model, data in cases:
             rows = routes(model, data, args.epochs, Path(folder) / label.split()[0])

@@ -18,7 +18,7 @@ from slimfx.errors import DataError, InvalidArgumentError, PassSpecError
 from slimfx.ir.capture import capture
 from slimfx.ir.rewrite import snapshot
 from slimfx.passes.registry import parse_pipeline
-from slimfx.train.distill import hint_points, joint_loss, kd_loss, mutual_loss, soft_target_loss
+from slimfx.train.distill import hint_loss, hint_points, joint_loss, kd_loss, mutual_loss, soft_target_loss
 
 
 def accuracy(module: nn.Module) -> float:
@@ -50,6 +50,14 @@ def test_kd_loss_matches_a_hand_computation() -> None:
 def test_kd_loss_is_zero_when_the_student_is_the_teacher() -> None:
     logits = torch.randn(8, 10)
     assert float(kd_loss(logits, logits.clone(), temperature=4.0)) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_hint_loss_is_relative_to_the_teachers_feature_scale() -> None:
+    teacher, student = torch.randn(2, 4, 3, 3), torch.randn(2, 4, 3, 3)
+    assert float(hint_loss(teacher, teacher)) == 0.0
+    expected = float(((student - teacher) ** 2).mean() / (teacher**2).mean())
+    assert float(hint_loss(student, teacher)) == pytest.approx(expected, rel=1e-6)
+    assert float(hint_loss(1000 * student, 1000 * teacher)) == pytest.approx(expected, rel=1e-5)
 
 
 def test_joint_and_mutual_losses_are_their_terms() -> None:

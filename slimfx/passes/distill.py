@@ -74,7 +74,7 @@ class Distill(Pass):
     temperature: float = 4.0
     alpha: float = 0.5
     hints: tuple[str, ...] = ("auto",)
-    hint_weight: float = 1.0
+    hint_weight: float = 0.05
     method: Literal["kd", "joint", "mutual"] = "kd"
     train_teacher: bool = False
 

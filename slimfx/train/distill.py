@@ -5,7 +5,8 @@ Methods, each a loss over a batch:
 - **KD** (Hinton et al.): ``alpha * CE(labels) + (1 - alpha) * T^2 * KL(softmax(t/T) || softmax(s/T))``;
   without labels, pure soft-target KD, so unlabeled data works.
 - **FitNet hints** (Romero et al.), added to KD: MSE between student and teacher features at
-  matched nodes, through a learned 1x1 conv where the widths differ. Points are found
+  matched nodes (relative to the teacher feature's mean square), through a learned 1x1 conv
+  where the widths differ. Points are found
   automatically (nodes that dominate the output in the teacher and keep their name in the
   student: block outputs) or named by module path. The regressors are dropped after training.
 - **Apprentice** (Mishra & Marr): KD on a quantized student, whose forward is fake-quantized
@@ -70,6 +71,13 @@ def kd_loss(
     if labels is None:
         return soft
     return alpha * F.cross_entropy(student, labels) + (1 - alpha) * soft
+
+
+def hint_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """FitNet's feature MSE, relative to the teacher feature's mean square, so that a hint weighs
+    the same whatever the scale of the features at its point."""
+    target = teacher.detach()
+    return F.mse_loss(student, target) / target.pow(2).mean().clamp_min(1e-12)
 
 
 def joint_loss(
@@ -230,7 +238,7 @@ def distill(
     temperature: float = 4.0,
     alpha: float = 0.5,
     hints: Sequence[str] | None = (),
-    hint_weight: float = 1.0,
+    hint_weight: float = 0.05,
     joint_weights: tuple[float, float, float] = (1.0, 1.0, 1.0),
     train_teacher: bool = False,
     progress: Callable[[str], None] | None = None,
@@ -330,7 +338,7 @@ class _Trainee(nn.Module):
             return mutual_loss([logits, teacher_logits], batch.labels)
         value = kd_loss(logits, teacher_logits, batch.labels, temperature=s.temperature, alpha=s.alpha)
         for regressor, feature, target in zip(self.regressors, features, targets):
-            value = value + s.hint_weight * F.mse_loss(regressor(feature), target.detach())
+            value = value + s.hint_weight * hint_loss(regressor(feature), target)
         return value
 
 

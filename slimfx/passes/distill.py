@@ -45,7 +45,8 @@ class DistillDetails(Details):
 
     def summary_lines(self) -> tuple[str, ...]:
         epochs = ", ".join(f"{t:.4f}/{h:.4f}" for t, h in zip(self.train_losses, self.held_out_losses))
-        lines = [f"loss per epoch (train/held-out): {epochs}; kept epoch {self.best_epoch}"]
+        kept = f"kept epoch {self.best_epoch}" if self.best_epoch else "kept the starting weights (epoch 0)"
+        lines = [f"loss per epoch (train/held-out): {epochs}; {kept}"]
         if self.hints:
             lines.append("hint points: " + ", ".join(self.hints))
         return tuple(lines)
@@ -148,10 +149,12 @@ class Distill(Pass):
             change = f"{where} accuracy {before.accuracy:.1%} -> {after.accuracy:.1%} (teacher {teacher_accuracy:.1%})"
         else:
             change = f"{where} agreement with the teacher {before.agreement:.1%} -> {after.agreement:.1%}"
-        reason = (
-            f"{what}{hints}, {self.epochs} epochs in {outcome.seconds:.1f} s: {change}; "
+        kept = (
             f"kept epoch {outcome.best_epoch} (lowest {where} loss)"
+            if outcome.best_epoch
+            else f"kept the weights it started from (no epoch lowered the {where} loss)"
         )
+        reason = f"{what}{hints}, {self.epochs} epochs in {outcome.seconds:.1f} s: {change}; {kept}"
         details = DistillDetails(
             str(outcome.method),
             outcome.apprentice,

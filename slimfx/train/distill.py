@@ -246,9 +246,10 @@ def distill(
     """Train ``student`` (its module, in place) from ``teacher`` on ``train`` batches.
 
     ``hints``: ``None`` for no hints, ``()`` for automatic points, or module paths (KD only).
-    After each epoch the loss on ``held_out`` (the train loss when there is none) decides the
-    epoch whose weights are kept. The teacher is left unchanged unless ``train_teacher``
-    (joint) or ``method`` is mutual, which train a copy of it.
+    After each epoch the loss on ``held_out`` (without hint terms; the train loss when there is
+    no held-out data) decides the epoch whose weights are kept; the weights before training
+    compete as epoch 0, so the held-out loss never ends higher than it began. The teacher is
+    left unchanged unless ``train_teacher`` (joint) or ``method`` is mutual, which train a copy of it.
     """
     _check(train, method, epochs, temperature, alpha)
     start = time.perf_counter()
@@ -266,16 +267,23 @@ def distill(
     runner = nn.parallel.DistributedDataParallel(trainee) if parallel.is_distributed() else trainee
     apprentice = _has_quantized_layers(student.module)
     held_out_losses: list[float] = []
-    best = {"epoch": -1, "loss": float("inf"), "state": None}
+
+    def held_out_loss() -> float:
+        """The loss without hint terms on all held-out batches (every rank on all of them: the
+        same figure, so the same epoch is kept everywhere)."""
+        _set_mode(student.module, peer, False, apprentice)
+        with torch.no_grad():
+            value = sum(float(trainee(b, training=False)) for b in held_out) / len(held_out)
+        _set_mode(student.module, peer, True, apprentice)
+        return value
+
+    # the weights before training compete too (epoch 0): distillation never hands back worse
+    best = {"epoch": -1, "loss": held_out_loss() if held_out else float("inf"), "state": None}
+    if held_out:
+        best["state"] = copy.deepcopy(student.module.state_dict())
 
     def after_epoch(epoch: int, train_loss: float) -> None:
-        if held_out:  # every rank on all of it: the same figure, so the same epoch is kept everywhere
-            _set_mode(student.module, peer, False, apprentice)
-            with torch.no_grad():
-                value = sum(float(trainee(b, training=False)) for b in held_out) / len(held_out)
-            _set_mode(student.module, peer, True, apprentice)
-        else:
-            value = float(parallel.all_sum([train_loss])[0]) / parallel.world()[1]
+        value = held_out_loss() if held_out else float(parallel.all_sum([train_loss])[0]) / parallel.world()[1]
         held_out_losses.append(value)
         if value < best["loss"]:
             best.update(epoch=epoch, loss=value, state=copy.deepcopy(student.module.state_dict()))
@@ -327,6 +335,7 @@ class _Trainee(nn.Module):
         self.student, self.teacher, self.regressors, self.settings = student, teacher, regressors, settings
 
     def forward(self, batch: Batch, training: bool = True) -> torch.Tensor:
+        """The batch's loss; held-out evaluation (``training=False``) leaves the hint terms out."""
         s = self.settings
         *features, logits = self.student(*batch.inputs)
         with torch.set_grad_enabled(training and s.trains_peer):
@@ -337,6 +346,8 @@ class _Trainee(nn.Module):
         if s.method is Method.MUTUAL:
             return mutual_loss([logits, teacher_logits], batch.labels)
         value = kd_loss(logits, teacher_logits, batch.labels, temperature=s.temperature, alpha=s.alpha)
+        if not training:
+            return value
         for regressor, feature, target in zip(self.regressors, features, targets):
             value = value + s.hint_weight * hint_loss(regressor(feature), target)
         return value

@@ -212,3 +212,17 @@ def test_tracing_leaves_no_proxy_in_the_model() -> None:
     second = capture(model, x)  # would read a node of the first trace otherwise
     torch.testing.assert_close(second.run(x), first.run(x))
     torch.testing.assert_close(second.run(x), model(x))
+
+
+def test_fixed_shape_tracing_runs_a_leaf_with_children_without_recording_them() -> None:
+    class WithBlock(ResizesOddInputs):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU())  # a leaf that calls children
+
+    model, x = WithBlock().eval(), torch.randn(2, 3, 6, 6)
+    graph = capture(model, x, leaf_modules=["conv"])
+    assert graph.fixed_shapes
+    assert [str(n.target) for n in graph.nodes() if n.op == "call_module"] == ["conv", "head"]
+    assert not [name for name, _ in graph.module.named_buffers() if name.startswith("_tensor_constant")]
+    torch.testing.assert_close(graph.run(x), model(x))

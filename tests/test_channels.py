@@ -239,3 +239,23 @@ class CrossChannelGroupNorm(nn.Module):
 def test_group_norm_over_several_channels_blocks_its_group() -> None:
     (reason,) = group_of(analyze(CrossChannelGroupNorm()), "a.0").blocked
     assert "normalizes across channels" in reason
+
+
+class NegativeSlice(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = conv_bn(3, 10), conv_bn(8, 8)
+        self.head = nn.Linear(8, 5)
+
+    def forward(self, x):
+        return self.head(self.b(self.a(x)[:, :-2]).mean((2, 3)))
+
+
+def test_a_slice_with_a_negative_bound_is_rewritten_from_the_front() -> None:
+    analysis = analyze(NegativeSlice())
+    (cut,) = analysis.literals
+    removed = torch.zeros(analysis.num_units, dtype=torch.bool)
+    removed[cut.units[9]] = True  # a channel the slice drops anyway: :-2 would now keep one too few
+    assert cut.argument_after(removed) == (slice(None), slice(0, 8))
+    removed[:] = False
+    assert cut.argument_after(removed) is None

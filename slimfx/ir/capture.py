@@ -103,10 +103,10 @@ def capture(
     """
     if isinstance(example_inputs, torch.Tensor):
         example_inputs = (example_inputs,)
-    if isinstance(model, fx.GraphModule):
+    if isinstance(model, fx.GraphModule):  # the caller's own graph: annotated, not rewritten
         graph = Graph(model, tuple(example_inputs))
         ensure_shapes(graph)
-        return _with_layers_taken(graph)
+        return graph
     inputs = _inputs_by_name(model, tuple(example_inputs), concrete_args)
     leaves, opaque, fixed = list(leaf_modules), [], None
     while True:

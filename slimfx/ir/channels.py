@@ -141,12 +141,11 @@ class ChannelSlice:
 
     def argument_after(self, removed: torch.Tensor) -> tuple[Any, ...] | None:
         """The index once ``removed`` units are gone, or None when it does not change."""
+        if not removed[self.units].any():
+            return None  # as written (negative bounds included) it still cuts the same channels
         kept = torch.cat([torch.zeros(1, dtype=torch.long), torch.cumsum((~removed[self.units]).long(), 0)])
-        old = self.index[self.entry]
-        start, stop, _ = old.indices(len(self.units))
-        new = slice(int(kept[start]), int(kept[max(stop, start)]))
-        if (new.start, new.stop) == (start, stop):
-            return None
+        start, stop, _ = self.index[self.entry].indices(len(self.units))
+        new = slice(int(kept[start]), int(kept[max(stop, start)]))  # non-negative: counted from the front
         return (*self.index[: self.entry], new, *self.index[self.entry + 1 :])
 
 

@@ -83,9 +83,9 @@ def fixed_shape_tracer(base: type[fx.Tracer], inputs: Mapping[str, torch.Tensor]
 
         def _evaluate(self, kind: str, target: Any, args: Any, kwargs: Any) -> Any:
             if kind == "placeholder":
-                return inputs[str(target).lstrip("*")]
+                return inputs[str(target).lstrip("*")].clone()  # in-place ops must not touch the caller's tensor
             args, kwargs = _real(args, self.values), _real(kwargs, self.values)
-            self.evaluating = True  # modules read their real parameters, and calls are not traced
+            outer, self.evaluating = self.evaluating, True  # modules read real parameters; calls are not traced
             try:
                 with torch.no_grad():
                     if kind == "get_attr":
@@ -98,7 +98,12 @@ def fixed_shape_tracer(base: type[fx.Tracer], inputs: Mapping[str, torch.Tensor]
                         return _orig_module_call(self.root.get_submodule(str(target)), *args, **kwargs)
                 return None
             finally:
-                self.evaluating = False
+                self.evaluating = outer
+
+        def call_module(self, m: torch.nn.Module, forward: Any, args: Any, kwargs: Any) -> Any:
+            if self.evaluating:  # a leaf running on real tensors calls its children: run them, record nothing
+                return forward(*args, **kwargs)
+            return super().call_module(m, forward, args, kwargs)
 
         def getattr(self, attr: str, attr_val: Any, parameter_proxy_cache: dict[str, Any]) -> Any:
             if self.evaluating:

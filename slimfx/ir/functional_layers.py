@@ -38,13 +38,14 @@ def functional_batch_norms_as_layers(graph: Graph) -> tuple[TakenLayer, ...]:
             layer = _as_layer(graph, node)
             if layer is None:
                 continue
-            module, path = layer
-            rewriter.replace_with_module(node, path, module, (node.args[0],))
+            module, path, source = layer
+            rewriter.replace_with_module(node, path, module, (source,))
             taken.append(TakenLayer(node.name, path, type(module).__name__))
     return tuple(taken)
 
 
-def _as_layer(graph: Graph, node: fx.Node) -> tuple[nn.Module, str] | None:
+def _as_layer(graph: Graph, node: fx.Node) -> tuple[nn.Module, str, fx.Node] | None:
+    """The BatchNorm layer ``node`` stands for, its path, and its input node; None if it is not one."""
     bound = _DEFAULTS | dict(zip(_ARGUMENTS, node.args)) | dict(node.kwargs)
     tensors = {k: bound.get(k) for k in ("running_mean", "running_var", "weight", "bias")}
     if bound["training"] is not False or not isinstance(bound["input"], fx.Node):
@@ -65,7 +66,7 @@ def _as_layer(graph: Graph, node: fx.Node) -> tuple[nn.Module, str] | None:
     module.running_mean, module.running_var = values["running_mean"], values["running_var"]
     if "weight" in values:
         module.weight, module.bias = _parameter(values["weight"]), _parameter(values["bias"])
-    return module, _path_for(graph, node, [str(v.target) for v in tensors.values() if v is not None])
+    return module, _path_for(graph, node, [str(v.target) for v in tensors.values() if v is not None]), bound["input"]
 
 
 def _path_for(graph: Graph, node: fx.Node, targets: list[str]) -> str:

@@ -121,10 +121,16 @@ def trial_run(graph: Graph, modules: dict[str, nn.Module], arguments: dict[str, 
     and ``arguments`` (node name -> (args, kwargs)) in place, or None when it runs. Nothing is
     changed: a pass checks its edits with this before making them."""
     interpreter = _TrialRun(graph.module, modules, arguments)
+    modes = {m: m.training for m in (*graph.module.modules(), *modules.values())}
+    for m in modes:  # eval: no BatchNorm statistics move
+        m.training = False
     try:
         _run(interpreter, graph.example_inputs)
     except Exception as exc:
-        return _describe_failure(graph, interpreter.current, exc, hint="")
+        return _describe_failure(graph, interpreter.current, exc, hint="", what="the trial run")
+    finally:
+        for m, training in modes.items():
+            m.training = training
     return None
 
 
@@ -136,11 +142,13 @@ def _run(interpreter: fx.Interpreter, inputs: Any) -> None:
 _INPUT_HINT = ". Check that the input shape matches what the model expects (--input-shape)."
 
 
-def _describe_failure(graph: Graph, node: fx.Node | None, exc: Exception, hint: str = _INPUT_HINT) -> str:
+def _describe_failure(
+    graph: Graph, node: fx.Node | None, exc: Exception, hint: str = _INPUT_HINT, what: str = "shape propagation"
+) -> str:
     shapes = ", ".join(str(tuple(t.shape)) for t in graph.example_inputs if isinstance(t, torch.Tensor))
     first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
     if node is None:
-        return f"shape propagation failed for inputs of shape {shapes}: {first_line}"
+        return f"{what} failed for inputs of shape {shapes}: {first_line}"
     where = f"node '{node.name}'"
     if node.op == "call_module":
         module = graph.module.get_submodule(str(node.target))
@@ -150,4 +158,4 @@ def _describe_failure(graph: Graph, node: fx.Node | None, exc: Exception, hint: 
     source = node_source_line(node)
     if source:
         where += f" at {source}"
-    return f"shape propagation failed at {where} for inputs of shape {shapes}: {first_line}{hint}"
+    return f"{what} failed at {where} for inputs of shape {shapes}: {first_line}{hint}"

@@ -417,21 +417,33 @@ class Quantize(Pass):
                     seen.sample = args[0].detach()
 
             handles.append(graph.submodule(point.node).register_forward_hook(hook))
-        loaded = list(ctx.batches(self.name))
-        rank, size = parallel.world()  # several processes: each calibrates on its share, histograms summed
-        mine = loaded[rank::size] if len(loaded) >= size else loaded
+        rank, size = parallel.world()
+        stream = ctx.batches(self.name)
+        if size > 1:  # several processes: each calibrates on its share, histograms merged after
+            loaded = list(stream)
+            stream = iter(loaded[rank::size] if len(loaded) >= size else loaded)
+        failure: Exception | None = None
         try:
             with torch.no_grad():
-                for count, batch in enumerate(mine, 1):
+                for count, batch in enumerate(stream, 1):
                     graph.module(*batch.inputs)
                     ctx.report_progress(f"quantize: calibrating, batch {count}")
+        except Exception as exc:  # under torch.distributed, every rank must hear of it before merging
+            failure = exc
         finally:
             for handle in handles:
                 handle.remove()
-        if len(mine) < len(loaded):
-            for seen in observed.values():
-                seen.inputs.merge_ranks()
-                seen.outputs.merge_ranks()
+        if size > 1:
+            if parallel.all_sum([failure is not None])[0] > 0:
+                if failure is not None:
+                    raise failure
+                raise NonFiniteError("quantize: calibration failed on another process; see its error")
+            if len(loaded) >= size:
+                for seen in observed.values():
+                    seen.inputs.merge_ranks()
+                    seen.outputs.merge_ranks()
+        elif failure is not None:
+            raise failure
         return observed
 
 

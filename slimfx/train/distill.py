@@ -252,6 +252,7 @@ def distill(
     left unchanged unless ``train_teacher`` (joint) or ``method`` is mutual, which train a copy of it.
     """
     _check(train, method, epochs, temperature, alpha)
+    _check_shards(train, student.fixed_shapes)
     start = time.perf_counter()
     points = tuple(hint_points(student, teacher, hints)) if method is Method.KD and hints is not None else ()
     peer = copy.deepcopy(teacher.module) if method is Method.MUTUAL or train_teacher else teacher.module
@@ -266,21 +267,21 @@ def distill(
     # several processes: DDP averages the gradients, each rank training on its share of every batch
     runner = nn.parallel.DistributedDataParallel(trainee) if parallel.is_distributed() else trainee
     apprentice = _has_quantized_layers(student.module)
+    frozen = [t.path for t in student.taken_layers]
     held_out_losses: list[float] = []
 
     def held_out_loss() -> float:
         """The loss without hint terms on all held-out batches (every rank on all of them: the
         same figure, so the same epoch is kept everywhere)."""
-        _set_mode(student.module, peer, False, apprentice)
+        _set_mode(student.module, peer, False, apprentice, frozen)
         with torch.no_grad():
             value = sum(float(trainee(b, training=False)) for b in held_out) / len(held_out)
-        _set_mode(student.module, peer, True, apprentice)
+        _set_mode(student.module, peer, True, apprentice, frozen)
         return value
 
     # the weights before training compete too (epoch 0): distillation never hands back worse
-    best = {"epoch": -1, "loss": held_out_loss() if held_out else float("inf"), "state": None}
-    if held_out:
-        best["state"] = copy.deepcopy(student.module.state_dict())
+    start_loss = held_out_loss() if held_out else float("inf")
+    best = {"epoch": -1, "loss": start_loss, "state": copy.deepcopy(student.module.state_dict())}
 
     def after_epoch(epoch: int, train_loss: float) -> None:
         value = held_out_loss() if held_out else float(parallel.all_sum([train_loss])[0]) / parallel.world()[1]
@@ -289,7 +290,7 @@ def distill(
             best.update(epoch=epoch, loss=value, state=copy.deepcopy(student.module.state_dict()))
 
     label = f"distill ({'apprentice' if apprentice and method is Method.KD else method})"
-    _set_mode(student.module, peer, True, apprentice)
+    _set_mode(student.module, peer, True, apprentice, frozen)
     try:
         train_losses = fit(
             [p for p in trainee.parameters() if p.requires_grad],
@@ -302,7 +303,7 @@ def distill(
             after_epoch=after_epoch,
         )
     finally:
-        _set_mode(student.module, peer, False, apprentice)
+        _set_mode(student.module, peer, False, apprentice, frozen)
         teacher.module.eval()
     student.module.load_state_dict(best["state"])
     return DistillOutcome(
@@ -353,6 +354,23 @@ class _Trainee(nn.Module):
         return value
 
 
+def _check_shards(train: Sequence[Batch], fixed_shapes: bool) -> None:
+    """Under torch.distributed each rank trains on an equal share of every batch's rows: the
+    same check on every rank (the data is the same), so all fail together or none."""
+    size = parallel.world()[1]
+    if size > 1 and fixed_shapes:
+        raise DataError(
+            f"distill on {size} processes splits every batch's rows, but this model was traced at fixed shapes "
+            "and runs on its example's batch size only: run it in one process"
+        )
+    uneven = [i for i, b in enumerate(train) if b.rows % size]
+    if size > 1 and uneven:
+        raise DataError(
+            f"distill on {size} processes splits every batch's rows evenly: batch {uneven[0]} has "
+            f"{train[uneven[0]].rows} rows; give batches whose row count is a multiple of {size}"
+        )
+
+
 def _my_rows(batch: Batch) -> Batch:
     """This rank's share of the batch's rows (all of them in a single process)."""
     labels = None if batch.labels is None else parallel.shard_rows(batch.labels)
@@ -381,13 +399,27 @@ def _logits(output: object) -> torch.Tensor:
     return output
 
 
-def _set_mode(student: nn.Module, peer: nn.Module, training: bool, freeze_batchnorm: bool) -> None:
+def _set_mode(
+    student: nn.Module, peer: nn.Module, training: bool, freeze_batchnorm: bool, frozen: Sequence[str] = ()
+) -> None:
     student.train(training)
+    for path in frozen:  # norms that were functional with fixed statistics stay fixed
+        module = student.get_submodule(path) if _has_submodule(student, path) else None
+        if module is not None:
+            module.eval()
     peer.train(training and any(p.requires_grad for p in peer.parameters()))  # a frozen teacher stays in eval
     if freeze_batchnorm:  # Apprentice: the quantized graph's statistics stay as calibrated
         for m in student.modules():
             if isinstance(m, nn.modules.batchnorm._BatchNorm):
                 m.eval()
+
+
+def _has_submodule(module: nn.Module, path: str) -> bool:
+    try:
+        module.get_submodule(path)
+    except AttributeError:
+        return False
+    return True
 
 
 def _has_quantized_layers(module: nn.Module) -> bool:

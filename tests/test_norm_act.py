@@ -50,7 +50,7 @@ def test_prunes_as_a_batchnorm_and_quantize_fuses_its_relu() -> None:
 
 
 timm = pytest.importorskip("timm")
-TIMM_MODELS = ["efficientnet_b0", "mobilenetv3_small_100", "regnety_002", "cspdarknet53"]
+TIMM_MODELS = ["efficientnet_b0", "mobilenetv3_small_100", "regnety_002", "cspdarknet53", "tf_efficientnet_b0"]
 
 
 @pytest.mark.corpus
@@ -69,7 +69,7 @@ def test_timm_cnns_fold_and_prune(name: str) -> None:
 
 
 @pytest.mark.corpus
-@pytest.mark.parametrize("name", ["tf_efficientnet_b0", "mobilevit_xxs"])
+@pytest.mark.parametrize("name", ["mobilevit_xxs"])
 def test_timm_models_that_branch_on_shapes_capture_with_opaque_parts(name: str) -> None:
     net, x = timm.create_model(name, pretrained=False).eval(), torch.randn(1, 3, 64, 64)
     report = analyze(net, x)
@@ -80,3 +80,11 @@ def test_timm_models_that_branch_on_shapes_capture_with_opaque_parts(name: str) 
     opaque_layers = set(report.opaque)
     changed = {d.target for d in result.report.passes[0].decisions if d.action == "pruned"}
     assert not changed & opaque_layers
+
+
+@pytest.mark.corpus
+def test_timm_same_padded_convs_are_taken_as_pad_and_conv() -> None:
+    net, x = timm.create_model("tf_efficientnet_b0", pretrained=False).eval(), torch.randn(1, 3, 64, 64)
+    report = analyze(net, x)
+    assert not report.opaque and len(report.taken_layers) == 5
+    assert all("Conv2dSame" in t and "ZeroPad2d + Conv2d" in t for t in report.taken_layers)

@@ -14,6 +14,7 @@ from slimfx.ir import ops
 from slimfx.ir.fixed_shapes import fixed_shape_tracer
 from slimfx.ir.functional_layers import functional_batch_norms_as_layers
 from slimfx.ir.graph import Graph
+from slimfx.ir.same_padding import same_convs_as_layers
 from slimfx.ir.shapes import ensure_shapes
 from slimfx.ir.source import exception_source_line
 
@@ -135,8 +136,11 @@ def capture(
 
 
 def _with_layers_taken(graph: Graph) -> Graph:
-    """``graph`` with functional batch norms over constants made layers (``Graph.taken_layers``)."""
-    graph.taken_layers = functional_batch_norms_as_layers(graph)
+    """``graph`` with opaque "same" convs and functional batch norms over constants made the
+    standard layers they stand for (``Graph.taken_layers``)."""
+    graph.taken_layers = same_convs_as_layers(graph)
+    ensure_shapes(graph)
+    graph.taken_layers += functional_batch_norms_as_layers(graph)
     ensure_shapes(graph)
     return graph
 

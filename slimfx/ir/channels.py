@@ -39,7 +39,7 @@ from slimfx.ir.source import node_source_line
 _PASS_THROUGH = (
     ops.ACTIVATIONS | ops.CLAMP | ops.DROPOUT | ops.IDENTITY | ops.CASTS | ops.op_set((), (operator.neg,), ("neg",))
 )  # channel c of the output is channel c of the input
-_SPATIAL = ops.POOLS | ops.RESIZE  # channel dim kept, spatial dims mixed
+_SPATIAL = ops.POOLS | ops.RESIZE | ops.PADDING  # channel dim kept, spatial dims mixed (or padded)
 _APPLY = ops.op_set(
     (),
     (torch.flatten, torch.transpose, torch.permute, torch.squeeze, torch.unsqueeze, operator.getitem),

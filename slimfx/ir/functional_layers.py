@@ -40,7 +40,7 @@ def functional_batch_norms_as_layers(graph: Graph) -> tuple[TakenLayer, ...]:
                 continue
             module, path, source = layer
             rewriter.replace_with_module(node, path, module, (source,))
-            taken.append(TakenLayer(node.name, path, type(module).__name__))
+            taken.append(TakenLayer(f"F.batch_norm at node '{node.name}'", path, type(module).__name__))
     return tuple(taken)
 
 

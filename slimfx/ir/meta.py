@@ -98,15 +98,17 @@ class NodeInfo:
 
 @dataclass(frozen=True)
 class TakenLayer:
-    """A functional call capture replaced by the layer it stands for: the call's node name, the
-    layer's module path and type (``F.batch_norm`` over constant statistics -> ``BatchNorm2d``)."""
+    """Something capture replaced by the standard layers it stands for: what it was (``source``,
+    e.g. ``F.batch_norm at node 'bn_batch_norm'``), the new layers' path and types, and any
+    condition on the replacement (``note``)."""
 
-    node: str
+    source: str
     path: str
     layer: str
+    note: str = ""
 
     def __str__(self) -> str:
-        return f"F.batch_norm at node '{self.node}' -> {self.layer} '{self.path}'"
+        return f"{self.source} -> {self.layer} '{self.path}'" + (f" ({self.note})" if self.note else "")
 
 
 def node_kind(node: fx.Node, module: torch.nn.Module | None) -> str:

@@ -115,7 +115,7 @@ def _uncounted_text(report: Report) -> str:
             f"shape {shapes} only\n"
         )
     if report.taken_layers:
-        opaque += "functional calls taken as layers: " + "; ".join(report.taken_layers) + "\n"
+        opaque += "taken as standard layers: " + "; ".join(report.taken_layers) + "\n"
     if not report.uncounted:
         return opaque + "uncounted ops: none (every node has a cost rule)"
     items = "\n".join(f"  {r.name} ({r.label}): {r.rule}" for r in report.uncounted)

@@ -90,6 +90,7 @@ def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="slimfx", description="Graph-rewriting compiler for efficient PyTorch models.")
+    parser.add_argument("--version", action="version", version=f"slimfx {_version()}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     report = sub.add_parser("report", help="where the cost goes, node by node")
@@ -220,6 +221,12 @@ def cmd_compile(args: argparse.Namespace) -> None:
     sys.stdout.write(render_compile(result.report, args.format))
     if args.output:
         print(f"saved the compiled model to {args.output}", file=sys.stderr)
+
+
+def _version() -> str:
+    from slimfx import __version__
+
+    return __version__
 
 
 def _join_process_group() -> None:

@@ -372,3 +372,10 @@ def test_the_same_seed_gives_the_same_random_weights_and_figures(capsys: pytest.
     runs = [json.loads(run(capsys, *args, "--repeats", "0", "--seed", seed)[1]) for seed in ("3", "3", "4")]
     errors = [r["output_error"] for r in runs]
     assert errors[0] == errors[1] != errors[2]
+
+
+def test_version(capsys: pytest.CaptureFixture[str]) -> None:
+    import slimfx
+
+    code, out, _ = run(capsys, "--version")
+    assert code == 0 and out.strip() == f"slimfx {slimfx.__version__}"

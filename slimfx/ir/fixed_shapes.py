@@ -121,20 +121,4 @@ def fixed_shape_tracer(base: type[fx.Tracer], inputs: Mapping[str, torch.Tensor]
 
 def _real(value: Any, values: dict[fx.Node, Any]) -> Any:
     """``value`` with every proxy replaced by its node's real value (KeyError when unknown)."""
-
-    def replace(item: Any) -> Any:
-        if isinstance(item, fx.Proxy):
-            return values[item.node]
-        return item
-
-    return _map(value, replace)
-
-
-def _map(value: Any, fn: Any) -> Any:
-    if isinstance(value, (tuple, list)):
-        return type(value)(_map(v, fn) for v in value)
-    if isinstance(value, dict):
-        return {k: _map(v, fn) for k, v in value.items()}
-    if isinstance(value, slice):
-        return slice(_map(value.start, fn), _map(value.stop, fn), _map(value.step, fn))
-    return fn(value)
+    return fx.node.map_aggregate(value, lambda item: values[item.node] if isinstance(item, fx.Proxy) else item)

@@ -47,7 +47,9 @@ class Graph:
         self.example_inputs = tuple(example_inputs)
         self.opaque = opaque  # module paths capture kept whole because they do not trace
         self.fixed_shapes = fixed_shapes  # traced at the example input shapes: holds for those only
-        self.taken_layers: tuple[TakenLayer, ...] = ()  # functional calls capture made into layers
+        self.taken_layers: tuple[
+            TakenLayer, ...
+        ] = ()  # what capture replaced by standard layers (F.batch_norm, Conv2dSame)
         self.version = 0
         self._cache: dict[str, tuple[int, Any]] = {}
 

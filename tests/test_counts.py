@@ -8,6 +8,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
+from slimfx import analyze
 from slimfx.cost_model.counts import (
     attention_macs,
     conv_macs,
@@ -192,3 +193,12 @@ def test_vit_counts_attention_that_flop_counter_misses() -> None:
     attention = layers * attention_macs(1, tokens, tokens, dim, dim)  # Q K^T and A V
     assert total.macs == projections_and_mlp + attention
     assert abs(total.macs / 1e9 - 17.56) < 0.01  # torchvision's published 17.56 GFLOPS (MACs)
+
+
+def test_reshape_as_is_a_free_view() -> None:
+    class ReshapeAs(torch.nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x.flatten(1).reshape_as(x)
+
+    report = analyze(ReshapeAs(), torch.randn(1, 3, 4, 4))
+    assert report.uncounted == () and report.totals.macs == 0

@@ -160,7 +160,9 @@ PADDING = op_set((nn.ZeroPad2d, nn.ConstantPad2d, nn.ReflectionPad2d, nn.Replica
 
 # -- shape and data movement ----------------------------------------------------------------------------
 RESHAPES = op_set(
-    (nn.Flatten, nn.Unflatten), (torch.flatten, torch.reshape), ("view", "reshape", "flatten", "unflatten", "view_as")
+    (nn.Flatten, nn.Unflatten),
+    (torch.flatten, torch.reshape),
+    ("view", "reshape", "flatten", "unflatten", "view_as", "reshape_as"),
 )
 TRANSPOSES = op_set((), (torch.permute, torch.transpose, torch.swapaxes, torch.t), ("permute", "transpose", "t"))
 SQUEEZES = op_set((), (torch.squeeze, torch.unsqueeze), ("squeeze", "unsqueeze"))

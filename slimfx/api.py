@@ -16,7 +16,9 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
+from slimfx.backends.compare import ORIGINAL, RuntimeComparison, compare_runtimes
 from slimfx.backends.early_exit import EarlyExitModel
+from slimfx.backends.runtimes import RuntimeChoice, choose_runtimes
 from slimfx.backends.timing import baseline_name, module_latency_ms
 from slimfx.cost_model.counts import ensure_costs
 from slimfx.data import Batch, batches, check_reusable
@@ -99,6 +101,14 @@ class CompileResult:
         self.report = replace(self.report, onnx=measurement)
         return measurement
 
+    def save_runtime_artifact(self, runtime: str, path: str | Path) -> list[Path]:
+        """Write the compiled model as ``runtime`` deploys it (``.onnx`` for onnxruntime, OpenVINO
+        IR ``.xml`` + ``.bin`` for openvino, the slimfx format for the torch runtimes); returns the files."""
+        from slimfx.backends.runtimes import Workspace, get_runtime
+
+        with Workspace(self.graph.example_inputs) as workspace:
+            return get_runtime(runtime).session(self.module, workspace).save(path)
+
     def to_torch_int8(self) -> Any:
         """The quantized module lowered onto torch's int8 CPU kernels (``backends.torch_int8.Lowered``:
         the module, the kernels it calls and what still runs in float)."""
@@ -134,6 +144,7 @@ def compile(
     progress: Any = None,
     allow_non_finite: bool = False,
     capture_fallback: bool = True,
+    runtime: str | None = None,
 ) -> CompileResult:
     """Run the ``passes`` pipeline on a copy of ``model``; the original is left untouched.
 
@@ -144,12 +155,19 @@ def compile(
     measured eager latency before/after. Outputs that hold inf or nan cannot be verified: that
     is an error naming the node where they first appear, or, with ``allow_non_finite``, a
     warning in the report's notes.
+
+    ``runtime`` (``torch``, ``torch-bf16``, ``torch-int8``, ``onnxruntime``, ``onnxruntime-int8``,
+    ``openvino``, ``openvino-int8``, or ``auto`` for every installed one) measures the compiled
+    model there, and the original in that runtime's float flavour, side by side, with each
+    session's output agreement with the original (``CompileReport.runtimes``; ``latency_repeats``
+    runs each, 20 when 0).
     """
     inputs = _as_tuple(example_inputs)
     manager = PassManager(
         resolve_passes(passes), tolerance=tolerance, allow_non_finite=allow_non_finite
     )  # requirements and order, before any work
     check_data(manager.passes, calib_data, train_data)
+    runtimes = None if runtime is None else choose_runtimes(runtime, any(p.quantizes for p in manager.passes))
     for data, what in ((calib_data, "calib_data"), (train_data, "train_data")):
         if data is not None:
             check_reusable(data, what)
@@ -174,7 +192,11 @@ def compile(
     module = run.module
     error = compare_outputs(run.outputs_before, run.outputs_after).relative_error
     latency, int8, notes = None, None, tuple(f"WARNING: {w}" for w in run.warnings)
-    if latency_repeats > 0:
+    comparison = None
+    if runtimes is not None:
+        comparison = _compare(model, module, runtimes, inputs, calib_data, latency_repeats or 20, fixed_rows, progress)
+        latency = _headline(comparison)
+    elif latency_repeats > 0:
         exit_data = calib_data if run.exit_plan else None
         latency, int8 = _measure_latency(model, module, inputs, exit_data, latency_repeats, fixed_rows)
     if run.exit_plan is not None:
@@ -182,8 +204,45 @@ def compile(
             f"the after totals count the model without its exit heads; the heads add "
             f"{run.exit_plan.head_macs_per_sample:,} MACs per sample in all, included in the early-exit costs above",
         )
-    report = CompileReport(before, after, run.records, error, latency, notes, run.exit_plan, torch_int8=int8)
+    report = CompileReport(
+        before, after, run.records, error, latency, notes, run.exit_plan, torch_int8=int8, runtimes=comparison
+    )
     return CompileResult(module, graph, report)
+
+
+def _compare(
+    original: nn.Module,
+    compiled: nn.Module,
+    runtimes: RuntimeChoice,
+    inputs: tuple[torch.Tensor, ...],
+    calib_data: Iterable[Any] | None,
+    repeats: int,
+    fixed_rows: int | None,
+    progress: Any,
+) -> RuntimeComparison:
+    """The runtime comparison: agreement on up to ``LATENCY_BATCHES`` calibration batches when
+    there are any (the example inputs otherwise), latency on the example inputs."""
+    checks = []
+    if calib_data is not None:
+        checks = [b.inputs for _, b in zip(range(LATENCY_BATCHES), batches(calib_data, inputs, fixed_rows=fixed_rows))]
+    rows = sum(int(x[0].shape[0]) for x in checks)
+    on = f"{len(checks)} calibration batches ({rows} rows)" if checks else "the example inputs"
+    return compare_runtimes(
+        original, compiled, runtimes, inputs, eval_inputs=checks, agreement_on=on, repeats=repeats, progress=progress
+    )
+
+
+def _headline(comparison: RuntimeComparison) -> Latency | None:
+    """The fastest compiled row against the original in that runtime's float flavour."""
+    fastest = comparison.fastest
+    flavour = comparison.float_flavour.get(fastest.runtime) if fastest else None
+    original = comparison.row(flavour, ORIGINAL) if flavour else None
+    if fastest is None or original is None or fastest.latency_ms is None or original.latency_ms is None:
+        return None
+    baseline = (
+        f"original in {flavour}, compiled in {fastest.runtime}, batch {comparison.batch}, {comparison.threads} threads"
+    )
+    return Latency(original.latency_ms, fastest.latency_ms, baseline)
 
 
 def _check_labels(passes: Sequence[Pass], first: Batch | None) -> None:

@@ -110,6 +110,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="also export the compiled model to ONNX and time it against the original in onnxruntime",
     )
     comp.add_argument(
+        "--runtime",
+        metavar="R",
+        help="measure the compiled model in runtime R and the original in R's float flavour, side by side: "
+        "torch, torch-bf16, torch-int8, onnxruntime, onnxruntime-int8, openvino, openvino-int8, or auto "
+        "(every installed runtime; the fastest is marked). Default: torch eager only",
+    )
+    comp.add_argument(
+        "--openvino",
+        metavar="OUT.xml",
+        help="also write the compiled model as OpenVINO IR (OUT.xml and OUT.bin; int8 when the passes quantize)",
+    )
+    comp.add_argument(
         "--calib",
         metavar="SPEC",
         help="calibration data for passes that need it: random:N (N random batches shaped like the "
@@ -179,6 +191,7 @@ def cmd_report(args: argparse.Namespace) -> None:
 
 def cmd_compile(args: argparse.Namespace) -> None:
     from slimfx import compile, load_model
+    from slimfx.backends.runtimes import choose_runtimes
     from slimfx.files.calib_spec import calibration_batches
     from slimfx.passes.manager import PassManager, check_data
     from slimfx.passes.registry import resolve_passes
@@ -186,7 +199,16 @@ def cmd_compile(args: argparse.Namespace) -> None:
 
     pipeline = PassManager(resolve_passes(args.passes)).passes  # a bad spec or order fails before loading anything
     check_data(pipeline, args.calib, args.train)  # so does a pass that needs --calib or --train without it
-    for path in (args.output, args.onnx):
+    quantized = any(p.quantizes for p in pipeline)
+    if args.runtime:
+        choose_runtimes(args.runtime, quantized)  # an unknown, missing or mismatched runtime too
+    if args.openvino:
+        if Path(args.openvino).suffix != ".xml":
+            raise OutputError(
+                f"--openvino writes OpenVINO IR as NAME.xml (and NAME.bin beside it), not {args.openvino}"
+            )
+        choose_runtimes(_openvino_runtime(quantized), quantized)
+    for path in (args.output, args.onnx, args.openvino):
         if path:
             check_writable(path)
     torch.manual_seed(args.seed)  # random-init weights are the same on every run with the same seed
@@ -209,6 +231,7 @@ def cmd_compile(args: argparse.Namespace) -> None:
         allow_non_finite=args.allow_non_finite,
         capture_fallback=not args.no_fallback,
         progress=_terminal_progress() if main_rank else None,
+        runtime=args.runtime,
     )
     if not main_rank:  # only rank 0 prints and writes files
         return
@@ -218,9 +241,17 @@ def cmd_compile(args: argparse.Namespace) -> None:
         result.measure_onnx(loaded.module, args.onnx, repeats=max(args.repeats, 1))
     if args.output:
         result.save(args.output)
+    if args.openvino:
+        result.save_runtime_artifact(_openvino_runtime(quantized), args.openvino)
     sys.stdout.write(render_compile(result.report, args.format))
     if args.output:
         print(f"saved the compiled model to {args.output}", file=sys.stderr)
+    if args.openvino:
+        print(f"wrote OpenVINO IR {args.openvino} and {Path(args.openvino).with_suffix('.bin')}", file=sys.stderr)
+
+
+def _openvino_runtime(quantized: bool) -> str:
+    return "openvino-int8" if quantized else "openvino"
 
 
 def _version() -> str:

@@ -23,3 +23,11 @@ def sqnr_db(reference: torch.Tensor, approximation: torch.Tensor) -> float:
     if noise == 0:
         return math.inf
     return 10 * math.log10(signal / noise) if signal else -math.inf
+
+
+def top1_agreement(reference: torch.Tensor, candidate: torch.Tensor) -> float | None:
+    """Share of rows whose arg-max class is the same, for classifier outputs (rows, classes);
+    None for outputs that are not (rows, classes) with at least one row and two classes."""
+    if reference.dim() != 2 or reference.shape[1] < 2 or not len(reference) or candidate.shape != reference.shape:
+        return None
+    return float((reference.argmax(1) == candidate.argmax(1)).double().mean())

@@ -11,6 +11,12 @@ from typing import BinaryIO
 from slimfx.errors import OutputError
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write(path: str | Path, write: Callable[[BinaryIO], object]) -> None:
     """Write through a temporary file in the same folder, renamed into place on success."""
     target = Path(path)
@@ -22,6 +28,7 @@ def atomic_write(path: str | Path, write: Callable[[BinaryIO], object]) -> None:
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it 0600; a finished file gets the usual permissions
         os.replace(tmp, target)
     except BaseException as exc:
         if os.path.exists(tmp):

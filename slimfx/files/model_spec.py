@@ -1,6 +1,6 @@
 """MODEL specs -> nn.Module.
 
-``torchvision:NAME`` (random weights), ``package.module:factory``, ``path/to/file.py:factory``,
+``torchvision:NAME`` and ``timm:NAME`` (random weights), ``package.module:factory``, ``path/to/file.py:factory``,
 or a file written by ``slimfx compile``. A pickle that could run code when loaded is refused
 unless the caller passes ``trust=True``.
 """
@@ -38,13 +38,15 @@ def load_model(spec: str, *, trust: bool = False) -> LoadedModel:
     """Resolve a MODEL spec; the module is put in eval mode (slimfx compiles for inference)."""
     if spec.startswith("torchvision:"):
         loaded = _torchvision(spec.removeprefix("torchvision:"))
+    elif spec.startswith("timm:"):
+        loaded = _timm(spec.removeprefix("timm:"))
     elif ":" in spec and not Path(spec).is_file():
         loaded = _factory(spec)
     elif Path(spec).is_file():
         loaded = _model_file(Path(spec), trust)
     else:
         raise ModelSpecError(
-            f"cannot resolve model {spec!r}: expected torchvision:NAME, package.module:factory, "
+            f"cannot resolve model {spec!r}: expected torchvision:NAME, timm:NAME, package.module:factory, "
             "path/to/file.py:factory, or a file written by 'slimfx compile'"
         )
     loaded.module.eval()
@@ -68,6 +70,22 @@ def _torchvision(name: str) -> LoadedModel:
         size = _INPUT_SIZE.get(name, 224)
         shape = (1, 3, size, size)
     return LoadedModel(module, name, shape)
+
+
+def _timm(name: str) -> LoadedModel:
+    """A timm model with random weights (nothing is downloaded) at timm's default input size."""
+    try:
+        import timm
+    except ImportError:
+        raise ModelSpecError('timm is not installed: pip install -e ".[timm]"') from None
+    known = timm.list_models()
+    if name not in known:
+        close = difflib.get_close_matches(name, known, n=3)
+        hint = f"; did you mean {', '.join(close)}?" if close else "; see timm.list_models()"
+        raise ModelSpecError(f"timm has no model {name!r}{hint}")
+    module = timm.create_model(name, pretrained=False)
+    size = tuple(module.pretrained_cfg.get("input_size", (3, 224, 224)))
+    return LoadedModel(module, name, (1, *size))
 
 
 def _factory(spec: str) -> LoadedModel:

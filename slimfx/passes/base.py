@@ -147,6 +147,7 @@ class Pass:
     name: ClassVar[str] = ""
     exact: ClassVar[bool] = False
     uses_teacher: ClassVar[bool] = False  # the manager then keeps the graph before the first pass
+    quantizes: ClassVar[bool] = False  # leaves slimfx's int8 graph (runs on the int8 runtimes only)
     summary: ClassVar[str] = ""
     runs_after: ClassVar[Mapping[str, str]] = {}
     runs_before: ClassVar[Mapping[str, str]] = {}

@@ -93,6 +93,7 @@ class Quantize(Pass):
 
     name = "quantize"
     exact = False
+    quantizes = True
     summary = "calibrated int8 quantize/dequantize on convs, linears, matmuls and the adds/pools between them"
     runs_after = {
         "prune-channels": "quantize the final structure",

@@ -11,6 +11,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
+from slimfx.backends.compare import RuntimeComparison
 from slimfx.cost_model.counts import sum_costs
 from slimfx.errors import RewriteError
 from slimfx.exits.plan import ExitPlan
@@ -246,6 +247,7 @@ class CompileReport:
     exits: ExitPlan | None = None
     onnx: OnnxMeasurement | None = None
     torch_int8: Int8Timing | None = None
+    runtimes: RuntimeComparison | None = None  # the original and compiled model in each runtime asked for
 
     def to_dict(self, top: int | None = None) -> dict[str, Any]:
         return {
@@ -260,6 +262,7 @@ class CompileReport:
             "exits": self.exits.to_dict() if self.exits else None,
             "onnx": self.onnx.to_dict() if self.onnx else None,
             "torch_int8": self.torch_int8.to_dict() if self.torch_int8 else None,
+            "runtimes": self.runtimes.to_dict() if self.runtimes else None,
         }
 
     def to_json(self, top: int | None = None) -> str:

@@ -10,6 +10,7 @@ from typing import Any
 
 from tabulate import tabulate
 
+from slimfx.backends.compare import COMPILED, RuntimeComparison
 from slimfx.exits.plan import ExitPlan
 from slimfx.ir.meta import Cost
 from slimfx.passes.manager import PassRecord
@@ -163,8 +164,56 @@ def render_compile(result: CompileReport, fmt: str = "table") -> str:
         )
     if result.torch_int8:
         parts.append(_int8_text(result.torch_int8))
+    if result.runtimes:
+        parts.append(runtimes_text(result.runtimes, tablefmt))
     parts.extend(result.notes)
     return "\n".join(parts).rstrip() + "\n"
+
+
+def runtimes_text(comparison: RuntimeComparison, tablefmt: str = "simple") -> str:
+    """The runtime table: each model in each runtime, the fastest compiled row marked, slower
+    compiled rows warned about, runtimes that were not measured listed with the reason."""
+    fastest = comparison.fastest
+    rows = []
+    for row in comparison.rows:
+        in_runtime = comparison.speedup_in_runtime(row) if row.model == COMPILED else None
+        flavour = comparison.float_flavour.get(row.runtime, row.runtime)
+        rows.append(
+            [
+                row.runtime,
+                row.model,
+                row.precision or f"failed: {row.failure}",
+                "-" if row.latency_ms is None else f"{row.latency_ms:.2f} ms",
+                "-" if row.latency_ms is None else f"{comparison.baseline_ms / row.latency_ms:.2f}x",
+                "" if in_runtime is None else f"{in_runtime:.2f}x (vs {flavour})",
+                "-" if row.agreement is None else f"{row.agreement:.4f}",
+                "-" if row.relative_error is None else f"{row.relative_error:.3g}",
+                "fastest" if row is fastest else "",
+            ]
+        )
+    headers = [
+        "runtime",
+        "model",
+        "precision that ran",
+        "latency",
+        "vs torch eager fp32",
+        "speedup in runtime",
+        "top-1 agreement",
+        "output error",
+        "",
+    ]
+    table = tabulate(rows, headers=headers, tablefmt=tablefmt, disable_numparse=True)
+    lines = [
+        f"measured in each runtime (batch {comparison.batch}, {comparison.threads} threads, each session on its own, "
+        f"median; agreement and relative output error vs the original in torch fp32 on {comparison.agreement_on}):",
+        table,
+    ]
+    for row in comparison.rows:
+        speedup = comparison.speedup_in_runtime(row) if row.model == COMPILED else None
+        if speedup is not None and speedup < 1:
+            lines.append(f"WARNING: the compiled model is slower than the original in {row.runtime} ({speedup:.2f}x)")
+    lines.extend(f"not measured: {name}: {why}" for name, why in comparison.skipped)
+    return "\n".join(lines) + "\n"
 
 
 def _int8_text(int8: Int8Timing) -> str:

@@ -19,7 +19,7 @@ import torch.nn as nn
 from slimfx.backends.compare import ORIGINAL, RuntimeComparison, compare_runtimes
 from slimfx.backends.early_exit import EarlyExitModel
 from slimfx.backends.runtimes import RuntimeChoice, choose_runtimes
-from slimfx.backends.timing import baseline_name, module_latency_ms
+from slimfx.backends.timing import baseline_name, module_latency_ms, node_latency_ms
 from slimfx.cost_model.counts import ensure_costs
 from slimfx.data import Batch, batches, check_reusable
 from slimfx.errors import BackendError, DataError, OutputError
@@ -47,12 +47,15 @@ def analyze(
     leaf_modules: Iterable[LeafSpec] = (),
     concrete_args: dict[str, Any] | None = None,
     capture_fallback: bool = True,
+    layer_timing: int = 0,
 ) -> Report:
     """Capture ``model`` and report, node by node, where its MACs, params and bytes go.
 
     With ``capture_fallback`` (the default), submodules torch.fx cannot trace are kept whole
     (opaque, listed in the report, their cost measured), and a model whose own code branches
-    on its input's shape is traced at the example's shapes (``Report.fixed_shapes``)."""
+    on its input's shape is traced at the example's shapes (``Report.fixed_shapes``). With
+    ``layer_timing > 0`` each node's latency is measured too (torch eager, node by node, the
+    median of that many runs)."""
     graph = capture(
         model,
         _as_tuple(example_inputs),
@@ -61,7 +64,20 @@ def analyze(
         fallback=capture_fallback,
     )
     ensure_costs(graph)
-    return build_report(graph, name or type(model).__name__)
+    return _report(graph, name or type(model).__name__, layer_timing)
+
+
+def _report(graph: Graph, name: str, layer_timing: int) -> Report:
+    """The graph's report, with each node's measured eager latency when ``layer_timing > 0``."""
+    if layer_timing <= 0:
+        return build_report(graph, name)
+    from slimfx.backends.torch_int8 import has_quantized_layers
+
+    if has_quantized_layers(graph.module):
+        return build_report(graph, name)  # a fake-quant graph's eager time is a float simulation: not shown
+    node_ms = node_latency_ms(graph.module, graph.example_inputs, layer_timing)
+    timing = f"{baseline_name(graph.example_inputs)}, node by node, median of {layer_timing} runs"
+    return build_report(graph, name, node_ms, timing)
 
 
 @dataclass
@@ -135,6 +151,7 @@ def compile(
     *,
     calib_data: Iterable[Any] | torch.Tensor | None = None,
     train_data: Iterable[Any] | torch.Tensor | None = None,
+    eval_data: Iterable[Any] | torch.Tensor | None = None,
     seed: int = 0,
     name: str | None = None,
     leaf_modules: Iterable[LeafSpec] = (),
@@ -145,6 +162,7 @@ def compile(
     allow_non_finite: bool = False,
     capture_fallback: bool = True,
     runtime: str | None = None,
+    layer_timing: int = 0,
 ) -> CompileResult:
     """Run the ``passes`` pipeline on a copy of ``model``; the original is left untouched.
 
@@ -160,7 +178,10 @@ def compile(
     ``openvino``, ``openvino-int8``, or ``auto`` for every installed one) measures the compiled
     model there, and the original in that runtime's float flavour, side by side, with each
     session's output agreement with the original (``CompileReport.runtimes``; ``latency_repeats``
-    runs each, 20 when 0).
+    runs each, 20 when 0), measured on ``eval_data`` (same forms; with labels, accuracy too),
+    else on up to 8 calibration batches, else on the example inputs. ``layer_timing > 0``
+    measures each node's eager latency before and after (not for a quantized graph, whose
+    eager time is a float simulation).
     """
     inputs = _as_tuple(example_inputs)
     manager = PassManager(
@@ -168,7 +189,7 @@ def compile(
     )  # requirements and order, before any work
     check_data(manager.passes, calib_data, train_data)
     runtimes = None if runtime is None else choose_runtimes(runtime, any(p.quantizes for p in manager.passes))
-    for data, what in ((calib_data, "calib_data"), (train_data, "train_data")):
+    for data, what in ((calib_data, "calib_data"), (train_data, "train_data"), (eval_data, "eval_data")):
         if data is not None:
             check_reusable(data, what)
             first = next(batches(data, inputs, what), None)  # a malformed first batch fails now, not after capture
@@ -179,7 +200,7 @@ def compile(
     )
     label = name or type(model).__name__
     ensure_costs(graph)
-    before = build_report(graph, label)
+    before = _report(graph, label, layer_timing)
     torch.manual_seed(seed)
     fixed_rows = int(inputs[0].shape[0]) if graph.fixed_shapes and inputs[0].dim() else None
     for data, what in ((calib_data, "calib_data"), (train_data, "train_data")):
@@ -188,13 +209,15 @@ def compile(
     context = PassContext(calib_data, inputs, seed, progress, fixed_rows, train_data)
     run = manager.run(graph, context)
     ensure_costs(graph)
-    after = build_report(graph, label)
+    after = _report(graph, label, layer_timing)
     module = run.module
     error = compare_outputs(run.outputs_before, run.outputs_after).relative_error
     latency, int8, notes = None, None, tuple(f"WARNING: {w}" for w in run.warnings)
     comparison = None
     if runtimes is not None:
-        comparison = _compare(model, module, runtimes, inputs, calib_data, latency_repeats or 20, fixed_rows, progress)
+        comparison = _compare(
+            model, module, runtimes, inputs, eval_data, calib_data, latency_repeats or 20, fixed_rows, progress
+        )
         latency = _headline(comparison)
     elif latency_repeats > 0:
         exit_data = calib_data if run.exit_plan else None
@@ -215,20 +238,34 @@ def _compare(
     compiled: nn.Module,
     runtimes: RuntimeChoice,
     inputs: tuple[torch.Tensor, ...],
+    eval_data: Iterable[Any] | None,
     calib_data: Iterable[Any] | None,
     repeats: int,
     fixed_rows: int | None,
     progress: Any,
 ) -> RuntimeComparison:
-    """The runtime comparison: agreement on up to ``LATENCY_BATCHES`` calibration batches when
-    there are any (the example inputs otherwise), latency on the example inputs."""
-    checks = []
-    if calib_data is not None:
-        checks = [b.inputs for _, b in zip(range(LATENCY_BATCHES), batches(calib_data, inputs, fixed_rows=fixed_rows))]
-    rows = sum(int(x[0].shape[0]) for x in checks)
-    on = f"{len(checks)} calibration batches ({rows} rows)" if checks else "the example inputs"
+    """The runtime comparison: agreement (and accuracy, with labels) on the evaluation data,
+    else on up to ``LATENCY_BATCHES`` calibration batches, else on the example inputs;
+    latency on the example inputs."""
+    taken: list[Batch] = []
+    if eval_data is not None:
+        taken, what = list(batches(eval_data, inputs, "eval_data", fixed_rows)), "evaluation"
+    elif calib_data is not None:
+        taken = [b for _, b in zip(range(LATENCY_BATCHES), batches(calib_data, inputs, fixed_rows=fixed_rows))]
+        what = "calibration"
+    rows = sum(int(b.inputs[0].shape[0]) for b in taken)
+    on = f"{len(taken)} {what} batches ({rows} rows)" if taken else "the example inputs"
+    labelled = bool(taken) and all(b.labels is not None for b in taken)
     return compare_runtimes(
-        original, compiled, runtimes, inputs, eval_inputs=checks, agreement_on=on, repeats=repeats, progress=progress
+        original,
+        compiled,
+        runtimes,
+        inputs,
+        eval_inputs=[b.inputs for b in taken],
+        eval_labels=torch.cat([b.labels for b in taken]) if labelled else None,
+        agreement_on=on,
+        repeats=repeats,
+        progress=progress,
     )
 
 

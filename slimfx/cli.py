@@ -20,8 +20,8 @@ from slimfx import parallel
 from slimfx.errors import OutputError, ShapeError, SlimfxError
 
 EXIT_BAD_INPUT = 2
-DEMO_MODEL = "torchvision:resnet18"
-DEMO_PASSES = "fold-bn"
+DEFAULT_PASSES = "fold-bn"
+LAYER_TIMING_RUNS = 10  # runs per node for the HTML pages' measured per-layer time
 
 
 class _Parser(argparse.ArgumentParser):
@@ -99,10 +99,16 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--top", type=int, help="only the N nodes with most MACs")
     report.add_argument("--by", choices=["node", "module-type"], default="node")
     report.add_argument("-o", "--output", help="write the report to this file instead of stdout")
+    report.add_argument(
+        "--html",
+        metavar="OUT.html",
+        help="also write one self-contained HTML page: totals, a sortable table of every node with its measured "
+        f"eager latency (median of {LAYER_TIMING_RUNS} runs), plots (needs the plot extra)",
+    )
 
     comp = sub.add_parser("compile", help="run a pass pipeline; print before/after and every decision")
     _add_model_arguments(comp)
-    comp.add_argument("--passes", default=DEMO_PASSES, help="pipeline spec, e.g. 'fold-bn' (default: fold-bn)")
+    comp.add_argument("--passes", default=DEFAULT_PASSES, help="pipeline spec, e.g. 'fold-bn' (default: fold-bn)")
     comp.add_argument("--format", choices=["table", "md", "json"], default="table")
     comp.add_argument(
         "--onnx",
@@ -134,18 +140,41 @@ def build_parser() -> argparse.ArgumentParser:
         "batches give accuracy, inputs alone agreement with the original",
     )
     comp.add_argument(
+        "--eval",
+        metavar="FILE.pt",
+        help="evaluation data for the --runtime comparison: a file written by torch.save, as for --calib; "
+        "(inputs, labels) batches add accuracy to agreement (default: up to 8 --calib batches)",
+    )
+    comp.add_argument(
         "--allow-non-finite",
         action="store_true",
         help="go on, with a warning, when the model's outputs hold inf or nan (nothing can then be verified)",
+    )
+    comp.add_argument(
+        "--html",
+        metavar="OUT.html",
+        help="also write one self-contained HTML page: totals, per-layer plots before/after, the runtime "
+        "table, each pass's decisions, every node (needs the plot extra)",
     )
     comp.add_argument("-o", "--output", help="save the compiled model here (slimfx format; 'slimfx report' loads it)")
     comp.add_argument(
         "--repeats", type=int, default=20, help="timed runs for measured latency before/after (median; 0 skips timing)"
     )
 
-    demo = sub.add_parser("demo", help=f"compile {DEMO_MODEL} with '{DEMO_PASSES}' and show what changed")
-    demo.add_argument("--model", default=DEMO_MODEL, help=f"model to show (default {DEMO_MODEL})")
-    demo.add_argument("--repeats", type=int, default=20, help="timed runs for measured latency (median)")
+    demo = sub.add_parser(
+        "demo",
+        help="train a small CNN on scikit-learn's digits, compile it (prune, distill, int8) and show accuracy "
+        "and measured speed in every installed runtime",
+    )
+    demo.add_argument(
+        "--model",
+        help="instead, show the pipeline (without distillation) on this MODEL at random init with random "
+        "calibration data: agreement with the original, not accuracy",
+    )
+    demo.add_argument("--input-shape", help="example input shape for --model, e.g. 1,3,224,224")
+    demo.add_argument("--trust-model-file", action="store_true", help="as for compile")
+    demo.add_argument("--seed", type=int, default=0, help="seed for random weights and inputs (default 0)")
+    demo.add_argument("--repeats", type=int, default=20, help="timed runs per runtime (median; default 20)")
     return parser
 
 
@@ -173,19 +202,30 @@ def _emit(text: str, output: str | None) -> None:
 def cmd_report(args: argparse.Namespace) -> None:
     from slimfx import analyze, load_model
     from slimfx.report.graphviz import to_dot
+    from slimfx.report.html import report_html, require_matplotlib
     from slimfx.report.tables import render_report
 
     if args.top is not None and args.top < 1:
         raise OutputError(f"--top must be at least 1, got {args.top}")
-    if args.output:
-        check_writable(args.output)
+    for path in (args.output, args.html):
+        if path:
+            check_writable(path)
+    if args.html:
+        require_matplotlib()
     torch.manual_seed(args.seed)  # random-init weights are the same on every run with the same seed
     loaded = load_model(args.model, trust=args.trust_model_file)
     inputs = _example_inputs(args, loaded.input_shape)
     report = analyze(
-        loaded.module, inputs, name=loaded.name, leaf_modules=args.leaf_module, capture_fallback=not args.no_fallback
+        loaded.module,
+        inputs,
+        name=loaded.name,
+        leaf_modules=args.leaf_module,
+        capture_fallback=not args.no_fallback,
+        layer_timing=LAYER_TIMING_RUNS if args.html else 0,
     )
     text = to_dot(report) if args.format == "dot" else render_report(report, args.format, args.top, args.by)
+    if args.html:
+        _write_html(report_html(report), args.html)
     _emit(text, args.output)
 
 
@@ -195,6 +235,7 @@ def cmd_compile(args: argparse.Namespace) -> None:
     from slimfx.files.calib_spec import calibration_batches
     from slimfx.passes.manager import PassManager, check_data
     from slimfx.passes.registry import resolve_passes
+    from slimfx.report.html import compile_html, require_matplotlib
     from slimfx.report.tables import render_compile
 
     pipeline = PassManager(resolve_passes(args.passes)).passes  # a bad spec or order fails before loading anything
@@ -208,9 +249,11 @@ def cmd_compile(args: argparse.Namespace) -> None:
                 f"--openvino writes OpenVINO IR as NAME.xml (and NAME.bin beside it), not {args.openvino}"
             )
         choose_runtimes(_openvino_runtime(quantized), quantized)
-    for path in (args.output, args.onnx, args.openvino):
+    for path in (args.output, args.onnx, args.openvino, args.html):
         if path:
             check_writable(path)
+    if args.html:
+        require_matplotlib()
     torch.manual_seed(args.seed)  # random-init weights are the same on every run with the same seed
     _join_process_group()  # under torchrun: distill trains with DDP, quantize calibrates on shards
     main_rank = parallel.is_main()
@@ -218,6 +261,7 @@ def cmd_compile(args: argparse.Namespace) -> None:
     inputs = _example_inputs(args, loaded.input_shape)
     calib = calibration_batches(args.calib, inputs, seed=args.seed + 1) if args.calib else None
     train = calibration_batches(args.train, inputs, seed=args.seed + 2, flag="--train") if args.train else None
+    evaluation = calibration_batches(args.eval, inputs, seed=args.seed + 3, flag="--eval") if args.eval else None
     result = compile(
         loaded.module,
         inputs,
@@ -228,26 +272,36 @@ def cmd_compile(args: argparse.Namespace) -> None:
         latency_repeats=max(args.repeats, 0) if main_rank else 0,
         calib_data=calib,
         train_data=train,
+        eval_data=evaluation,
         allow_non_finite=args.allow_non_finite,
         capture_fallback=not args.no_fallback,
         progress=_terminal_progress() if main_rank else None,
         runtime=args.runtime,
+        layer_timing=LAYER_TIMING_RUNS if args.html and args.repeats > 0 and main_rank else 0,
     )
     if not main_rank:  # only rank 0 prints and writes files
         return
-    if sys.stderr.isatty():
-        sys.stderr.write("\r" + " " * 110 + "\r")  # clear the progress line
+    _clear_progress()
     if args.onnx:
         result.measure_onnx(loaded.module, args.onnx, repeats=max(args.repeats, 1))
     if args.output:
         result.save(args.output)
     if args.openvino:
         result.save_runtime_artifact(_openvino_runtime(quantized), args.openvino)
+    if args.html:
+        _write_html(compile_html(result.report), args.html)
     sys.stdout.write(render_compile(result.report, args.format))
     if args.output:
         print(f"saved the compiled model to {args.output}", file=sys.stderr)
     if args.openvino:
         print(f"wrote OpenVINO IR {args.openvino} and {Path(args.openvino).with_suffix('.bin')}", file=sys.stderr)
+
+
+def _write_html(page: str, path: str) -> None:
+    from slimfx.files.atomic import atomic_write
+
+    atomic_write(path, lambda f: f.write(page.encode()))
+    print(f"wrote {path}", file=sys.stderr)
 
 
 def _openvino_runtime(quantized: bool) -> str:
@@ -280,19 +334,45 @@ def _terminal_progress() -> Callable[[str], None] | None:
     return show
 
 
+def _clear_progress() -> None:
+    if sys.stderr.isatty():
+        sys.stderr.write("\r" + " " * 110 + "\r")
+
+
 def cmd_demo(args: argparse.Namespace) -> None:
+    if args.model is None:
+        from slimfx.demo import run_demo
+
+        run_demo(lambda text: sys.stdout.write(text), repeats=max(args.repeats, 1), progress=_terminal_progress())
+        return
+    _demo_on_model(args)
+
+
+def _demo_on_model(args: argparse.Namespace) -> None:
+    """The demo on a user's model at random init: where the cost goes, then the pipeline on
+    random calibration data in every installed runtime (no labels: agreement, not accuracy)."""
     from slimfx import analyze, compile, load_model
+    from slimfx.demo import UNTRAINED_PIPELINE as passes
+    from slimfx.files.calib_spec import calibration_batches
     from slimfx.report.tables import render_compile, render_report
 
-    torch.manual_seed(0)
-    loaded = load_model(args.model)
-    inputs = (torch.randn(loaded.input_shape, generator=torch.Generator().manual_seed(0)),)
+    torch.manual_seed(args.seed)
+    loaded = load_model(args.model, trust=args.trust_model_file)
+    inputs = _example_inputs(args, loaded.input_shape)
     print(f"== slimfx report {args.model} --top 10  (where the cost goes)\n")
     sys.stdout.write(render_report(analyze(loaded.module, inputs, name=loaded.name), "table", top=10))
-    print(f"\n== slimfx report {args.model} --by module-type --top 8\n")
-    sys.stdout.write(render_report(analyze(loaded.module, inputs, name=loaded.name), "table", top=8, by="module-type"))
-    print(f"\n== slimfx compile {args.model} --passes {DEMO_PASSES}  (before/after, decisions, measured speed)\n")
-    result = compile(loaded.module, inputs, DEMO_PASSES, name=loaded.name, latency_repeats=max(args.repeats, 0))
+    print(f"\n== slimfx compile {args.model} --passes {passes!r} --calib random:8 --runtime auto\n")
+    result = compile(
+        loaded.module,
+        inputs,
+        passes,
+        name=loaded.name,
+        calib_data=calibration_batches("random:8", inputs, seed=args.seed + 1),
+        runtime="auto",
+        latency_repeats=max(args.repeats, 1),
+        progress=_terminal_progress(),
+    )
+    _clear_progress()
     sys.stdout.write(render_compile(result.report))
 
 

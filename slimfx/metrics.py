@@ -31,3 +31,11 @@ def top1_agreement(reference: torch.Tensor, candidate: torch.Tensor) -> float | 
     if reference.dim() != 2 or reference.shape[1] < 2 or not len(reference) or candidate.shape != reference.shape:
         return None
     return float((reference.argmax(1) == candidate.argmax(1)).double().mean())
+
+
+def top1_accuracy(outputs: torch.Tensor, labels: torch.Tensor) -> float | None:
+    """Share of rows whose arg-max class is the label; None for outputs that are not
+    (rows, classes) with one label per row."""
+    if outputs.dim() != 2 or outputs.shape[1] < 2 or labels.shape != outputs.shape[:1] or not len(labels):
+        return None
+    return float((outputs.argmax(1) == labels).double().mean())

@@ -8,48 +8,28 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from slimfx.demo import Digits, DigitsCNN, load_digits, train_digits_cnn
 from slimfx.train.loop import fit
 
-
-class DigitsCNN(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.block1 = nn.Sequential(nn.Conv2d(1, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU())
-        self.block2 = nn.Sequential(nn.Conv2d(16, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(), nn.MaxPool2d(2))
-        self.block3 = nn.Sequential(nn.Conv2d(32, 64, 3, padding=1), nn.BatchNorm2d(64), nn.ReLU(), nn.MaxPool2d(2))
-        self.block4 = nn.Sequential(nn.Conv2d(64, 128, 3, padding=1), nn.BatchNorm2d(128), nn.ReLU())
-        self.head = nn.Linear(128, 10)
-
-    def forward(self, x):
-        x = self.block4(self.block3(self.block2(self.block1(x))))
-        return self.head(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
+__all__ = ["DigitsCNN", "calibration", "resnet18_on_digits", "split", "trained_cnn", "upsampled"]
 
 
 @functools.lru_cache(maxsize=1)
-def digits() -> tuple[torch.Tensor, torch.Tensor]:
-    """Images (N, 1, 8, 8) scaled to [0, 1] and labels, in a fixed shuffled order."""
-    from sklearn.datasets import load_digits
-
-    data = load_digits()
-    x = torch.tensor(data.images, dtype=torch.float32).unsqueeze(1) / 16.0
-    y = torch.tensor(data.target, dtype=torch.long)
-    order = torch.randperm(len(y), generator=torch.Generator().manual_seed(0))
-    return x[order], y[order]
+def digits() -> Digits:
+    """The demo's split of scikit-learn's digits (images (N, 1, 8, 8) in [0, 1], labels)."""
+    return load_digits()
 
 
 def split() -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """train 900, calibration 600, test 297 rows."""
-    x, y = digits()
-    return {"train": (x[:900], y[:900]), "calib": (x[900:1500], y[900:1500]), "test": (x[1500:], y[1500:])}
+    d = digits()
+    return {name: (part.x, part.y) for name, part in (("train", d.train), ("calib", d.calib), ("test", d.test))}
 
 
 @functools.lru_cache(maxsize=1)
-def trained_cnn(epochs: int = 15) -> DigitsCNN:
-    """The CNN trained on the train split (deterministic for the seed), in eval mode."""
-    torch.manual_seed(0)
-    model = DigitsCNN()
-    train_classifier(model, *split()["train"], epochs=epochs, lr=3e-3)
-    return model.eval()
+def trained_cnn() -> DigitsCNN:
+    """The demo's CNN trained on the train split (deterministic for the seed), in eval mode."""
+    return train_digits_cnn(digits())
 
 
 def upsampled(x: torch.Tensor, size: int = 32) -> torch.Tensor:

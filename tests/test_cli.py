@@ -360,13 +360,6 @@ def test_console_script_exit_code_and_single_line() -> None:
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and proc.stdout == ""
 
 
-def test_demo_shows_report_and_compile(capsys: pytest.CaptureFixture[str]) -> None:
-    code, out, _ = run(capsys, "demo", "--repeats", "1")
-    assert code == 0
-    assert "1.814G MACs" in out and "pass fold-bn (exact, verified): changed, 20 layer(s) changed" in out
-    assert "measured latency (torch eager fp32" in out
-
-
 def test_the_same_seed_gives_the_same_random_weights_and_figures(capsys: pytest.CaptureFixture[str]) -> None:
     args = ("compile", "torchvision:resnet18", *SMALL, "--passes", "prune-channels:ratio=0.5", "--format", "json")
     runs = [json.loads(run(capsys, *args, "--repeats", "0", "--seed", seed)[1]) for seed in ("3", "3", "4")]

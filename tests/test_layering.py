@@ -34,7 +34,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("slimfx.passes",),
     ("slimfx.report",),
     ("slimfx.api",),
-    ("slimfx", "slimfx.cli"),
+    ("slimfx", "slimfx.cli", "slimfx.demo"),
 ]
 PASS_INFRASTRUCTURE = {
     "slimfx.passes",

@@ -16,7 +16,7 @@ import torch.nn as nn
 
 from slimfx.backends.runtimes import Runtime, RuntimeChoice, Workspace, first_output
 from slimfx.errors import BackendError
-from slimfx.metrics import relative_error, top1_agreement
+from slimfx.metrics import relative_error, top1_accuracy, top1_agreement
 
 Inputs = tuple[torch.Tensor, ...]
 ORIGINAL, COMPILED = "original", "compiled"
@@ -33,6 +33,7 @@ class RuntimeMeasurement:
     kernels: dict[str, int] = field(default_factory=dict)
     agreement: float | None = None  # top-1 agreement with the original in torch fp32 (classifier outputs)
     relative_error: float | None = None  # vs the original in torch fp32
+    accuracy: float | None = None  # top-1 accuracy on the labels, when there are labels
     failure: str | None = None  # why it could not be built or run
 
     def to_dict(self) -> dict[str, Any]:
@@ -44,6 +45,7 @@ class RuntimeMeasurement:
             "kernels": dict(self.kernels),
             "agreement": self.agreement,
             "relative_error": self.relative_error,
+            "accuracy": self.accuracy,
             "failure": self.failure,
         }
 
@@ -100,13 +102,15 @@ def compare_runtimes(
     example_inputs: Sequence[torch.Tensor],
     *,
     eval_inputs: Sequence[Inputs] = (),
+    eval_labels: torch.Tensor | None = None,
     agreement_on: str = "the example inputs",
     repeats: int = 20,
     progress: Callable[[str], None] | None = None,
 ) -> RuntimeComparison:
     """Time ``original`` in each chosen runtime's float flavour and ``compiled`` in each chosen
     runtime, on ``example_inputs``; check every session's outputs on ``eval_inputs`` (the
-    example inputs when empty) against the original's torch fp32 outputs."""
+    example inputs when empty) against the original's torch fp32 outputs, and their top-1
+    accuracy on ``eval_labels`` (one per row of ``eval_inputs``) when given."""
     example = tuple(example_inputs)
     checks = list(eval_inputs) or [example]
     with torch.inference_mode():
@@ -117,7 +121,7 @@ def compare_runtimes(
         for step, (runtime, module, role) in enumerate(jobs, 1):
             if progress is not None:
                 progress(f"measuring the {role} model in {runtime.name} ({step}/{len(jobs)})")
-            rows.append(_measure(runtime, module, role, workspace, example, checks, reference, repeats))
+            rows.append(_measure(runtime, module, role, workspace, example, checks, reference, eval_labels, repeats))
     baseline = next((r.latency_ms for r in rows if r.runtime == "torch" and r.model == ORIGINAL), None)
     if baseline is None:
         from slimfx.backends.timing import module_latency_ms
@@ -143,6 +147,7 @@ def _measure(
     example: Inputs,
     checks: list[Inputs],
     reference: torch.Tensor,
+    labels: torch.Tensor | None,
     repeats: int,
 ) -> RuntimeMeasurement:
     try:
@@ -161,4 +166,5 @@ def _measure(
         session.kernels(),
         top1_agreement(reference, outputs),
         relative_error(reference, outputs),
+        None if labels is None else top1_accuracy(outputs, labels),
     )

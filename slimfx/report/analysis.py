@@ -8,6 +8,7 @@ JSON schema documented in docs/report-schema.md.
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -47,6 +48,7 @@ class NodeRow:
     rule: str
     counted: bool
     provenance: str | None
+    latency_ms: float | None = None  # measured, node by node (see Report.timing); None when not measured
 
     @property
     def label(self) -> str:
@@ -69,6 +71,7 @@ class NodeRow:
             "share": self.share,
             "rule": self.rule,
             "provenance": self.provenance,
+            "latency_ms": self.latency_ms,
         }
 
 
@@ -93,6 +96,14 @@ class Report:
     opaque: tuple[str, ...] = ()  # modules kept whole at capture: cost measured, left alone by every pass
     fixed_shapes: bool = False  # traced at the example input shapes (the model branches on shapes)
     taken_layers: tuple[str, ...] = ()  # functional calls capture replaced by the layers they stand for
+    timing: str | None = None  # how the nodes' latency_ms was measured; None: not measured
+
+    @property
+    def latency_ms(self) -> float | None:
+        """The nodes' measured latency added up (None when not measured)."""
+        if self.timing is None:
+            return None
+        return sum(row.latency_ms or 0.0 for row in self.nodes)
 
     @property
     def uncounted(self) -> tuple[NodeRow, ...]:
@@ -124,7 +135,8 @@ class Report:
             "model": self.model,
             "input_shapes": [list(s) for s in self.input_shapes],
             "units": UNITS,
-            "totals": totals_dict(self.totals),
+            "totals": {**totals_dict(self.totals), "latency_ms": self.latency_ms},
+            "timing": self.timing,
             "nodes": [row.to_dict() for row in self.top(top)],
             "uncounted": [{"name": r.name, "kind": r.label, "reason": r.rule} for r in self.uncounted],
             "opaque": list(self.opaque),
@@ -133,8 +145,11 @@ class Report:
         }
 
 
-def build_report(graph: Graph, model: str = "model") -> Report:
-    """The report of ``graph``, read from its current cost annotations."""
+def build_report(
+    graph: Graph, model: str = "model", node_ms: Mapping[str, float] | None = None, timing: str | None = None
+) -> Report:
+    """The report of ``graph``, read from its current cost annotations; ``node_ms`` (node name
+    -> measured ms, described by ``timing``) adds each node's latency."""
     if not graph.is_current("costs"):
         raise RewriteError("the graph's costs are stale; run cost_model.counts.ensure_costs(graph) before reporting")
     totals = sum_costs(graph)
@@ -154,11 +169,21 @@ def build_report(graph: Graph, model: str = "model") -> Report:
                 rule=info.cost.rule,
                 counted=info.cost.counted,
                 provenance=info.provenance,
+                latency_ms=None if node_ms is None else node_ms.get(node.name),
             )
         )
     shapes = tuple(tuple(t.shape) for t in graph.example_inputs)
     taken = tuple(str(t) for t in graph.taken_layers)
-    return Report(model, shapes, tuple(rows), totals, tuple(sorted(graph.opaque)), graph.fixed_shapes, taken)
+    return Report(
+        model,
+        shapes,
+        tuple(rows),
+        totals,
+        tuple(sorted(graph.opaque)),
+        graph.fixed_shapes,
+        taken,
+        timing if node_ms is not None else None,
+    )
 
 
 def totals_dict(cost: Cost) -> dict[str, int]:

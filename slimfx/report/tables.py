@@ -174,6 +174,7 @@ def runtimes_text(comparison: RuntimeComparison, tablefmt: str = "simple") -> st
     """The runtime table: each model in each runtime, the fastest compiled row marked, slower
     compiled rows warned about, runtimes that were not measured listed with the reason."""
     fastest = comparison.fastest
+    labelled = any(row.accuracy is not None for row in comparison.rows)
     rows = []
     for row in comparison.rows:
         in_runtime = comparison.speedup_in_runtime(row) if row.model == COMPILED else None
@@ -188,6 +189,7 @@ def runtimes_text(comparison: RuntimeComparison, tablefmt: str = "simple") -> st
                 "" if in_runtime is None else f"{in_runtime:.2f}x (vs {flavour})",
                 "-" if row.agreement is None else f"{row.agreement:.4f}",
                 "-" if row.relative_error is None else f"{row.relative_error:.3g}",
+                *([] if not labelled else ["-" if row.accuracy is None else f"{row.accuracy:.2%}"]),
                 "fastest" if row is fastest else "",
             ]
         )
@@ -200,6 +202,7 @@ def runtimes_text(comparison: RuntimeComparison, tablefmt: str = "simple") -> st
         "speedup in runtime",
         "top-1 agreement",
         "output error",
+        *(["accuracy"] if labelled else []),
         "",
     ]
     table = tabulate(rows, headers=headers, tablefmt=tablefmt, disable_numparse=True)

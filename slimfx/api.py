@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.fx as fx
 import torch.nn as nn
 
 from slimfx.backends.compare import ORIGINAL, RuntimeComparison, compare_runtimes
@@ -22,7 +21,7 @@ from slimfx.backends.runtimes import RuntimeChoice, choose_runtimes
 from slimfx.backends.timing import baseline_name, module_latency_ms, node_latency_ms
 from slimfx.cost_model.counts import ensure_costs
 from slimfx.data import Batch, batches, check_reusable
-from slimfx.errors import BackendError, DataError, OutputError
+from slimfx.errors import BackendError, DataError
 from slimfx.ir.capture import LeafSpec, capture
 from slimfx.ir.graph import Graph
 from slimfx.ir.verify import compare_outputs
@@ -133,14 +132,10 @@ class CompileResult:
         return lower_int8_model(self.module)
 
     def save(self, path: str | Path) -> None:
-        """Write the module in slimfx's safe format (``slimfx report PATH`` loads it back)."""
+        """Write the module (an early-exit model too) in slimfx's safe format
+        (``slimfx.load_model(PATH)`` and ``slimfx report PATH`` load it back)."""
         from slimfx.files.model_format import save_module
 
-        if not isinstance(self.module, fx.GraphModule):
-            raise OutputError(
-                f"saving a {type(self.module).__name__} is not supported yet; save result.graph.module "
-                "(the model without exits) or torch.save the module if you trust the file's readers"
-            )
         save_module(self.module, path, self.graph.example_inputs, model_name=self.report.before.model)
 
 

@@ -200,7 +200,8 @@ def _emit(text: str, output: str | None) -> None:
 
 
 def cmd_report(args: argparse.Namespace) -> None:
-    from slimfx import analyze, load_model
+    from slimfx import analyze
+    from slimfx.files.model_spec import resolve_model
     from slimfx.report.graphviz import to_dot
     from slimfx.report.html import report_html, require_matplotlib
     from slimfx.report.tables import render_report
@@ -213,7 +214,7 @@ def cmd_report(args: argparse.Namespace) -> None:
     if args.html:
         require_matplotlib()
     torch.manual_seed(args.seed)  # random-init weights are the same on every run with the same seed
-    loaded = load_model(args.model, trust=args.trust_model_file)
+    loaded = resolve_model(args.model, trust=args.trust_model_file)
     inputs = _example_inputs(args, loaded.input_shape)
     report = analyze(
         loaded.module,
@@ -230,9 +231,10 @@ def cmd_report(args: argparse.Namespace) -> None:
 
 
 def cmd_compile(args: argparse.Namespace) -> None:
-    from slimfx import compile, load_model
+    from slimfx import compile
     from slimfx.backends.runtimes import choose_runtimes
     from slimfx.files.calib_spec import calibration_batches
+    from slimfx.files.model_spec import resolve_model
     from slimfx.passes.manager import PassManager, check_data
     from slimfx.passes.registry import resolve_passes
     from slimfx.report.html import compile_html, require_matplotlib
@@ -257,7 +259,7 @@ def cmd_compile(args: argparse.Namespace) -> None:
     torch.manual_seed(args.seed)  # random-init weights are the same on every run with the same seed
     _join_process_group()  # under torchrun: distill trains with DDP, quantize calibrates on shards
     main_rank = parallel.is_main()
-    loaded = load_model(args.model, trust=args.trust_model_file)
+    loaded = resolve_model(args.model, trust=args.trust_model_file)
     inputs = _example_inputs(args, loaded.input_shape)
     calib = calibration_batches(args.calib, inputs, seed=args.seed + 1) if args.calib else None
     train = calibration_batches(args.train, inputs, seed=args.seed + 2, flag="--train") if args.train else None
@@ -351,13 +353,14 @@ def cmd_demo(args: argparse.Namespace) -> None:
 def _demo_on_model(args: argparse.Namespace) -> None:
     """The demo on a user's model at random init: where the cost goes, then the pipeline on
     random calibration data in every installed runtime (no labels: agreement, not accuracy)."""
-    from slimfx import analyze, compile, load_model
+    from slimfx import analyze, compile
     from slimfx.demo import UNTRAINED_PIPELINE as passes
     from slimfx.files.calib_spec import calibration_batches
+    from slimfx.files.model_spec import resolve_model
     from slimfx.report.tables import render_compile, render_report
 
     torch.manual_seed(args.seed)
-    loaded = load_model(args.model, trust=args.trust_model_file)
+    loaded = resolve_model(args.model, trust=args.trust_model_file)
     inputs = _example_inputs(args, loaded.input_shape)
     print(f"== slimfx report {args.model} --top 10  (where the cost goes)\n")
     sys.stdout.write(render_report(analyze(loaded.module, inputs, name=loaded.name), "table", top=10))

@@ -77,8 +77,8 @@ def test_compile_saves_a_model_that_loads_back_without_batchnorm(
     from slimfx import load_model
 
     loaded = load_model(str(out_file))
-    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in loaded.module.modules())
-    assert loaded.input_shape == (1, 3, 64, 64)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in loaded.modules())
+    assert loaded.example_input_shape == (1, 3, 64, 64)
     code, out, _ = run(capsys, "report", str(out_file), "--format", "json")
     assert code == 0 and json.loads(out)["totals"]["macs"] == data["after"]["totals"]["macs"]
 
@@ -111,8 +111,8 @@ def test_compile_prunes_and_saves_a_smaller_model(tmp_path: Path, capsys: pytest
     from slimfx import load_model
 
     loaded = load_model(str(out_file))  # convs without bias survive the round trip
-    assert loaded.module.get_submodule("conv1").out_channels == 32
-    assert loaded.module(torch.randn(1, 3, 64, 64)).shape == (1, 1000)
+    assert loaded.get_submodule("conv1").out_channels == 32
+    assert loaded(torch.randn(1, 3, 64, 64)).shape == (1, 1000)
 
 
 def test_compile_table_shows_channels_and_thinet_calibrates_on_random_batches(
@@ -191,7 +191,7 @@ def test_compile_factorizes_vgg16_to_half_the_macs(tmp_path: Path, capsys: pytes
     from slimfx import load_model
 
     loaded = load_model(str(out_file))
-    assert loaded.module(torch.randn(1, 3, 64, 64)).shape == (1, 1000)
+    assert loaded(torch.randn(1, 3, 64, 64)).shape == (1, 1000)
 
 
 def test_saved_model_matches_compiled_output(tmp_path: Path) -> None:
@@ -201,7 +201,7 @@ def test_saved_model_matches_compiled_output(tmp_path: Path) -> None:
     x = torch.randn(1, 3, 64, 64)
     result = slimfx.compile(model, x, "fold-bn")
     result.save(tmp_path / "r18.pt")
-    loaded = slimfx.load_model(str(tmp_path / "r18.pt")).module
+    loaded = slimfx.load_model(str(tmp_path / "r18.pt"))
     with torch.no_grad():
         torch.testing.assert_close(loaded(x), model(x), rtol=1e-4, atol=1e-5)
 
@@ -335,14 +335,20 @@ def test_crafted_slimfx_file_cannot_call_arbitrary_functions(tmp_path: Path) -> 
     result = slimfx.compile(torch.nn.Sequential(torch.nn.ReLU()), torch.randn(1, 2), "fold-bn")
     good = tmp_path / "good.pt"
     result.save(good)
-    payload = torch.load(good, weights_only=True)
-    graph = json.loads(payload["graph"])
-    graph[1] = {"name": "_0", "op": "call_function", "target": "os:system", "args": ["echo pwned"], "kwargs": {}}
-    payload["graph"] = json.dumps(graph)
     evil = tmp_path / "evil.pt"
-    torch.save(payload, evil)
-    with pytest.raises(UnsafeModelFileError, match="os:system"):
-        slimfx.load_model(str(evil))
+    crafted = {"name": "_0", "op": "call_function", "target": "os:system", "args": ["echo pwned"], "kwargs": {}}
+    for legacy in (False, True):  # the graph stored with its module, or (older files) beside the modules
+        payload = torch.load(good, weights_only=True)
+        modules = json.loads(payload["modules"])
+        graph = modules[0]["graph"]
+        graph[1] = crafted
+        if legacy:
+            modules[0]["graph"] = None
+            payload["graph"] = json.dumps(graph)
+        payload["modules"] = json.dumps(modules)
+        torch.save(payload, evil)
+        with pytest.raises(UnsafeModelFileError, match="os:system"):
+            slimfx.load_model(str(evil))
     modules = json.loads(torch.load(good, weights_only=True)["modules"])
     modules[1]["class"] = "subprocess:Popen"
     payload = torch.load(good, weights_only=True)

@@ -211,7 +211,20 @@ def test_cli_reports_exit_shares_and_expected_macs(tmp_path: Path, capsys: pytes
     assert code == 0
     exits = json.loads(out)["exits"]
     assert len(exits["exits"]) == 2 and exits["expected_macs_per_sample"] > 0 and "share" in exits["exits"][0]
-    with pytest.raises(slimfx.SlimfxError, match="not supported yet"):
-        compile(trained_cnn(), split()["test"][0][:2], "add-exits:epochs=1", calib_data=calibration(100)).save(
-            tmp_path / "x.pt"
-        )
+
+
+@pytest.mark.parametrize("passes", ["add-exits:exits=2", "fold-bn,quantize,add-exits:exits=2"])
+def test_early_exit_models_save_and_load_in_the_safe_format(passes: str, tmp_path) -> None:
+    from slimfx.backends.early_exit import EarlyExitModel
+
+    x_test, _ = split()["test"]
+    result = compile(trained_cnn(), x_test[:2], passes, calib_data=calibration())
+    result.save(tmp_path / "exits.pt")
+    loaded = slimfx.load_model(str(tmp_path / "exits.pt"))
+    assert isinstance(loaded, EarlyExitModel) and loaded.thresholds == result.module.thresholds
+    assert loaded.example_input_shape == (2, 1, 8, 8)
+    with torch.no_grad():
+        expected, expected_exits = result.module(x_test, return_exits=True)
+        got, exits = loaded(x_test, return_exits=True)
+    assert torch.equal(exits, expected_exits)
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)

@@ -173,7 +173,7 @@ def test_factorized_model_saves_and_folds(tmp_path) -> None:
     result.save(tmp_path / "f.pt")
     loaded = slimfx.load_model(str(tmp_path / "f.pt"))
     with torch.no_grad():
-        assert torch.allclose(loaded.module(x), result.module(x), atol=1e-5)
+        assert torch.allclose(loaded(x), result.module(x), atol=1e-5)
     with pytest.raises(PassOrderError):
         compile(model, x, "factorize-convs,prune-channels")
 

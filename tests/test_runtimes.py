@@ -158,7 +158,7 @@ def test_saved_artifacts_load_and_give_the_same_outputs(
 
         got = torch.from_numpy(ort_tools.run(ort_tools.session(path), (x,))[0])
     else:
-        got = slimfx.load_model(str(path)).module(x)
+        got = slimfx.load_model(str(path))(x)
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
 
 
@@ -203,7 +203,21 @@ def test_cli_runtime_auto_prints_the_table_and_json_carries_it(capsys: pytest.Ca
 def test_timm_specs_load_at_timms_input_size(capsys: pytest.CaptureFixture[str]) -> None:
     pytest.importorskip("timm")
     loaded = slimfx.load_model("timm:resnet18")
-    assert loaded.name == "resnet18" and loaded.input_shape == (1, 3, 224, 224)
+    assert type(loaded).__name__ == "ResNet" and loaded.example_input_shape == (1, 3, 224, 224)
     code = main(["report", "timm:resnet1", "--top", "1"])
     err = capsys.readouterr().err
     assert code == 2 and "timm has no model 'resnet1'; did you mean resnet18" in err
+
+
+def test_float_models_export_with_torch_export_and_int8_graphs_with_the_fallback(
+    quantized: slimfx.CompileResult, tmp_path: Path
+) -> None:
+    import onnx
+
+    from slimfx.backends.onnx import DYNAMO, EXPORTER_KEY, TORCHSCRIPT, export_onnx
+
+    pytest.importorskip("onnxscript")
+    for module, exporter in ((trained_cnn(), DYNAMO), (quantized.module, TORCHSCRIPT)):
+        path = export_onnx(module, (INPUT,), tmp_path / "m.onnx")
+        props = {p.key: p.value for p in onnx.load(str(path)).metadata_props}
+        assert props[EXPORTER_KEY] == exporter

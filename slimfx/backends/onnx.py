@@ -1,18 +1,24 @@
 """ONNX export (QuantizeLinear/DequantizeLinear for quantized graphs) and onnxruntime sessions.
 
-Needs the optional ``onnx`` extra (``pip install -e ".[onnx]"``). Export uses torch's
-TorchScript-based exporter (``dynamo=False``): it maps the core fake-quant ops onto ONNX
-QuantizeLinear/DequantizeLinear pairs, which onnxruntime fuses into int8 kernels, without the
-extra ``onnxscript`` dependency the newer exporter needs.
+Needs the optional ``onnx`` extra (``pip install -e ".[onnx]"``). A float model is exported
+with torch's ``torch.export``-based exporter (``dynamo=True``, the default since torch 2.9).
+A quantized graph is exported with the TorchScript-based exporter (``dynamo=False``), the
+documented fallback: ``torch.export`` cannot trace the core fake-quant ops in torch 2.14,
+while the TorchScript exporter maps them onto ONNX QuantizeLinear/DequantizeLinear pairs,
+which onnxruntime fuses into int8 kernels. The fallback also takes a float model that
+``torch.export`` cannot trace; the file's metadata (``slimfx.exporter``) says which one wrote it. The
+fallback's deprecation notice is silenced (slimfx chose it knowingly); every other warning
+reaches the user.
 """
 
 from __future__ import annotations
 
 import collections
+import contextlib
 import io
 import tempfile
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +30,12 @@ from slimfx.backends.timing import median_ms
 from slimfx.errors import BackendError
 from slimfx.files.atomic import atomic_write
 
-OPSET = 17
+OPSET = 17  # the TorchScript exporter's
+DYNAMO_OPSET = 18  # the torch.export-based exporter's lowest
+DYNAMO, TORCHSCRIPT = "torch.export", "TorchScript (fallback)"
+EXPORTER_KEY = "slimfx.exporter"  # metadata entry naming the exporter that wrote the file
+# what the TorchScript exporter says about itself; nothing else is silenced
+_FALLBACK_NOTICES = (r".*legacy TorchScript-based ONNX export.*", r"The feature will be removed.*")
 
 
 def _require() -> tuple[Any, Any]:
@@ -41,27 +52,77 @@ def export_onnx(module: nn.Module, example_inputs: Sequence[torch.Tensor], path:
     see ``onnx_fold``); atomic: no partial file on failure."""
     onnx, _ = _require()
     path = Path(path)
-    names = [f"input_{i}" for i in range(len(example_inputs))]
-    buffer = io.BytesIO()
+    model, exporter = None, DYNAMO
+    if not _has_fake_quant(module) and _has_onnxscript():
+        with contextlib.suppress(Exception):  # not traceable by torch.export: the fallback below
+            model = _export_dynamo(module, tuple(example_inputs))
     try:
-        with warnings.catch_warnings(), torch.no_grad():
-            warnings.simplefilter("ignore")
-            torch.onnx.export(
-                module.eval(),
-                tuple(example_inputs),
-                buffer,
-                opset_version=OPSET,
-                dynamo=False,
-                input_names=names,
-                output_names=["output"],
-                dynamic_axes={**{n: {0: "batch"} for n in names}, "output": {0: "batch"}},
-            )
-        model = onnx.load_from_string(buffer.getvalue())
+        if model is None:
+            model, exporter = onnx.load_from_string(_export_torchscript(module, tuple(example_inputs))), TORCHSCRIPT
         fold_constant_quantization(model)
+        onnx.helper.set_model_props(model, {**{p.key: p.value for p in model.metadata_props}, EXPORTER_KEY: exporter})
     except Exception as exc:
         raise BackendError(f"ONNX export failed: {type(exc).__name__}: {str(exc).splitlines()[0]}") from exc
     atomic_write(path, lambda f: f.write(model.SerializeToString()))
     return path
+
+
+def _names(inputs: Sequence[torch.Tensor]) -> list[str]:
+    return [f"input_{i}" for i in range(len(inputs))]
+
+
+def _export_dynamo(module: nn.Module, inputs: tuple[torch.Tensor, ...]) -> Any:
+    batch = torch.export.Dim("batch")
+    shapes = tuple({0: batch} if x.dim() else {} for x in inputs)
+    with torch.no_grad(), contextlib.redirect_stdout(io.StringIO()):  # its progress lines
+        program = torch.onnx.export(
+            module.eval(),
+            inputs,
+            dynamo=True,
+            opset_version=DYNAMO_OPSET,
+            input_names=_names(inputs),
+            output_names=["output"],
+            dynamic_shapes=shapes,
+            verbose=False,
+        )
+    return program.model_proto
+
+
+def _export_torchscript(module: nn.Module, inputs: tuple[torch.Tensor, ...]) -> bytes:
+    names = _names(inputs)
+    buffer = io.BytesIO()
+    with _fallback_notices_silenced(), torch.no_grad():
+        torch.onnx.export(
+            module.eval(),
+            inputs,
+            buffer,
+            opset_version=OPSET,
+            dynamo=False,
+            input_names=names,
+            output_names=["output"],
+            dynamic_axes={**{n: {0: "batch"} for n in names}, "output": {0: "batch"}},
+        )
+    return buffer.getvalue()
+
+
+@contextlib.contextmanager
+def _fallback_notices_silenced() -> Iterator[None]:
+    with warnings.catch_warnings():
+        for notice in _FALLBACK_NOTICES:
+            warnings.filterwarnings("ignore", message=notice, category=DeprecationWarning)
+        yield
+
+
+def _has_fake_quant(module: nn.Module) -> bool:
+    from slimfx.quant.layers import ActivationQuant, QuantizedLayer
+
+    return any(isinstance(m, (QuantizedLayer, ActivationQuant)) for m in module.modules())
+
+
+def _has_onnxscript() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("onnxscript") is not None
 
 
 def session(path: str | Path, threads: int | None = None, optimized_path: str | Path | None = None) -> Any:

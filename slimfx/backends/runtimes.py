@@ -29,7 +29,6 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
-import torch.fx as fx
 import torch.nn as nn
 
 from slimfx.backends.timing import module_latency_ms
@@ -116,8 +115,6 @@ class Runtime(ABC):
 def _save_slimfx(module: nn.Module, path: str | Path, example_inputs: Sequence[torch.Tensor]) -> list[Path]:
     from slimfx.files.model_format import save_module
 
-    if not isinstance(module, fx.GraphModule):
-        raise BackendError(f"the slimfx model format holds graph modules, not a {type(module).__name__}")
     save_module(module, path, example_inputs)
     return [Path(path)]
 

@@ -102,19 +102,20 @@ def _encode_graph(graph: fx.Graph) -> list[dict[str, Any]]:
 
 
 def _encode_modules(root: nn.Module) -> tuple[list[dict[str, Any]], dict[str, torch.Tensor]]:
+    """Every module of the tree as data; a GraphModule (the root, or an early-exit model's
+    stages) is stored as a plain module and its graph, and rebuilt from them."""
     modules, tensors = [], {}
     for path, module in root.named_modules():
-        cls = type(module)
-        if path == "":
-            cls = nn.Module  # the GraphModule root is rebuilt from the graph
-        elif not _is_allowed_class(f"{cls.__module__}:{cls.__qualname__}"):
+        is_graph = isinstance(module, fx.GraphModule)
+        cls = nn.Module if is_graph else type(module)
+        if not _is_allowed_class(f"{cls.__module__}:{cls.__qualname__}"):
             raise UnsafeToSave(f"module '{path}' is a {cls.__module__}.{cls.__qualname__}, not a torch.nn class")
         attrs = {}
-        if path:
+        if not is_graph:
             for key, value in vars(module).items():
                 if key in _MODULE_INIT_ATTRS or key in ("_parameters", "_buffers", "_modules"):
                     continue
-                attrs[key] = _encode_attr(path, key, value)
+                attrs[key] = _encode_attr(path or "(root)", key, value)
         params = {n: p.requires_grad for n, p in module._parameters.items() if p is not None}
         buffers = [n for n, b in module._buffers.items() if b is not None]
         for n in params:
@@ -125,6 +126,7 @@ def _encode_modules(root: nn.Module) -> tuple[list[dict[str, Any]], dict[str, to
             {
                 "path": path,
                 "class": f"{cls.__module__}:{cls.__qualname__}",
+                "graph": _encode_graph(module.graph) if is_graph else None,
                 "attrs": attrs,
                 "params": params,
                 "buffers": buffers,
@@ -149,12 +151,12 @@ def _join(path: str, name: str) -> str:
 
 
 def save_module(
-    module: fx.GraphModule, path: str | Path, example_inputs: Sequence[torch.Tensor], model_name: str = "model"
+    module: nn.Module, path: str | Path, example_inputs: Sequence[torch.Tensor], model_name: str = "model"
 ) -> None:
-    """Write ``module`` atomically: nothing is left at ``path`` if writing fails."""
+    """Write ``module`` (a GraphModule, or a tree of allowed classes holding GraphModules, such
+    as an early-exit model) atomically: nothing is left at ``path`` if writing fails."""
     try:
         modules, tensors = _encode_modules(module)
-        graph = _encode_graph(module.graph)
     except UnsafeToSave as exc:
         raise OutputError(
             f"cannot save the compiled model in slimfx's safe format: {exc}. "
@@ -164,7 +166,6 @@ def save_module(
         "format": FORMAT,
         "model": model_name,
         "input_shapes": [list(t.shape) for t in example_inputs],
-        "graph": json.dumps(graph),
         "modules": json.dumps(modules),
         "tensors": tensors,
     }
@@ -252,17 +253,27 @@ def _torch_constant(name: str, kind: type) -> Any:
     return value
 
 
-def _build_modules(specs: list[dict[str, Any]], tensors: dict[str, torch.Tensor]) -> nn.Module:
-    root = nn.Module()
-    for spec in specs:
+def _build_modules(specs: list[dict[str, Any]], tensors: dict[str, torch.Tensor], name: str) -> nn.Module:
+    """The module tree; each module stored with a graph becomes a GraphModule, deepest first,
+    so a graph's call_module targets already hold their rebuilt modules."""
+    built: dict[str, nn.Module] = {}
+    for spec in specs:  # parents come before their children (named_modules order)
         path = spec["path"]
-        module = root if path == "" else _build_module(spec, tensors)
+        module = _build_module(spec, tensors)
+        built[path] = module
         if path:
             parent_path, _, leaf = path.rpartition(".")
-            root.get_submodule(parent_path).add_module(leaf, module)
-        else:
-            _load_state(module, spec, tensors)
-    return root
+            built[parent_path].add_module(leaf, module)
+    graphs = [spec for spec in specs if spec.get("graph") is not None]
+    for spec in sorted(graphs, key=lambda s: s["path"].count(".") + bool(s["path"]), reverse=True):
+        path = spec["path"]
+        module = fx.GraphModule(built[path], _build_graph(spec["graph"]), class_name=name if not path else "Stage")
+        module.train(spec["training"])
+        built[path] = module
+        if path:
+            parent_path, _, leaf = path.rpartition(".")
+            built[parent_path].add_module(leaf, module)
+    return built[""]
 
 
 def _build_module(spec: dict[str, Any], tensors: dict[str, torch.Tensor]) -> nn.Module:
@@ -310,12 +321,14 @@ def is_slimfx_file(payload: Any) -> bool:
     return isinstance(payload, dict) and payload.get("format") == FORMAT
 
 
-def module_from_payload(payload: dict[str, Any]) -> tuple[fx.GraphModule, list[list[int]], str]:
+def module_from_payload(payload: dict[str, Any]) -> tuple[nn.Module, list[list[int]], str]:
     """Rebuild (module, input shapes, model name) from a loaded slimfx payload."""
+    name = str(payload.get("model", "model"))
     try:
-        root = _build_modules(json.loads(payload["modules"]), payload["tensors"])
-        graph = _build_graph(json.loads(payload["graph"]))
-    except (KeyError, ValueError, TypeError) as exc:
+        specs = json.loads(payload["modules"])
+        if "graph" in payload:  # files written before graphs were stored per module: the root's graph
+            specs[0]["graph"] = json.loads(payload["graph"])
+        module = _build_modules(specs, payload["tensors"], name)
+    except (KeyError, ValueError, TypeError, IndexError) as exc:
         raise ModelSpecError(f"model file is damaged or from another slimfx version: {exc}") from None
-    module = fx.GraphModule(root, graph, class_name=str(payload.get("model", "model")))
-    return module, payload.get("input_shapes", []), str(payload.get("model", "model"))
+    return module, payload.get("input_shapes", []), name

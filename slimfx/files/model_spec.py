@@ -34,8 +34,18 @@ class LoadedModel:
     input_shape: tuple[int, ...] | None
 
 
-def load_model(spec: str, *, trust: bool = False) -> LoadedModel:
-    """Resolve a MODEL spec; the module is put in eval mode (slimfx compiles for inference)."""
+def load_model(spec: str, *, trust: bool = False) -> nn.Module:
+    """The model a MODEL spec names, in eval mode, ready to call or compile; its usual input
+    shape, when known, is its ``example_input_shape`` attribute."""
+    loaded = resolve_model(spec, trust=trust)
+    if loaded.input_shape is not None:
+        loaded.module.example_input_shape = loaded.input_shape
+    return loaded.module
+
+
+def resolve_model(spec: str, *, trust: bool = False) -> LoadedModel:
+    """Resolve a MODEL spec into the module (in eval mode: slimfx compiles for inference), a
+    name and its usual input shape."""
     if spec.startswith("torchvision:"):
         loaded = _torchvision(spec.removeprefix("torchvision:"))
     elif spec.startswith("timm:"):

@@ -8,6 +8,8 @@ kernels (QLinearConv, QLinearMatMul).
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -87,9 +89,11 @@ class QuantizedLayer(nn.Module):
             return stored.weight
         weight, scale = stored.weight, stored.scale
         if torch.onnx.is_in_onnx_export():  # the scheme's result, not its computation, goes into the file
-            weight, scale = (
-                None if t is None else torch.from_numpy(t.detach().float().numpy().copy()) for t in (weight, scale)
-            )
+            with warnings.catch_warnings():  # baking these in as constants is the point
+                warnings.simplefilter("ignore", torch.jit.TracerWarning)
+                weight, scale = (
+                    None if t is None else torch.from_numpy(t.detach().float().numpy().copy()) for t in (weight, scale)
+                )
         if scale is None:  # block: a scale per (channel, block) has no int8 grid per channel; float weights
             return weight
         # integers x per-channel scale, with |integers| <= 8: the same values on an int8 grid,

@@ -12,7 +12,7 @@ from nets import MatmulAttention, SelfAttentionBlock
 
 from slimfx import compile
 from slimfx.errors import DataError, NonFiniteError, PassError, PassSpecError
-from slimfx.metrics import sqnr_db
+from slimfx.metrics import relative_error, sqnr_db
 from slimfx.passes.quantize import QuantizedLayerDetails
 from slimfx.passes.registry import parse_pipeline
 
@@ -198,3 +198,41 @@ def test_calibration_data_in_any_accepted_form_gives_the_same_result() -> None:
     assert thresholds[0] == thresholds[1] == thresholds[2]
     with torch.no_grad():
         assert torch.equal(results[0].module(test), results[2].module(test))
+
+
+def test_bf16_layers_by_pattern_and_by_measured_sqnr(tmp_path) -> None:
+    from slimfx.backends import onnx as ort_tools
+    from slimfx.quant.layers import Bf16Layer, QuantizedLayer
+
+    x = split()["test"][0][:64]
+    model = trained_cnn()
+    named = compile(model, x[:2], "quantize:bf16=block1.*,head", calib_data=calibration())
+    kinds = {name: type(m) for name, m in named.graph.module.named_modules()}
+    assert kinds["block1.0"] is Bf16Layer and kinds["head"] is Bf16Layer and kinds["block2.0"] is QuantizedLayer
+    record = named.report.passes[-1]
+    bf16 = [d for d in record.decisions if d.details is not None and getattr(d.details, "bits", None) == 16]
+    assert {d.target for d in bf16} == {"block1.0", "head"}
+    assert all("named by bf16 pattern" in d.reason and d.details.output_sqnr_db > 40 for d in bf16)
+    with torch.no_grad():
+        eager = named.module(x)
+    path = named.export_onnx(tmp_path / "mixed.onnx")  # the bf16 layers export as float layers
+    exported = torch.from_numpy(ort_tools.run(ort_tools.session(path), (x,))[0])
+    assert relative_error(eager, exported) < 1e-2  # bf16 arithmetic in eager vs fp32 in onnxruntime
+    auto = compile(model, x[:2], "quantize:bf16=auto,bf16-below=100", calib_data=calibration())
+    assert all(
+        isinstance(m, Bf16Layer) for m in auto.graph.module.modules() if isinstance(m, (Bf16Layer, QuantizedLayer))
+    )
+    none = compile(model, x[:2], "quantize:bf16=auto,bf16-below=0", calib_data=calibration())
+    assert not any(isinstance(m, Bf16Layer) for m in none.graph.module.modules())
+
+
+@pytest.mark.parametrize(
+    "spec, message",
+    [("quantize:bf16=auto,layer1", "auto alone"), ("quantize:bf16-below=20", "only with bf16=auto")],
+)
+def test_bad_bf16_options(spec: str, message: str) -> None:
+    from slimfx.errors import PassSpecError
+    from slimfx.passes.registry import resolve_passes
+
+    with pytest.raises(PassSpecError, match=message):
+        resolve_passes(spec)

@@ -157,7 +157,12 @@ class _Int8Session(_TorchSession):
 
     def precision(self) -> str:
         floats = f"; in float: {len(self._lowered.float_ops)} op(s)" if self._lowered.float_ops else ""
-        return f"int8 ({self._lowered.engine}){floats}"
+        layers = sum(
+            v for k, v in self._lowered.kernels.items() if k.startswith(("quantized::conv", "quantized::linear"))
+        )
+        if not layers:
+            return f"float: no int8 layers{floats}"
+        return f"int8 ({layers} int8 layers, {self._lowered.engine}){floats}"
 
     def kernels(self) -> dict[str, int]:
         return dict(self._lowered.kernels)

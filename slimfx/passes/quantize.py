@@ -31,12 +31,12 @@ from slimfx.ir.rewrite import Rewriter
 from slimfx.ir.shapes import ensure_shapes
 from slimfx.metrics import sqnr_db
 from slimfx.passes.base import Action, DataNeed, Decision, Pass, PassContext, PassResult
-from slimfx.passes.candidates import layer_candidates
+from slimfx.passes.candidates import excluding_pattern, layer_candidates
 from slimfx.passes.fold_bn import FoldBatchNorm
 from slimfx.passes.registry import register
 from slimfx.quant.attention import AttentionParts, why_not_inlined
 from slimfx.quant.calibrate import AbsHistogram, threshold
-from slimfx.quant.layers import ActivationQuant, QuantizedLayer, activation_qparams
+from slimfx.quant.layers import ActivationQuant, Bf16Layer, QuantizedLayer, activation_qparams
 from slimfx.quant.mixed import allocate_widths
 from slimfx.quant.placement import grid_source, is_pool, sole_relu_user
 from slimfx.quant.schemes import SCHEMES, quantize_weight
@@ -110,6 +110,8 @@ class Quantize(Pass):
     target_size: float | None = None
     target_macs_bits: float | None = None
     exclude: tuple[str, ...] = ()
+    bf16: tuple[str, ...] = ()
+    bf16_below: float = 30.0
     fold_bn: bool = True
 
     def __post_init__(self) -> None:
@@ -123,6 +125,10 @@ class Quantize(Pass):
             raise self.invalid(
                 "act-bits", self.act_bits, "8 unless weights=binary (binary activations go with binary weights)"
             )
+        if "auto" in self.bf16 and len(self.bf16) > 1:
+            raise self.invalid("bf16", ",".join(self.bf16), "auto alone, or module-path patterns (layer1.*, *)")
+        if self.bf16_below != 30.0 and self.bf16 != ("auto",):
+            raise self.invalid("bf16-below", self.bf16_below, "a threshold only with bf16=auto")
         budgets = [b for b in (self.target_size, self.target_macs_bits) if b is not None]
         if self.bits == "auto" and len(budgets) != 1:
             raise self.invalid("bits", self.bits, "auto together with exactly one of target-size or target-macs-bits")
@@ -162,6 +168,8 @@ class Quantize(Pass):
         for point in points:
             decision = self._freeze(graph, point, observed[point.node], grids, macs.get(point.node.name))
             decisions[point.node.name] = decision
+        if self.bf16:
+            decisions |= self._to_bf16(graph, points, decisions, observed, warnings)
         listed = [d for d in decisions.values() if d is not None]
         return PassResult(
             changed=bool(points), decisions=tuple(listed) + (_size_summary(listed),), warnings=tuple(warnings)
@@ -338,6 +346,55 @@ class Quantize(Pass):
         reason = f"{scheme} ({stored.bits}-bit) weights{with_relu}; input on {how}; {output}; output SQNR {sqnr}"
         return Decision(point.label, Action.QUANTIZED, reason, macs, macs, details=details)
 
+    def _to_bf16(
+        self,
+        graph: Graph,
+        points: list[_Point],
+        decisions: dict[str, Decision | None],
+        observed: dict[fx.Node, _Observed],
+        warnings: list[str],
+    ) -> dict[str, Decision]:
+        """The layers the ``bf16`` option names (patterns), or, with ``bf16=auto``, those whose
+        int8 output SQNR is below ``bf16-below`` dB, run in bf16 instead of int8. The grids
+        their neighbours took from them stay: a reader still quantizes its input on it."""
+        changed: dict[str, Decision] = {}
+        with Rewriter(graph, self.name) as rewriter:
+            for point in points:
+                module = graph.submodule(point.node)
+                decision = decisions.get(point.node.name)
+                if not isinstance(module, QuantizedLayer) or decision is None:
+                    continue
+                int8_sqnr = (
+                    decision.details.output_sqnr_db if isinstance(decision.details, QuantizedLayerDetails) else None
+                )
+                why = self._why_bf16(point.label, int8_sqnr)
+                if why is None:
+                    continue
+                layer = Bf16Layer(module.layer, module.activation)
+                rewriter.replace_module(point.node, layer)
+                sample = observed[point.node].sample
+                sqnr = None
+                if sample is not None:
+                    with torch.no_grad():
+                        sqnr = sqnr_db(layer.float_forward(sample), layer(sample))
+                changed[point.node.name] = _bf16_decision(
+                    point.label, layer, why, int8_sqnr, sqnr, decision.macs_before
+                )
+        if changed and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+            warnings.append(
+                f"quantize: {len(changed)} layer(s) run in bf16, but this CPU has no bf16 kernels: in torch eager "
+                "they are emulated (slow); OpenVINO and CPUs with AVX-512 BF16 or AMX run them natively"
+            )
+        return changed
+
+    def _why_bf16(self, label: str, int8_sqnr: float | None) -> str | None:
+        if self.bf16 == ("auto",):
+            if int8_sqnr is not None and int8_sqnr < self.bf16_below:
+                return f"its int8 output SQNR {int8_sqnr:.1f} dB is below bf16-below={self.bf16_below:g} dB"
+            return None
+        pattern = excluding_pattern(label, self.bf16)
+        return None if pattern is None else f"named by bf16 pattern '{pattern}'"
+
     def _mixed_precision(
         self, graph: Graph, targets: list[fx.Node], ctx: PassContext
     ) -> tuple[dict[str, str], list[str]]:
@@ -467,11 +524,35 @@ class _Observed:
     sample: torch.Tensor | None = None
 
 
+@dataclass(frozen=True)
+class Bf16LayerDetails(Details):
+    """A conv or linear run in bf16 instead of int8: why, and both output SQNRs."""
+
+    scheme: str
+    bits: int
+    reason: str
+    int8_output_sqnr_db: float | None
+    output_sqnr_db: float | None
+    size: WeightSize
+
+
+def _bf16_decision(
+    label: str, layer: Bf16Layer, why: str, int8_sqnr: float | None, sqnr: float | None, macs: int | None
+) -> Decision:
+    weights = layer.layer.weight.numel()
+    bias = 0 if layer.layer.bias is None else layer.layer.bias.numel()
+    stored = 2 * weights + 4 * bias
+    size = WeightSize(4 * (weights + bias), stored, stored, float((layer.layer.weight == 0).float().mean()))
+    sqnr_text = "not measured" if sqnr is None else f"{sqnr:.1f} dB"
+    details = Bf16LayerDetails("bf16 weights x bf16 input", 16, why, int8_sqnr, sqnr, size)
+    reason = f"bf16 weights and activations, float output: {why}; output SQNR {sqnr_text}"
+    return Decision(label, Action.QUANTIZED, reason, macs, macs, details=details)
+
+
 def _size_summary(decisions: list[Decision]) -> Decision:
     """Deep Compression's accounting over every quantized layer: fp32, chosen widths, Huffman."""
-    total = sum(
-        (d.details.size for d in decisions if isinstance(d.details, QuantizedLayerDetails)), WeightSize(0, 0, 0, 0)
-    )
+    sized = (QuantizedLayerDetails, Bf16LayerDetails)
+    total = sum((d.details.size for d in decisions if isinstance(d.details, sized)), WeightSize(0, 0, 0, 0))
     reason = (
         f"weights of the quantized layers: fp32 {total.fp32_bytes / 1e6:.3f} MB -> "
         f"{total.quantized_bytes / 1e6:.3f} MB at the chosen widths -> {total.huffman_bytes / 1e6:.3f} MB "

@@ -135,6 +135,36 @@ class QuantizedLayer(nn.Module):
         return torch.fake_quantize_per_tensor_affine(y, self.output_scale, self.output_zero_point, ACT_QMIN, ACT_QMAX)
 
 
+class Bf16Layer(nn.Module):
+    """A conv or linear layer (and its fused activation) computed in bf16: weights rounded to
+    bf16 once, the input cast to bf16 and the output back to float32, so torch runs its bf16
+    kernels. Exported to ONNX it is the float layer with the bf16-rounded weights (onnxruntime's
+    CPU kernels have no bf16 conv), which OpenVINO runs in bf16 at its bf16 precision."""
+
+    def __init__(self, layer: nn.Module, activation: nn.Module | None = None):
+        super().__init__()
+        self.layer, self.activation = layer, activation
+        with torch.no_grad():
+            layer.weight.copy_(layer.weight.to(torch.bfloat16).float())
+
+    def float_forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.layer(x)
+        return y if self.activation is None else self.activation(y)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.onnx.is_in_onnx_export():
+            return self.float_forward(x)
+        bias = None if self.layer.bias is None else self.layer.bias.to(torch.bfloat16)
+        weight, x = self.layer.weight.to(torch.bfloat16), x.to(torch.bfloat16)
+        if isinstance(self.layer, nn.Linear):
+            y = F.linear(x, weight, bias)
+        else:
+            y = self.layer._conv_forward(x, weight, bias)
+        if self.activation is not None:
+            y = self.activation(y)
+        return y.float()
+
+
 class ActivationQuant(nn.Module):
     """Per-tensor uint8 fake quantization of one tensor (a matmul input, an add's output...).
 
@@ -164,5 +194,5 @@ def _quantized_layer_cost(op: Op) -> Cost:
     return cost if op.module.activation is None else cost + Cost(elem_ops=op.out_numel)
 
 
-register_module_rule((QuantizedLayer,), "quantized layer", _quantized_layer_cost)
+register_module_rule((QuantizedLayer, Bf16Layer), "quantized layer", _quantized_layer_cost)
 register_module_rule((ActivationQuant,), "quantize/dequantize", per_element)

@@ -41,7 +41,7 @@ class Workspace:
     def __init__(self, example_inputs: Sequence[torch.Tensor]):
         self.example_inputs = tuple(example_inputs)
         self._folder = tempfile.TemporaryDirectory(prefix="slimfx-runtimes-")
-        self._exports: dict[int, Path] = {}
+        self._exports: dict[int, tuple[nn.Module, Path]] = {}  # the module is kept: its id stays its own
 
     def onnx_file(self, module: nn.Module) -> Path:
         """``module`` exported to ONNX (batch dimension dynamic), once per module."""
@@ -50,8 +50,8 @@ class Workspace:
         key = id(module)
         if key not in self._exports:
             path = Path(self._folder.name) / f"model-{len(self._exports)}.onnx"
-            self._exports[key] = export_onnx(module, self.example_inputs, path)
-        return self._exports[key]
+            self._exports[key] = (module, export_onnx(module, self.example_inputs, path))
+        return self._exports[key][1]
 
     def close(self) -> None:
         self._folder.cleanup()

@@ -221,3 +221,26 @@ def test_float_models_export_with_torch_export_and_int8_graphs_with_the_fallback
         path = export_onnx(module, (INPUT,), tmp_path / "m.onnx")
         props = {p.key: p.value for p in onnx.load(str(path)).metadata_props}
         assert props[EXPORTER_KEY] == exporter
+
+
+def test_signed_grids_as_int8_keep_the_numbers(quantized: slimfx.CompileResult, tmp_path: Path) -> None:
+    import onnx
+
+    from slimfx.backends import onnx as ort_tools
+    from slimfx.backends.onnx_fold import signed_grids_as_int8
+
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.Conv2d(8, 4, 3)).eval()  # signed input and output
+    x = torch.randn(4, 3, 12, 12)
+    result = slimfx.compile(net, x, "quantize", calib_data=[torch.randn(4, 3, 12, 12) for _ in range(4)])
+    path = result.export_onnx(tmp_path / "u8.onnx")
+    model = onnx.load(str(path))
+    assert signed_grids_as_int8(model) >= 2  # the input's grid and the signed middle tensor's
+    zero_points = [i for i in model.graph.initializer if i.name.endswith("_as_int8")]
+    assert zero_points and all(z.data_type == onnx.TensorProto.INT8 for z in zero_points)
+    onnx.save(model, str(tmp_path / "s8.onnx"))
+    before = ort_tools.run(ort_tools.session(path), (x,))[0]
+    after = ort_tools.run(ort_tools.session(tmp_path / "s8.onnx"), (x,))[0]
+    assert (before == after).all()
+    with Workspace((x,)) as workspace:
+        session = get_runtime("openvino-int8").session(result.module, workspace)
+        assert any(k.endswith(" i8") for k in session.kernels())

@@ -113,9 +113,9 @@ def run_demo(
     example = digits.test.x[:BATCH]
     show(
         f"== trained a small CNN on scikit-learn's digits ({len(digits.train.y)} train rows, 8x8): "
-        f"held-out accuracy {accuracy(model, digits.test):.2%} on {len(digits.test.y)} test rows\n"
+        f"held-out accuracy {accuracy(model, digits.test):.2%} on {len(digits.test.y)} test rows\n\n"
     )
-    show(f"== slimfx compile --passes {PIPELINE!r} --runtime {runtime}\n")
+    show(f"== slimfx compile --passes {PIPELINE!r} --runtime {runtime}\n\n")
     result = slimfx.compile(
         model,
         example,

@@ -97,9 +97,12 @@ class CompileResult:
 
         return export_onnx(self.module, self.graph.example_inputs, path)
 
-    def measure_onnx(self, original: nn.Module, path: str | Path, repeats: int = 20) -> OnnxMeasurement:
+    def measure_onnx(
+        self, original: nn.Module, path: str | Path, repeats: int = 20, named: str | Path | None = None
+    ) -> OnnxMeasurement:
         """Export to ``path``, then time it and the original model (exported to a temporary
-        file) in onnxruntime, each session on its own; adds the figures to the report."""
+        file) in onnxruntime, each session on its own; adds the figures to the report, which
+        names the file ``named`` (its final place, when ``path`` is staged) or ``path``."""
         import tempfile
 
         from slimfx.backends import onnx as ort_tools
@@ -112,7 +115,9 @@ class CompileResult:
         compiled_ms = ort_tools.latency_ms(ort_tools.session(path), inputs, repeats)
         batch = inputs[0].shape[0] if inputs[0].dim() else 1
         baseline = f"onnxruntime fp32, batch {batch}, {torch.get_num_threads()} threads"
-        measurement = OnnxMeasurement(str(path), Latency(fp32_ms, compiled_ms, baseline), ort_tools.kernel_census(path))
+        measurement = OnnxMeasurement(
+            str(named or path), Latency(fp32_ms, compiled_ms, baseline), ort_tools.kernel_census(path)
+        )
         self.report = replace(self.report, onnx=measurement)
         return measurement
 

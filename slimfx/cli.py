@@ -95,9 +95,22 @@ def build_parser() -> argparse.ArgumentParser:
 
     report = sub.add_parser("report", help="where the cost goes, node by node")
     _add_model_arguments(report)
-    report.add_argument("--format", choices=["table", "md", "csv", "json", "dot"], default="table")
-    report.add_argument("--top", type=int, help="only the N nodes with most MACs")
-    report.add_argument("--by", choices=["node", "module-type"], default="node")
+    report.add_argument(
+        "--format",
+        choices=["table", "md", "csv", "json", "dot"],
+        default="table",
+        help="table (default), md (Markdown), csv (shares as fractions), json (docs/report-schema.md), "
+        "dot (Graphviz, every node)",
+    )
+    report.add_argument(
+        "--top", type=int, help="only the N nodes (or module types) with most MACs; says what share of MACs they hold"
+    )
+    report.add_argument(
+        "--by",
+        choices=["node", "module-type"],
+        default="node",
+        help="one row per node (default) or per module type, convs split into dense, grouped and depthwise",
+    )
     report.add_argument("-o", "--output", help="write the report to this file instead of stdout")
     report.add_argument(
         "--html",
@@ -208,6 +221,8 @@ def cmd_report(args: argparse.Namespace) -> None:
 
     if args.top is not None and args.top < 1:
         raise OutputError(f"--top must be at least 1, got {args.top}")
+    if args.format == "dot" and (args.top is not None or args.by != "node"):
+        raise OutputError("--format dot draws every node: --top and --by do not apply to it")
     for path in (args.output, args.html):
         if path:
             check_writable(path)
@@ -233,6 +248,7 @@ def cmd_report(args: argparse.Namespace) -> None:
 def cmd_compile(args: argparse.Namespace) -> None:
     from slimfx import compile
     from slimfx.backends.runtimes import choose_runtimes
+    from slimfx.files.atomic import StagedOutputs, atomic_write
     from slimfx.files.calib_spec import calibration_batches
     from slimfx.files.model_spec import resolve_model
     from slimfx.passes.manager import PassManager, check_data
@@ -243,13 +259,10 @@ def cmd_compile(args: argparse.Namespace) -> None:
     pipeline = PassManager(resolve_passes(args.passes)).passes  # a bad spec or order fails before loading anything
     check_data(pipeline, args.calib, args.train)  # so does a pass that needs --calib or --train without it
     quantized = any(p.quantizes for p in pipeline)
+    _check_outputs(args, exits=any(p.makes_early_exits for p in pipeline))
     if args.runtime:
         choose_runtimes(args.runtime, quantized)  # an unknown, missing or mismatched runtime too
     if args.openvino:
-        if Path(args.openvino).suffix != ".xml":
-            raise OutputError(
-                f"--openvino writes OpenVINO IR as NAME.xml (and NAME.bin beside it), not {args.openvino}"
-            )
         choose_runtimes(_openvino_runtime(quantized), quantized)
     for path in (args.output, args.onnx, args.openvino, args.html):
         if path:
@@ -284,19 +297,57 @@ def cmd_compile(args: argparse.Namespace) -> None:
     if not main_rank:  # only rank 0 prints and writes files
         return
     _clear_progress()
-    if args.onnx:
-        result.measure_onnx(loaded.module, args.onnx, repeats=max(args.repeats, 1))
-    if args.output:
-        result.save(args.output)
-    if args.openvino:
-        result.save_runtime_artifact(_openvino_runtime(quantized), args.openvino)
+    with StagedOutputs() as outputs:  # every output file, or none (an error or Ctrl-C removes them all)
+        if args.onnx:
+            staged = outputs.path(args.onnx)
+            result.measure_onnx(loaded.module, staged, repeats=max(args.repeats, 1), named=args.onnx)
+        if args.output:
+            result.save(outputs.path(args.output))
+        if args.openvino:
+            result.save_runtime_artifact(_openvino_runtime(quantized), outputs.path(args.openvino, (".bin",)))
+        if args.html:
+            staged = outputs.path(args.html)
+            atomic_write(staged, lambda f: f.write(compile_html(result.report).encode()))
+        outputs.commit()
     if args.html:
-        _write_html(compile_html(result.report), args.html)
+        print(f"wrote {args.html}", file=sys.stderr)
     sys.stdout.write(render_compile(result.report, args.format))
     if args.output:
         print(f"saved the compiled model to {args.output}", file=sys.stderr)
     if args.openvino:
         print(f"wrote OpenVINO IR {args.openvino} and {Path(args.openvino).with_suffix('.bin')}", file=sys.stderr)
+
+
+_OUTPUT_SUFFIXES = {"onnx": (".onnx",), "openvino": (".xml",), "html": (".html", ".htm")}
+_FOREIGN_FOR_SLIMFX_FILE = {".onnx": "--onnx", ".xml": "--openvino", ".bin": "--openvino", ".html": "--html"}
+
+
+def _check_outputs(args: argparse.Namespace, exits: bool) -> None:
+    """Before any work: each output's suffix fits its format, no two outputs share a path, and
+    early-exit models are not asked for a format that cannot hold them."""
+    if args.output and Path(args.output).suffix in _FOREIGN_FOR_SLIMFX_FILE:
+        flag = _FOREIGN_FOR_SLIMFX_FILE[Path(args.output).suffix]
+        raise OutputError(
+            f"-o {args.output}: -o writes slimfx's own model format (e.g. OUT.pt); for that format use {flag}"
+        )
+    for flag, suffixes in _OUTPUT_SUFFIXES.items():
+        path = getattr(args, flag)
+        if path and Path(path).suffix not in suffixes:
+            raise OutputError(f"--{flag} {path}: the file name must end in {' or '.join(suffixes)}")
+    paths = [(f, getattr(args, f)) for f in ("output", "onnx", "openvino", "html") if getattr(args, f)]
+    if args.openvino:
+        paths.append(("openvino (weights)", str(Path(args.openvino).with_suffix(".bin"))))
+    seen: dict[Path, str] = {}
+    for flag, path in paths:
+        resolved = Path(path).resolve()
+        if resolved in seen:
+            raise OutputError(f"--{flag} and --{seen[resolved]} both write {path}: give each output its own file")
+        seen[resolved] = flag
+    if exits and (args.onnx or args.openvino):
+        raise OutputError(
+            "an early-exit model (add-exits) cannot be exported to ONNX or OpenVINO yet: "
+            "save it with -o (slimfx's format), or drop --onnx/--openvino"
+        )
 
 
 def _write_html(page: str, path: str) -> None:

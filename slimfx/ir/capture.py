@@ -108,6 +108,7 @@ def capture(
         graph = Graph(model, tuple(example_inputs))
         ensure_shapes(graph)
         return graph
+    _check_leaf_paths(model, leaf_modules)
     inputs = _inputs_by_name(model, tuple(example_inputs), concrete_args)
     leaves, opaque, fixed = list(leaf_modules), [], None
     while True:
@@ -156,6 +157,18 @@ def _inputs_by_name(
         and name not in (concrete_args or {})
     ]
     return dict(zip(names, example_inputs))
+
+
+def _check_leaf_paths(model: torch.nn.Module, leaf_modules: Iterable[LeafSpec]) -> None:
+    """A leaf module path that names no submodule is an error, with the nearest paths."""
+    import difflib
+
+    paths = [name for name, _ in model.named_modules() if name]
+    for leaf in leaf_modules:
+        if isinstance(leaf, str) and leaf not in paths:
+            close = difflib.get_close_matches(leaf, paths, n=3)
+            hint = f"; did you mean {', '.join(close)}?" if close else " (module paths look like layer1.0.conv1)"
+            raise CaptureError(f"leaf module {leaf!r} is not a submodule of {type(model).__name__}{hint}")
 
 
 def _trace(

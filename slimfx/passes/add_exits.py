@@ -38,6 +38,7 @@ class AddExits(Pass):
 
     name = "add-exits"
     exact = False
+    makes_early_exits = True
     summary = "early exits (BranchyNet) at dominator nodes, self-distilled heads, entropy thresholds"
     runs_after = {
         "prune-channels": "exits cut the final graph, so structural passes come first",

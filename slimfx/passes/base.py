@@ -148,6 +148,7 @@ class Pass:
     exact: ClassVar[bool] = False
     uses_teacher: ClassVar[bool] = False  # the manager then keeps the graph before the first pass
     quantizes: ClassVar[bool] = False  # leaves slimfx's int8 graph (runs on the int8 runtimes only)
+    makes_early_exits: ClassVar[bool] = False  # plans early exits: the result is an EarlyExitModel
     summary: ClassVar[str] = ""
     runs_after: ClassVar[Mapping[str, str]] = {}
     runs_before: ClassVar[Mapping[str, str]] = {}

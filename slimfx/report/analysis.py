@@ -49,6 +49,7 @@ class NodeRow:
     counted: bool
     provenance: str | None
     latency_ms: float | None = None  # measured, node by node (see Report.timing); None when not measured
+    family: str = ""  # what --by module-type groups by: the kind, with convs split into dense, grouped, depthwise
 
     @property
     def label(self) -> str:
@@ -72,6 +73,7 @@ class NodeRow:
             "rule": self.rule,
             "provenance": self.provenance,
             "latency_ms": self.latency_ms,
+            "family": self.family or self.kind,
         }
 
 
@@ -121,17 +123,38 @@ class Report:
         counts: dict[str, int] = {}
         costs: dict[str, Cost] = {}
         for row in self.nodes:
-            counts[row.kind] = counts.get(row.kind, 0) + 1
-            costs[row.kind] = costs.get(row.kind, Cost()) + row.cost
+            family = row.family or row.kind
+            counts[family] = counts.get(family, 0) + 1
+            costs[family] = costs.get(family, Cost()) + row.cost
         rows = [
             KindRow(kind, counts[kind], cost, cost.macs / self.totals.macs if self.totals.macs else 0.0)
             for kind, cost in costs.items()
         ]
         return sorted(rows, key=lambda r: (r.cost.macs, r.cost.elem_ops), reverse=True)
 
-    def to_dict(self, top: int | None = None) -> dict[str, Any]:
+    def top_share(self, n: int) -> float:
+        """The share of all MACs that the ``n`` nodes with most MACs hold."""
+        return sum(row.cost.macs for row in self.top(n)) / self.totals.macs if self.totals.macs else 0.0
+
+    def to_dict(self, top: int | None = None, by: str = "node") -> dict[str, Any]:
+        groups = None
+        if by == "module-type":
+            kinds = self.by_kind()[:top] if top else self.by_kind()
+            groups = [
+                {
+                    "family": g.kind,
+                    "nodes": g.count,
+                    "macs": g.cost.macs,
+                    "elem_ops": g.cost.elem_ops,
+                    "params": g.cost.params,
+                    "share": g.share,
+                }
+                for g in kinds
+            ]
         return {
             "schema": REPORT_SCHEMA,
+            "by": by,
+            "groups": groups,
             "model": self.model,
             "input_shapes": [list(s) for s in self.input_shapes],
             "units": UNITS,
@@ -170,6 +193,7 @@ def build_report(
                 counted=info.cost.counted,
                 provenance=info.provenance,
                 latency_ms=None if node_ms is None else node_ms.get(node.name),
+                family=_family(graph, node, info.kind),
             )
         )
     shapes = tuple(tuple(t.shape) for t in graph.example_inputs)
@@ -184,6 +208,18 @@ def build_report(
         taken,
         timing if node_ms is not None else None,
     )
+
+
+def _family(graph: Graph, node: Any, kind: str) -> str:
+    """``Conv2d`` for a dense conv, ``Conv2d (depthwise)`` when each output channel reads one
+    input channel, ``Conv2d (grouped)`` for other group counts; the kind for everything else."""
+    if node.op != "call_module":
+        return kind
+    module = graph.submodule(node)
+    groups = getattr(module, "groups", 1)
+    if not isinstance(groups, int) or groups == 1 or not hasattr(module, "in_channels"):
+        return kind
+    return f"{kind} (depthwise)" if groups == module.in_channels else f"{kind} (grouped)"
 
 
 def totals_dict(cost: Cost) -> dict[str, int]:

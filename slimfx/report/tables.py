@@ -61,7 +61,11 @@ _NODE_COLUMNS = [
 _KIND_COLUMNS = ["module type / function", "nodes", "MACs", "share of MACs", "element ops", "params"]
 
 
-def _node_values(row: NodeRow) -> list[Any]:
+def _share(share: float, numeric: bool) -> Any:
+    return round(share, 6) if numeric else f"{100 * share:.1f}%"
+
+
+def _node_values(row: NodeRow, numeric: bool = False) -> list[Any]:
     shape = "x".join(map(str, row.out_shape)) if row.out_shape else "-"
     return [
         row.name,
@@ -69,31 +73,37 @@ def _node_values(row: NodeRow) -> list[Any]:
         row.label,
         shape,
         row.cost.macs,
-        f"{100 * row.share:.1f}%",
+        _share(row.share, numeric),
         row.cost.elem_ops,
         row.cost.params,
     ]
 
 
-def _kind_values(group: KindRow) -> list[Any]:
+def _kind_values(group: KindRow, numeric: bool = False) -> list[Any]:
     c = group.cost
-    return [group.kind, group.count, c.macs, f"{100 * group.share:.1f}%", c.elem_ops, c.params]
+    return [group.kind, group.count, c.macs, _share(group.share, numeric), c.elem_ops, c.params]
 
 
 def render_report(report: Report, fmt: str = "table", top: int | None = None, by: str = "node") -> str:
-    """The report in ``fmt`` (table, md, csv, json); ``by`` is ``node`` or ``module-type``."""
+    """The report in ``fmt`` (table, md, csv, json); ``by`` is ``node`` or ``module-type``
+    (convs split into dense, grouped and depthwise). CSV shares are fractions (numbers)."""
     if fmt == "json":
-        return json.dumps(report.to_dict(top), indent=2)
+        return json.dumps(report.to_dict(top, by), indent=2)
+    numeric = fmt == "csv"
     if by == "module-type":
         groups = report.by_kind()[:top] if top else report.by_kind()
-        header, rows = _KIND_COLUMNS, [_kind_values(g) for g in groups]
+        header, rows = _KIND_COLUMNS, [_kind_values(g, numeric) for g in groups]
+        covered = sum(g.share for g in groups)
+        what = f"top {len(groups)} module types by MACs"
     else:
-        header, rows = _NODE_COLUMNS, [_node_values(r) for r in report.top(top)]
+        header, rows = _NODE_COLUMNS, [_node_values(r, numeric) for r in report.top(top)]
+        covered, what = (report.top_share(top), f"top {top} nodes by MACs") if top else (1.0, "")
     if fmt == "csv":
         return _csv(header, rows)
     lines = [
         f"{report.model}: input {', '.join('x'.join(map(str, s)) for s in report.input_shapes)}",
         f"total: {totals_line(report.totals)}",
+        *([f"shown: {what}, {covered:.1%} of all MACs"] if top else []),
         "",
         tabulate(rows, headers=header, tablefmt=TABLE_FORMATS[fmt], intfmt=",", disable_numparse=False),
         "",

@@ -1,0 +1,130 @@
+"""What a user meets at the command line: outputs all or nothing, flags that do what they say."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from slimfx.cli import main
+
+pytest.importorskip("torchvision")
+SMALL = ["torchvision:resnet18", "--input-shape", "1,3,32,32"]
+
+
+def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["-o", "same.pt", "--onnx", "same.onnx", "--html", "same.onnx"], "must end in .html"),
+        (["-o", "m.onnx", "--onnx", "m.onnx"], "-o writes slimfx's own model format"),
+        (["--onnx", "a.onnx", "--html", "b.html", "-o", "c.pt", "--openvino", "c.xml"], None),
+        (["--onnx", "x/../a.onnx", "--openvino", "b.xml", "-o", "a.onnx.pt", "--html", "a.html"], None),
+        (["--openvino", "w.xml", "-o", "w.bin"], "-o writes slimfx's own model format"),
+        (["--onnx", "m.pt"], "must end in .onnx"),
+        (["--passes", "add-exits", "--calib", "random:2", "--onnx", "e.onnx"], "early-exit model"),
+    ],
+)
+def test_outputs_are_checked_before_any_work(
+    flags: list[str], message: str | None, capsys: pytest.CaptureFixture[str], tmp_path: Path, monkeypatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "x").mkdir()
+    if message is None:  # fine combinations: checked by running only as far as the checks (no model loaded)
+        monkeypatch.setattr("slimfx.files.model_spec.resolve_model", _stop)
+        code, _, err = run(capsys, "compile", *SMALL, *flags)
+        assert code == 2 and "stopped after the checks" in err
+        return
+    code, _, err = run(capsys, "compile", *SMALL, *flags)
+    assert code == 2 and err.count("\n") == 1 and message in err
+    assert [p.name for p in tmp_path.iterdir()] == ["x"]
+
+
+def _stop(*args: object, **kwargs: object) -> None:
+    from slimfx.errors import ModelSpecError
+
+    raise ModelSpecError("stopped after the checks")
+
+
+def test_two_outputs_on_one_path_are_refused(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    same = str(tmp_path / "r.htm")
+    code, _, err = run(capsys, "compile", *SMALL, "-o", same, "--html", same)
+    assert code == 2 and "--html and --output both write" in err and not Path(same).exists()
+    code, _, err = run(
+        capsys, "compile", *SMALL, "--openvino", str(tmp_path / "w.xml"), "--onnx", str(tmp_path / "w.onnx")
+    )
+    assert code == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["w.bin", "w.onnx", "w.xml"]
+
+
+def test_an_interrupted_compile_leaves_no_file(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def interrupted(*args: object) -> str:
+        raise KeyboardInterrupt  # after the model and the ONNX file were written to their staged paths
+
+    monkeypatch.setattr("slimfx.report.html.compile_html", interrupted)
+    outputs = ["-o", str(tmp_path / "m.pt"), "--onnx", str(tmp_path / "m.onnx"), "--html", str(tmp_path / "m.html")]
+    code, _, err = run(capsys, "compile", *SMALL, "--repeats", "1", *outputs)
+    assert code == 130 and "interrupted" in err
+    assert list(tmp_path.iterdir()) == []  # neither the finished files nor their temporary copies
+
+
+@pytest.mark.slow
+def test_sigint_at_any_moment_leaves_all_outputs_or_none(tmp_path: Path) -> None:
+    argv = [sys.executable, "-m", "slimfx", "compile", *SMALL, "--passes", "fold-bn,quantize", "--calib", "random:2"]
+    argv += ["--repeats", "2", "-o", "m.pt", "--onnx", "m.onnx", "--html", "m.html"]
+    for delay in (3.0, 6.0):
+        folder = tmp_path / f"after-{delay}"
+        folder.mkdir()
+        proc = subprocess.Popen(argv, cwd=folder, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        time.sleep(delay)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=120)
+        names = sorted(p.name for p in folder.iterdir())
+        assert names in ([], ["m.html", "m.onnx", "m.pt"]), (names, err[-500:])
+        assert proc.returncode in (0, 130) and "Traceback" not in err
+
+
+def test_output_files_get_the_umask_permissions(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    old = os.umask(0o027)
+    try:
+        code, _, _ = run(capsys, "compile", *SMALL, "--repeats", "0", "-o", str(tmp_path / "m.pt"))
+    finally:
+        os.umask(old)
+    assert code == 0 and (tmp_path / "m.pt").stat().st_mode & 0o777 == 0o640
+
+
+def test_by_module_type_in_json_splits_convs_and_top_says_its_share(capsys: pytest.CaptureFixture[str]) -> None:
+    model = ["torchvision:mobilenet_v3_large", "--input-shape", "1,3,64,64"]
+    code, out, _ = run(capsys, "report", *model, "--format", "json", "--by", "module-type")
+    data = json.loads(out)
+    assert code == 0 and data["by"] == "module-type"
+    families = {g["family"]: g for g in data["groups"]}
+    assert {"Conv2d", "Conv2d (depthwise)"} <= set(families)
+    assert sum(g["macs"] for g in data["groups"]) == data["totals"]["macs"]
+    code, out, _ = run(capsys, "report", *model, "--top", "5")
+    assert "shown: top 5 nodes by MACs, " in out and "% of all MACs" in out
+    code, out, _ = run(capsys, "report", *model, "--format", "csv", "--top", "3")
+    rows = list(csv.DictReader(io.StringIO(out)))
+    assert all(0 <= float(r["share of MACs"]) <= 1 for r in rows)
+
+
+def test_report_flags_that_cannot_apply_are_refused(capsys: pytest.CaptureFixture[str]) -> None:
+    code, _, err = run(capsys, "report", *SMALL, "--format", "dot", "--top", "3")
+    assert code == 2 and "--top and --by do not apply" in err
+    code, _, err = run(capsys, "report", *SMALL, "--leaf-module", "layer9")
+    assert code == 2 and err.count("\n") == 1 and "did you mean layer4" in err

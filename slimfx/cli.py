@@ -121,7 +121,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     comp = sub.add_parser("compile", help="run a pass pipeline; print before/after and every decision")
     _add_model_arguments(comp)
-    comp.add_argument("--passes", default=DEFAULT_PASSES, help="pipeline spec, e.g. 'fold-bn' (default: fold-bn)")
+    comp.add_argument(
+        "--passes",
+        default=DEFAULT_PASSES,
+        help="pipeline spec: NAME[:option=value,...] items separated by commas, e.g. "
+        "'prune-channels:ratio=0.5,fold-bn,quantize' (default: fold-bn). Passes: "
+        f"{', '.join(_pass_names())}; 'slimfx passes NAME' lists a pass's options",
+    )
     comp.add_argument("--format", choices=["table", "md", "json"], default="table")
     comp.add_argument(
         "--onnx",
@@ -171,8 +177,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     comp.add_argument("-o", "--output", help="save the compiled model here (slimfx format; 'slimfx report' loads it)")
     comp.add_argument(
-        "--repeats", type=int, default=20, help="timed runs for measured latency before/after (median; 0 skips timing)"
+        "--repeats",
+        type=int,
+        default=20,
+        help="timed runs for measured latency before/after (median; 0 skips timing; default 20)",
     )
+
+    listing = sub.add_parser("passes", help="list the passes, or one pass's options with their values and defaults")
+    listing.add_argument("name", nargs="?", help="a pass name, e.g. quantize")
 
     demo = sub.add_parser(
         "demo",
@@ -361,6 +373,12 @@ def _openvino_runtime(quantized: bool) -> str:
     return "openvino-int8" if quantized else "openvino"
 
 
+def _pass_names() -> list[str]:
+    from slimfx.passes.registry import PASSES
+
+    return sorted(PASSES)
+
+
 def _version() -> str:
     from slimfx import __version__
 
@@ -430,6 +448,30 @@ def _demo_on_model(args: argparse.Namespace) -> None:
     sys.stdout.write(render_compile(result.report))
 
 
+def cmd_passes(args: argparse.Namespace) -> None:
+    from tabulate import tabulate
+
+    from slimfx.passes.registry import PASSES, describe_options, pass_class
+
+    if args.name is None:
+        rows = [[name, cls.summary] for name, cls in sorted(PASSES.items())]
+        sys.stdout.write(tabulate(rows, headers=["pass", "what it does"], tablefmt="simple") + "\n")
+        sys.stdout.write(
+            "\nslimfx passes NAME lists a pass's options; a spec is NAME:option=value,... (see --passes)\n"
+        )
+        return
+    cls = pass_class(args.name)
+    options = describe_options(cls)
+    sys.stdout.write(f"{cls.name}: {cls.summary}\n\n")
+    if not options:
+        sys.stdout.write("no options\n")
+        return
+    rows = [[o.name, o.kind, o.default, o.help] for o in options]
+    sys.stdout.write(tabulate(rows, headers=["option", "values", "default", "meaning"], tablefmt="simple") + "\n")
+    example = f"{cls.name}:{options[0].name}={options[0].default if options[0].default != 'none' else '...'}"
+    sys.stdout.write(f"\ne.g. --passes '{example}'\n")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     warnings.filterwarnings("ignore", category=FutureWarning, module="torchvision")
     warnings.filterwarnings("ignore", category=UserWarning, module="torchvision")
@@ -437,7 +479,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
     except SystemExit as stop:  # usage errors (status 2) and --help (status 0)
         return int(stop.code or 0)
-    command = {"report": cmd_report, "compile": cmd_compile, "demo": cmd_demo}[args.command]
+    command = {"report": cmd_report, "compile": cmd_compile, "demo": cmd_demo, "passes": cmd_passes}[args.command]
     try:
         command(args)
     except SlimfxError as exc:

@@ -128,3 +128,23 @@ def test_report_flags_that_cannot_apply_are_refused(capsys: pytest.CaptureFixtur
     assert code == 2 and "--top and --by do not apply" in err
     code, _, err = run(capsys, "report", *SMALL, "--leaf-module", "layer9")
     assert code == 2 and err.count("\n") == 1 and "did you mean layer4" in err
+
+
+def test_every_pass_option_has_a_line_of_help() -> None:
+    from slimfx.passes.registry import PASSES, describe_options
+
+    for name, cls in PASSES.items():
+        for option in describe_options(cls):
+            assert option.help, f"{name}: option {option.name} has no help (add it to {cls.__name__}.option_help)"
+        assert set(cls.option_help) <= {f.name for f in __import__("dataclasses").fields(cls)}, name
+
+
+def test_passes_lists_the_passes_and_their_options(capsys: pytest.CaptureFixture[str]) -> None:
+    from slimfx.passes.registry import PASSES
+
+    code, out, _ = run(capsys, "passes")
+    assert code == 0 and all(name in out for name in PASSES)
+    code, out, _ = run(capsys, "passes", "prune-channels")
+    assert code == 0 and "min-channels" in out and "l1|bn-scale|thinet" in out and "0.5" in out
+    code, _, err = run(capsys, "passes", "quantise")
+    assert code == 2 and "valid passes" in err

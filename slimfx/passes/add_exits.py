@@ -40,6 +40,17 @@ class AddExits(Pass):
     exact = False
     makes_early_exits = True
     summary = "early exits (BranchyNet) at dominator nodes, self-distilled heads, entropy thresholds"
+    option_help = {
+        "exits": "number of exits, spread over the candidate cut points (when at= is not given)",
+        "at": "module paths to put exits after (instead of exits=N)",
+        "head": "pool-linear (global average pool + linear) or conv-pool-linear (a 1x1 conv bottleneck first)",
+        "temperature": "softening of the full model's outputs the heads learn from (self-distillation)",
+        "epochs": "head training epochs (Adam)",
+        "lr": "head learning rate",
+        "agreement": "share of held-out rows each exit must agree on with the full model's top-1",
+        "joint": "BranchyNet: train backbone and heads together on labels (needs labelled calibration data)",
+        "holdout": "share of the calibration rows kept aside to choose the thresholds",
+    }
     runs_after = {
         "prune-channels": "exits cut the final graph, so structural passes come first",
         "factorize-convs": "exits cut the final graph, so structural passes come first",

@@ -150,6 +150,7 @@ class Pass:
     quantizes: ClassVar[bool] = False  # leaves slimfx's int8 graph (runs on the int8 runtimes only)
     makes_early_exits: ClassVar[bool] = False  # plans early exits: the result is an EarlyExitModel
     summary: ClassVar[str] = ""
+    option_help: ClassVar[Mapping[str, str]] = {}  # field name -> one line of help (slimfx passes NAME)
     runs_after: ClassVar[Mapping[str, str]] = {}
     runs_before: ClassVar[Mapping[str, str]] = {}
 

@@ -69,6 +69,16 @@ class Distill(Pass):
     exact = False
     uses_teacher = True
     summary = "recover accuracy by distillation from the original model (KD + hints; Apprentice after quantize)"
+    option_help = {
+        "epochs": "training epochs (the best epoch by held-out loss is kept, the starting weights included)",
+        "lr": "learning rate (Adam)",
+        "temperature": "softening T of both models' outputs in the KL term",
+        "alpha": "weight of cross-entropy on labels; 1 - alpha goes to the soft targets",
+        "hints": "FitNet hint points: auto (stage ends), none, or node names",
+        "hint_weight": "weight of the relative-MSE hint loss",
+        "method": "kd (KD + hints; Apprentice after quantize), joint (ProjectionNet) or mutual (deep mutual learning)",
+        "train_teacher": "with method=joint: train the teacher too",
+    }
 
     epochs: int = 3
     lr: float = 1e-3

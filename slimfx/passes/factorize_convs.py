@@ -61,6 +61,16 @@ class FactorizeConvs(Pass):
     name = "factorize-convs"
     exact = False
     summary = "low-rank factorization: spatial SVD, Tucker-2, CP, separable 3-D, linear SVD"
+    option_help = {
+        "method": "spatial-svd, tucker2, cp, separable-3d or linear-svd (see docs/factorize.md)",
+        "energy": "smallest rank keeping this share of the squared singular values (default 0.95)",
+        "rank": "this rank for every layer (capped at the full rank)",
+        "rank_ratio": "this fraction of each full rank (1 is exact)",
+        "target_macs": "ranks spread across layers until the model's MACs are at most this fraction",
+        "round_to": "ranks rounded up to a multiple of this",
+        "iterations": "ALS iterations for cp",
+        "exclude": "module-path patterns (fnmatch: layer4.*) left alone",
+    }
     runs_after = {"prune-channels": "factorize the layers pruning leaves (pruning needs the original layers)"}
 
     method: Method = "spatial-svd"

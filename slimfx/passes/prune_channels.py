@@ -99,6 +99,15 @@ class PruneChannels(Pass):
     name = "prune-channels"
     exact = False
     summary = "remove whole channels physically (bn-scale, l1 or thinet importance)"
+    option_help = {
+        "ratio": "share of each group's channels to remove, in [0, 1)",
+        "criterion": "l1 (filter L1 norm), bn-scale (|gamma|) or thinet (needs calibration data)",
+        "global_": "rank channels across groups and remove the lowest ratio of all",
+        "min_channels": "every group keeps at least this many channels",
+        "round_to": "kept widths are multiples of this",
+        "target_macs": "remove channels until the model's MACs are at most this fraction (overrides ratio)",
+        "exclude": "module-path patterns (fnmatch: layer4.*) whose groups are left alone",
+    }
 
     ratio: float = 0.5
     criterion: Criterion = "l1"

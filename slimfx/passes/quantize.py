@@ -95,6 +95,20 @@ class Quantize(Pass):
     exact = False
     quantizes = True
     summary = "calibrated int8 quantize/dequantize on convs, linears, matmuls and the adds/pools between them"
+    option_help = {
+        "calib": "activation threshold rule: minmax, percentile, entropy (TensorRT's KL search) or mse",
+        "percentile": "for calib=percentile",
+        "weights": "weight scheme: int8, int4, ternary, binary or block",
+        "block_size": "input channels per scale for weights=block",
+        "act_bits": "8, or 1 (sign activations) with weights=binary",
+        "bits": "fixed, or auto: a weight width of 8, 4 or 2 bits per layer within a budget",
+        "target_size": "with bits=auto: weight bytes at most this fraction of fp32",
+        "target_macs_bits": "with bits=auto: MACs x weight bits at most this fraction of all-8-bit",
+        "exclude": "module-path patterns (fnmatch: layer4.*) left in float",
+        "bf16": "layers run in bf16 instead of int8: module-path patterns, or auto (by measured SQNR)",
+        "bf16_below": "with bf16=auto: int8 output SQNR (dB) under which a layer runs in bf16",
+        "fold_bn": "insert fold-bn before quantize (false keeps the BatchNorms)",
+    }
     runs_after = {
         "prune-channels": "quantize the final structure",
         "factorize-convs": "quantize the final structure",

@@ -144,3 +144,52 @@ def resolve_passes(passes: str | Sequence[Pass | str]) -> list[Pass]:
         else:
             raise PassSpecError(f"expected a Pass or a spec string, got {type(item).__name__}")
     return resolved
+
+
+@dataclasses.dataclass(frozen=True)
+class OptionDoc:
+    """One option of a pass as ``slimfx passes NAME`` lists it."""
+
+    name: str  # as typed in a spec (kebab-case)
+    kind: str  # its values, in words: "float", "l1|bn-scale|thinet", "patterns (comma-separated)"
+    default: str
+    help: str
+
+
+def type_text(kind: Any) -> str:
+    """An option's annotated type as a user types its values."""
+    origin, args = typing.get_origin(kind), typing.get_args(kind)
+    if origin in (Union, types.UnionType):
+        inner = [a for a in args if a is not type(None)]
+        return f"{type_text(inner[0])} or none" if len(inner) == 1 else " or ".join(map(type_text, inner))
+    if origin is Literal:
+        return "|".join(map(str, args))
+    if origin is tuple:
+        return "names (comma-separated)"
+    if kind is bool:
+        return "true|false"
+    return getattr(kind, "__name__", str(kind))
+
+
+def _default_text(value: Any) -> str:
+    if value is None or value == ():
+        return "none"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, tuple):
+        return ",".join(map(str, value))
+    return str(value)
+
+
+def describe_options(cls: type[Pass]) -> list[OptionDoc]:
+    """Every option of ``cls``: its spec name, values, default and line of help."""
+    types_ = option_types(cls)
+    return [
+        OptionDoc(
+            option_name(f.name),
+            type_text(types_[option_name(f.name)]),
+            _default_text(f.default),
+            cls.option_help.get(f.name, ""),
+        )
+        for f in dataclasses.fields(cls)
+    ]

@@ -33,3 +33,17 @@ def test_attention_parts_compute_what_multihead_attention_computes(batch_first: 
         out, weights = mha(x, x, x)
         parts_out, parts_weights = AttentionParts(mha)(x, x, x)
     assert torch.allclose(out, parts_out, atol=1e-5) and torch.allclose(weights, parts_weights, atol=1e-6)
+
+
+def test_quantized_layers_read_their_weights_at_the_stored_width() -> None:
+    from slimfx import compile
+
+    net = nn.Sequential(nn.Conv2d(3, 16, 3), nn.ReLU(), nn.Conv2d(16, 8, 3)).eval()
+    x = torch.randn(2, 3, 16, 16)
+    before = compile(net, x, "fold-bn").report.after
+    for spec, bits in (("quantize", 8), ("quantize:weights=int4", 4), ("quantize:bf16=*", 16)):
+        after = compile(net, x, spec, calib_data=[x]).report.after
+        weights = sum(m.weight.numel() for m in net if isinstance(m, nn.Conv2d))
+        saved = weights * 4 - weights * bits // 8
+        layer_bytes = lambda report: sum(r.cost.bytes_read for r in report.nodes if r.cost.macs)  # noqa: E731
+        assert layer_bytes(before) - layer_bytes(after) == saved, spec

@@ -8,6 +8,7 @@ kernels (QLinearConv, QLinearMatMul).
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 
 import torch
@@ -15,7 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from slimfx.cost_model.counts import Cost, Op, conv_cost, linear_cost, per_element, register_module_rule
-from slimfx.quant.schemes import binarize_activation, quantize_weight
+from slimfx.quant.schemes import SCHEME_BITS, binarize_activation, quantize_weight
 
 WEIGHT_QMIN, WEIGHT_QMAX = -128, 127  # int8 weights, symmetric (zero point 0)
 ACT_QMIN, ACT_QMAX = 0, 255  # uint8 activations: the fast path of onnxruntime's x86 kernels
@@ -187,10 +188,20 @@ class ActivationQuant(nn.Module):
         return torch.fake_quantize_per_tensor_affine(x, self.scale, self.zero_point, ACT_QMIN, ACT_QMAX)
 
 
+def stored_weight_bits(module: nn.Module) -> int:
+    """Bits per weight as the layer is deployed: its scheme's width, 16 for bf16."""
+    return 16 if isinstance(module, Bf16Layer) else SCHEME_BITS[module.scheme]
+
+
 def _quantized_layer_cost(op: Op) -> Cost:
-    """A fake-quantized conv or linear costs what the layer inside it costs, plus its fused activation."""
+    """A fake-quantized (or bf16) conv or linear costs what the layer inside it costs, plus its
+    fused activation; its weights are read at their stored width, not as the float32 the
+    simulation keeps (the scales and bias stay counted as they are)."""
     inner = op.with_module(op.module.layer)
     cost = linear_cost(inner) if isinstance(op.module.layer, nn.Linear) else conv_cost(inner)
+    weight = op.module.layer.weight
+    stored = -(-weight.numel() * stored_weight_bits(op.module) // 8)
+    cost = dataclasses.replace(cost, bytes_read=cost.bytes_read - weight.numel() * weight.element_size() + stored)
     return cost if op.module.activation is None else cost + Cost(elem_ops=op.out_numel)
 
 

@@ -93,8 +93,13 @@ def train_digits_cnn(digits: Digits, epochs: int = 15, progress: Callable[[str],
 
 def accuracy(model: nn.Module, split: Split) -> float:
     """Top-1 accuracy of ``model`` on ``split``."""
+    from slimfx.metrics import top1_accuracy
+
     with torch.inference_mode():
-        return float((model(split.x).argmax(1) == split.y).double().mean())
+        accuracy = top1_accuracy(model(split.x), split.y)
+    if accuracy is None:
+        raise DataError("the demo's model must output (rows, classes) logits")
+    return accuracy
 
 
 def run_demo(

@@ -27,6 +27,7 @@ import torch.nn as nn
 
 from slimfx.backends.onnx_fold import fold_constant_quantization
 from slimfx.backends.timing import median_ms
+from slimfx.backends.torch_int8 import has_quantized_layers
 from slimfx.errors import BackendError
 from slimfx.files.atomic import atomic_write
 
@@ -53,7 +54,7 @@ def export_onnx(module: nn.Module, example_inputs: Sequence[torch.Tensor], path:
     onnx, _ = _require()
     path = Path(path)
     model, exporter = None, DYNAMO
-    if not _has_fake_quant(module) and _has_onnxscript():
+    if not has_quantized_layers(module) and _has_onnxscript():
         with contextlib.suppress(Exception):  # not traceable by torch.export: the fallback below
             model = _export_dynamo(module, tuple(example_inputs))
     try:
@@ -111,12 +112,6 @@ def _fallback_notices_silenced() -> Iterator[None]:
         for notice in _FALLBACK_NOTICES:
             warnings.filterwarnings("ignore", message=notice, category=DeprecationWarning)
         yield
-
-
-def _has_fake_quant(module: nn.Module) -> bool:
-    from slimfx.quant.layers import ActivationQuant, QuantizedLayer
-
-    return any(isinstance(m, (QuantizedLayer, ActivationQuant)) for m in module.modules())
 
 
 def _has_onnxscript() -> bool:

@@ -236,6 +236,7 @@ class _OnnxRuntimeSession(Session):
 
         self.runtime, self._path, self._tools = runtime, path, ort_tools
         self._session = ort_tools.session(path)
+        self._kernels: dict[str, int] | None = None  # onnxruntime's optimized graph, read once when asked
 
     def run(self, inputs: Sequence[torch.Tensor]) -> torch.Tensor:
         return torch.from_numpy(self._tools.run(self._session, inputs)[0]).float()
@@ -249,7 +250,7 @@ class _OnnxRuntimeSession(Session):
         return f"int8 ({int8} int8 kernels)" if int8 else "fp32"
 
     def kernels(self) -> dict[str, int]:
-        if not hasattr(self, "_kernels"):
+        if self._kernels is None:
             self._kernels = self._tools.kernel_census(self._path)
         return dict(self._kernels)
 

@@ -15,13 +15,15 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from slimfx.backends.compare import ORIGINAL, RuntimeComparison, compare_runtimes
+from slimfx.backends.compare import COMPILED, ORIGINAL, RuntimeComparison, compare_runtimes
 from slimfx.backends.early_exit import EarlyExitModel
-from slimfx.backends.runtimes import RuntimeChoice, choose_runtimes
+from slimfx.backends.profiler import check_prediction_runtime, predict_latency
+from slimfx.backends.runtimes import RuntimeChoice, choose_runtimes, get_runtime
 from slimfx.backends.timing import baseline_name, module_latency_ms, node_latency_ms
 from slimfx.cost_model.counts import ensure_costs
+from slimfx.cost_model.latency import FUSION_RULES, LatencyPrediction
 from slimfx.data import Batch, batches, check_reusable
-from slimfx.errors import BackendError, DataError
+from slimfx.errors import BackendError, DataError, InvalidArgumentError
 from slimfx.ir.capture import LeafSpec, capture
 from slimfx.ir.graph import Graph
 from slimfx.ir.verify import compare_outputs
@@ -47,6 +49,9 @@ def analyze(
     concrete_args: dict[str, Any] | None = None,
     capture_fallback: bool = True,
     layer_timing: int = 0,
+    runtime: str | None = None,
+    profile: str | Path | None = None,
+    progress: Any = None,
 ) -> Report:
     """Capture ``model`` and report, node by node, where its MACs, params and bytes go.
 
@@ -54,7 +59,14 @@ def analyze(
     (opaque, listed in the report, their cost measured), and a model whose own code branches
     on its input's shape is traced at the example's shapes (``Report.fixed_shapes``). With
     ``layer_timing > 0`` each node's latency is measured too (torch eager, node by node, the
-    median of that many runs)."""
+    median of that many runs).
+
+    With ``runtime`` (``torch``, ``torch-int8``, ``onnxruntime``, ``onnxruntime-int8``) each node
+    also gets its predicted latency on that runtime (``Report.prediction``), from ``profile`` (a
+    file ``slimfx profile-device`` wrote) or the cached default profile of this machine, which is
+    made on first use; the kernels of this model that the profile lacks are measured and kept."""
+    if runtime is not None:
+        check_prediction_runtime(runtime, profile)
     graph = capture(
         model,
         _as_tuple(example_inputs),
@@ -63,20 +75,40 @@ def analyze(
         fallback=capture_fallback,
     )
     ensure_costs(graph)
-    return _report(graph, name or type(model).__name__, layer_timing)
+    prediction = None
+    if runtime is not None:
+        _check_runtime_kind(runtime, graph)
+        prediction = predict_latency(graph, runtime, profile, progress=progress)
+    return _report(graph, name or type(model).__name__, layer_timing, prediction)
 
 
-def _report(graph: Graph, name: str, layer_timing: int) -> Report:
-    """The graph's report, with each node's measured eager latency when ``layer_timing > 0``."""
+def _check_runtime_kind(runtime: str, graph: Graph) -> None:
+    from slimfx.backends.torch_int8 import has_quantized_layers
+
+    quantized = has_quantized_layers(graph.module)
+    if get_runtime(runtime).runs_int8 and not quantized:
+        raise InvalidArgumentError(
+            f"runtime {runtime} runs quantized models and this one is float: report a model compiled with "
+            f"quantize, or pick {get_runtime(runtime).float_flavour}"
+        )
+    if quantized and not get_runtime(runtime).runs_int8:
+        raise InvalidArgumentError(
+            f"runtime {runtime} runs float models and this one is quantized: pick an int8 runtime"
+        )
+
+
+def _report(graph: Graph, name: str, layer_timing: int, prediction: LatencyPrediction | None = None) -> Report:
+    """The graph's report, with each node's measured eager latency when ``layer_timing > 0``
+    and its predicted latency when there is a ``prediction``."""
     if layer_timing <= 0:
-        return build_report(graph, name)
+        return build_report(graph, name, prediction=prediction)
     from slimfx.backends.torch_int8 import has_quantized_layers
 
     if has_quantized_layers(graph.module):
-        return build_report(graph, name)  # a fake-quant graph's eager time is a float simulation: not shown
+        return build_report(graph, name, prediction=prediction)  # a fake-quant graph's eager time is a float simulation
     node_ms = node_latency_ms(graph.module, graph.example_inputs, layer_timing)
     timing = f"{baseline_name(graph.example_inputs)}, node by node, median of {layer_timing} runs"
-    return build_report(graph, name, node_ms, timing)
+    return build_report(graph, name, node_ms, timing, prediction)
 
 
 @dataclass
@@ -163,6 +195,7 @@ def compile(
     capture_fallback: bool = True,
     runtime: str | None = None,
     layer_timing: int = 0,
+    profile: str | Path | None = None,
 ) -> CompileResult:
     """Run the ``passes`` pipeline on a copy of ``model``; the original is left untouched.
 
@@ -181,7 +214,9 @@ def compile(
     runs each, 20 when 0), measured on ``eval_data`` (same forms; with labels, accuracy too),
     else on up to 8 calibration batches, else on the example inputs. ``layer_timing > 0``
     measures each node's eager latency before and after (not for a quantized graph, whose
-    eager time is a float simulation).
+    eager time is a float simulation). Where a chosen runtime has a latency model (``torch``,
+    ``torch-int8``, ``onnxruntime``, ``onnxruntime-int8``) its rows also carry the latency predicted
+    from ``profile`` (a ``slimfx profile-device`` file) or this machine's cached default profile.
     """
     inputs = _as_tuple(example_inputs)
     manager = PassManager(
@@ -189,6 +224,9 @@ def compile(
     )  # requirements and order, before any work
     check_data(manager.passes, calib_data, train_data)
     runtimes = None if runtime is None else choose_runtimes(runtime, any(p.quantizes for p in manager.passes))
+    predicted_on = _predicted_runtimes(runtimes)
+    for name_ in predicted_on:
+        check_prediction_runtime(name_, profile)
     for data, what in ((calib_data, "calib_data"), (train_data, "train_data"), (eval_data, "eval_data")):
         if data is not None:
             check_reusable(data, what)
@@ -201,6 +239,10 @@ def compile(
     label = name or type(model).__name__
     ensure_costs(graph)
     before = _report(graph, label, layer_timing)
+    predicted = {
+        (flavour, ORIGINAL): predict_latency(graph, flavour, profile, progress=progress).total_ms
+        for flavour in dict.fromkeys(get_runtime(r).float_flavour for r in predicted_on)
+    }
     torch.manual_seed(seed)
     fixed_rows = int(inputs[0].shape[0]) if graph.fixed_shapes and inputs[0].dim() else None
     for data, what in ((calib_data, "calib_data"), (train_data, "train_data")):
@@ -215,9 +257,13 @@ def compile(
     latency, int8, notes = None, None, tuple(f"WARNING: {w}" for w in run.warnings)
     comparison = None
     if runtimes is not None:
+        if run.exit_plan is None:
+            ensure_costs(graph)
+            for name_ in predicted_on:
+                predicted[(name_, COMPILED)] = predict_latency(graph, name_, profile, progress=progress).total_ms
         comparison = _compare(
             model, module, runtimes, inputs, eval_data, calib_data, latency_repeats or 20, fixed_rows, progress
-        )
+        ).with_predictions(predicted)
         latency = _headline(comparison)
     elif latency_repeats > 0:
         exit_data = calib_data if run.exit_plan else None
@@ -231,6 +277,14 @@ def compile(
         before, after, run.records, error, latency, notes, run.exit_plan, torch_int8=int8, runtimes=comparison
     )
     return CompileResult(module, graph, report)
+
+
+def _predicted_runtimes(runtimes: RuntimeChoice | None) -> tuple[str, ...]:
+    """The chosen runtimes that have a latency model (and their float flavours have one too)."""
+    if runtimes is None:
+        return ()
+    modelled = [r.name for r in runtimes.compiled if r.name in FUSION_RULES and r.float_flavour in FUSION_RULES]
+    return tuple(modelled)
 
 
 def _compare(

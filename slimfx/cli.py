@@ -65,6 +65,7 @@ def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
         "model", help="torchvision:NAME, package.module:factory, file.py:factory, or a slimfx model file"
     )
     parser.add_argument("--input-shape", help="example input shape, e.g. 1,3,224,224 (';' between several inputs)")
+    parser.add_argument("--batch", type=int, help="batch size: replaces the first dimension of every example input")
     parser.add_argument(
         "--leaf-module",
         action="append",
@@ -112,6 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="one row per node (default) or per module type, convs split into dense, grouped and depthwise",
     )
     report.add_argument("-o", "--output", help="write the report to this file instead of stdout")
+    _add_prediction_arguments(report)
     report.add_argument(
         "--html",
         metavar="OUT.html",
@@ -140,6 +142,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="measure the compiled model in runtime R and the original in R's float flavour, side by side: "
         "torch, torch-bf16, torch-int8, onnxruntime, onnxruntime-int8, openvino, openvino-int8, or auto "
         "(every installed runtime; the fastest is marked). Default: torch eager only",
+    )
+    comp.add_argument(
+        "--profile",
+        metavar="FILE.json",
+        help="the device profile the --runtime rows' predicted latency comes from (default: this machine's "
+        "cached profile, made on first use)",
     )
     comp.add_argument(
         "--openvino",
@@ -183,6 +191,22 @@ def build_parser() -> argparse.ArgumentParser:
         help="timed runs for measured latency before/after (median; 0 skips timing; default 20)",
     )
 
+    device = sub.add_parser(
+        "profile-device",
+        help="measure this machine for latency prediction: roofline parameters per runtime, written as JSON",
+    )
+    device.add_argument(
+        "--runtime",
+        action="append",
+        choices=list(PREDICTED_RUNTIMES),
+        help="a runtime to profile (repeat for several; default: every installed one of "
+        f"{', '.join(PREDICTED_RUNTIMES)})",
+    )
+    device.add_argument("--threads", type=int, help="threads to measure with (default: torch's count)")
+    device.add_argument(
+        "-o", "--output", metavar="FILE.json", help="write the profile here (default: the user's cache folder)"
+    )
+
     listing = sub.add_parser("passes", help="list the passes, or one pass's options with their values and defaults")
     listing.add_argument("name", nargs="?", help="a pass name, e.g. quantize")
 
@@ -210,6 +234,11 @@ def _example_inputs(args: argparse.Namespace, default: tuple[int, ...] | None) -
         shapes = [default]
     else:
         raise ShapeError(f"model {args.model!r} has no default input shape; pass --input-shape, e.g. 1,3,224,224")
+    batch = getattr(args, "batch", None)
+    if batch is not None:
+        if batch < 1:
+            raise ShapeError(f"--batch must be at least 1, got {batch}")
+        shapes = [(batch, *s[1:]) if s else s for s in shapes]
     generator = torch.Generator().manual_seed(args.seed)
     return tuple(torch.randn(s, generator=generator) for s in shapes)
 
@@ -222,6 +251,51 @@ def _emit(text: str, output: str | None) -> None:
 
     atomic_write(output, lambda f: f.write(text.encode()))
     print(f"wrote {output}", file=sys.stderr)
+
+
+PREDICTED_RUNTIMES = ("torch", "torch-int8", "onnxruntime", "onnxruntime-int8")
+
+
+def _add_prediction_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--runtime",
+        choices=list(PREDICTED_RUNTIMES),
+        help="add each node's predicted latency on this runtime and its share of time (a device profile is "
+        "measured on first use and cached; the model's kernels are timed once and kept in it)",
+    )
+    parser.add_argument(
+        "--profile", metavar="FILE.json", help="the device profile to predict from (from slimfx profile-device)"
+    )
+    parser.add_argument("--threads", type=int, help="threads to run and predict with (default: torch's count)")
+
+
+def _apply_threads(args: argparse.Namespace) -> None:
+    threads = getattr(args, "threads", None)
+    if threads is not None:
+        if threads < 1:
+            raise OutputError(f"--threads must be at least 1, got {threads}")
+        torch.set_num_threads(threads)
+
+
+def cmd_profile_device(args: argparse.Namespace) -> None:
+    from slimfx.backends.profiler import available_runtimes, profile_device
+    from slimfx.cost_model.device import Machine, default_profile_path, library_versions, save_profile
+    from slimfx.report.tables import render_profile
+
+    if args.output:
+        if not args.output.endswith(".json"):
+            raise OutputError(f"-o {args.output}: a device profile is JSON; name the file *.json")
+        check_writable(args.output)
+    _apply_threads(args)
+    runtimes = args.runtime or list(available_runtimes())
+    threads = torch.get_num_threads()
+    profile = profile_device(runtimes, threads, progress=_terminal_progress())
+    path = args.output or default_profile_path(Machine.here(), library_versions(), threads)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    save_profile(profile, path)
+    _clear_progress()
+    sys.stdout.write(render_profile(profile))
+    print(f"wrote {path}", file=sys.stderr)
 
 
 def cmd_report(args: argparse.Namespace) -> None:
@@ -240,6 +314,13 @@ def cmd_report(args: argparse.Namespace) -> None:
             check_writable(path)
     if args.html:
         require_matplotlib()
+    if args.profile and not args.runtime:
+        raise OutputError("--profile gives the device profile for --runtime predictions: add --runtime R")
+    _apply_threads(args)
+    if args.runtime:
+        from slimfx.backends.profiler import check_prediction_runtime
+
+        check_prediction_runtime(args.runtime, args.profile)  # before loading anything
     torch.manual_seed(args.seed)  # random-init weights are the same on every run with the same seed
     loaded = resolve_model(args.model, trust=args.trust_model_file)
     inputs = _example_inputs(args, loaded.input_shape)
@@ -250,7 +331,11 @@ def cmd_report(args: argparse.Namespace) -> None:
         leaf_modules=args.leaf_module,
         capture_fallback=not args.no_fallback,
         layer_timing=LAYER_TIMING_RUNS if args.html else 0,
+        runtime=args.runtime,
+        profile=args.profile,
+        progress=_terminal_progress(),
     )
+    _clear_progress()
     text = to_dot(report) if args.format == "dot" else render_report(report, args.format, args.top, args.by)
     if args.html:
         _write_html(report_html(report), args.html)
@@ -272,6 +357,8 @@ def cmd_compile(args: argparse.Namespace) -> None:
     check_data(pipeline, args.calib, args.train)  # so does a pass that needs --calib or --train without it
     quantized = any(p.quantizes for p in pipeline)
     _check_outputs(args, exits=any(p.makes_early_exits for p in pipeline))
+    if args.profile and not args.runtime:
+        raise OutputError("--profile gives the device profile for --runtime predictions: add --runtime R")
     if args.runtime:
         choose_runtimes(args.runtime, quantized)  # an unknown, missing or mismatched runtime too
     if args.openvino:
@@ -305,6 +392,7 @@ def cmd_compile(args: argparse.Namespace) -> None:
         progress=_terminal_progress() if main_rank else None,
         runtime=args.runtime,
         layer_timing=LAYER_TIMING_RUNS if args.html and args.repeats > 0 and main_rank else 0,
+        profile=args.profile,
     )
     if not main_rank:  # only rank 0 prints and writes files
         return
@@ -479,7 +567,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
     except SystemExit as stop:  # usage errors (status 2) and --help (status 0)
         return int(stop.code or 0)
-    command = {"report": cmd_report, "compile": cmd_compile, "demo": cmd_demo, "passes": cmd_passes}[args.command]
+    command = {
+        "report": cmd_report,
+        "compile": cmd_compile,
+        "demo": cmd_demo,
+        "passes": cmd_passes,
+        "profile-device": cmd_profile_device,
+    }[args.command]
     try:
         command(args)
     except SlimfxError as exc:

@@ -7,8 +7,8 @@ no two runtimes compete for the cores. The fastest compiled row is marked.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -35,6 +35,7 @@ class RuntimeMeasurement:
     relative_error: float | None = None  # vs the original in torch fp32
     accuracy: float | None = None  # top-1 accuracy on the labels, when there are labels
     failure: str | None = None  # why it could not be built or run
+    predicted_ms: float | None = None  # predicted from the device profile, where the runtime has a latency model
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -47,6 +48,7 @@ class RuntimeMeasurement:
             "relative_error": self.relative_error,
             "accuracy": self.accuracy,
             "failure": self.failure,
+            "predicted_ms": self.predicted_ms,
         }
 
 
@@ -64,6 +66,14 @@ class RuntimeComparison:
 
     def row(self, runtime: str, model: str) -> RuntimeMeasurement | None:
         return next((r for r in self.rows if r.runtime == runtime and r.model == model), None)
+
+    def with_predictions(self, predicted: Mapping[tuple[str, str], float]) -> RuntimeComparison:
+        """The same comparison with predicted ms on the rows ``predicted`` names by (runtime, model)."""
+        rows = tuple(
+            replace(r, predicted_ms=predicted[(r.runtime, r.model)]) if (r.runtime, r.model) in predicted else r
+            for r in self.rows
+        )
+        return replace(self, rows=rows)
 
     def speedup_in_runtime(self, row: RuntimeMeasurement) -> float | None:
         """A compiled row's speedup over the original in its runtime's float flavour."""

@@ -48,13 +48,17 @@ def _require() -> tuple[Any, Any]:
     return onnx, onnxruntime
 
 
-def export_onnx(module: nn.Module, example_inputs: Sequence[torch.Tensor], path: str | Path) -> Path:
+def export_onnx(
+    module: nn.Module, example_inputs: Sequence[torch.Tensor], path: str | Path, exporter: str = DYNAMO
+) -> Path:
     """Write ``module`` as ONNX (batch dimension dynamic; quantized weights stored as int8,
-    see ``onnx_fold``); atomic: no partial file on failure."""
+    see ``onnx_fold``); atomic: no partial file on failure. Float models go through the
+    ``torch.export`` exporter unless ``exporter`` is ``TORCHSCRIPT`` (many times faster to
+    export; the profiler's one-layer probes use it)."""
     onnx, _ = _require()
     path = Path(path)
-    model, exporter = None, DYNAMO
-    if not has_quantized_layers(module) and _has_onnxscript():
+    model = None
+    if exporter == DYNAMO and not has_quantized_layers(module) and _has_onnxscript():
         with contextlib.suppress(Exception):  # not traceable by torch.export: the fallback below
             model = _export_dynamo(module, tuple(example_inputs))
     try:

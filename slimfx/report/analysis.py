@@ -14,6 +14,7 @@ from typing import Any
 
 from slimfx.backends.compare import RuntimeComparison
 from slimfx.cost_model.counts import sum_costs
+from slimfx.cost_model.latency import LatencyPrediction
 from slimfx.errors import RewriteError
 from slimfx.exits.plan import ExitPlan
 from slimfx.ir.graph import Graph
@@ -29,6 +30,7 @@ UNITS = {
     "bytes_read": "bytes (activations and weights read)",
     "bytes_written": "bytes (activations written)",
     "latency_ms": "milliseconds, median of repeated runs",
+    "predicted_ms": "milliseconds, predicted from the device profile (see prediction)",
 }
 
 
@@ -50,6 +52,8 @@ class NodeRow:
     provenance: str | None
     latency_ms: float | None = None  # measured, node by node (see Report.timing); None when not measured
     family: str = ""  # what --by module-type groups by: the kind, with convs split into dense, grouped, depthwise
+    predicted_ms: float | None = None  # predicted on Report.prediction's runtime (0 when fused into another node)
+    fused_into: str | None = None  # the node whose kernel this one runs inside, on that runtime
 
     @property
     def label(self) -> str:
@@ -74,6 +78,8 @@ class NodeRow:
             "provenance": self.provenance,
             "latency_ms": self.latency_ms,
             "family": self.family or self.kind,
+            "predicted_ms": self.predicted_ms,
+            "fused_into": self.fused_into,
         }
 
 
@@ -85,6 +91,56 @@ class KindRow:
     count: int
     cost: Cost
     share: float
+    predicted_ms: float | None = None
+
+
+@dataclass(frozen=True)
+class PredictionSummary:
+    """Where a report's predicted milliseconds come from, and their totals."""
+
+    runtime: str
+    batch: int
+    threads: int
+    profile: str | None
+    kernels_ms: float  # the kernels' predictions added up
+    overhead_ms: float  # the runtime's measured per-call overhead
+    sources: Mapping[str, int]  # kernels priced from each source: table, sweep, scaled, roofline, free
+
+    @property
+    def total_ms(self) -> float:
+        return self.kernels_ms + self.overhead_ms
+
+    @staticmethod
+    def of(prediction: LatencyPrediction) -> PredictionSummary:
+        return PredictionSummary(
+            prediction.runtime,
+            prediction.batch,
+            prediction.threads,
+            prediction.profile,
+            prediction.kernels_ms,
+            prediction.overhead_ms,
+            prediction.source_counts(),
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "runtime": self.runtime,
+            "batch": self.batch,
+            "threads": self.threads,
+            "profile": self.profile,
+            "kernels_ms": self.kernels_ms,
+            "overhead_ms": self.overhead_ms,
+            "total_ms": self.total_ms,
+            "sources": dict(self.sources),
+        }
+
+    def describe(self) -> str:
+        sources = ", ".join(f"{n} by {s}" for s, n in sorted(self.sources.items(), key=lambda kv: -kv[1]))
+        profile = f", profile {self.profile}" if self.profile else ""
+        return (
+            f"predicted on {self.runtime}: {self.total_ms:.3f} ms (kernels {self.kernels_ms:.3f} ms + per call "
+            f"{self.overhead_ms:.3f} ms), batch {self.batch}, {self.threads} threads; kernels priced {sources}{profile}"
+        )
 
 
 @dataclass(frozen=True)
@@ -99,6 +155,13 @@ class Report:
     fixed_shapes: bool = False  # traced at the example input shapes (the model branches on shapes)
     taken_layers: tuple[str, ...] = ()  # functional calls capture replaced by the layers they stand for
     timing: str | None = None  # how the nodes' latency_ms was measured; None: not measured
+    prediction: PredictionSummary | None = None  # the nodes' predicted_ms: runtime, batch, threads, profile
+
+    def time_share(self, predicted_ms: float | None) -> float | None:
+        """A predicted time's share of the kernels' predicted total."""
+        if self.prediction is None or predicted_ms is None or self.prediction.kernels_ms <= 0:
+            return None
+        return predicted_ms / self.prediction.kernels_ms
 
     @property
     def latency_ms(self) -> float | None:
@@ -112,28 +175,49 @@ class Report:
         return tuple(row for row in self.nodes if not row.counted)
 
     def top(self, n: int | None) -> list[NodeRow]:
-        """The ``n`` nodes with most MACs (then element ops), or every node in graph order."""
+        """The ``n`` nodes with most predicted time when there is a prediction, else with most
+        MACs (then element ops); every node in graph order when ``n`` is None."""
         if n is None:
             return list(self.nodes)
+        if self.prediction is not None:
+            return sorted(self.nodes, key=lambda r: r.predicted_ms or 0.0, reverse=True)[:n]
         ranked = sorted(self.nodes, key=lambda r: (r.cost.macs, r.cost.elem_ops, r.cost.bytes_written), reverse=True)
         return ranked[:n]
+
+    @property
+    def ranked_by(self) -> str:
+        """What ``top`` and ``by_kind`` rank by."""
+        return "predicted time" if self.prediction is not None else "MACs"
 
     def by_kind(self) -> list[KindRow]:
         """Rows aggregated by module type or function, most MACs first."""
         counts: dict[str, int] = {}
         costs: dict[str, Cost] = {}
+        times: dict[str, float] = {}
         for row in self.nodes:
             family = row.family or row.kind
             counts[family] = counts.get(family, 0) + 1
             costs[family] = costs.get(family, Cost()) + row.cost
+            times[family] = times.get(family, 0.0) + (row.predicted_ms or 0.0)
+        predicted = self.prediction is not None
         rows = [
-            KindRow(kind, counts[kind], cost, cost.macs / self.totals.macs if self.totals.macs else 0.0)
+            KindRow(
+                kind,
+                counts[kind],
+                cost,
+                cost.macs / self.totals.macs if self.totals.macs else 0.0,
+                times[kind] if predicted else None,
+            )
             for kind, cost in costs.items()
         ]
+        if predicted:
+            return sorted(rows, key=lambda r: r.predicted_ms or 0.0, reverse=True)
         return sorted(rows, key=lambda r: (r.cost.macs, r.cost.elem_ops), reverse=True)
 
     def top_share(self, n: int) -> float:
-        """The share of all MACs that the ``n`` nodes with most MACs hold."""
+        """The share of all MACs (of predicted time, when predicted) that ``top(n)`` holds."""
+        if self.prediction is not None:
+            return sum(self.time_share(row.predicted_ms) or 0.0 for row in self.top(n))
         return sum(row.cost.macs for row in self.top(n)) / self.totals.macs if self.totals.macs else 0.0
 
     def to_dict(self, top: int | None = None, by: str = "node") -> dict[str, Any]:
@@ -148,6 +232,8 @@ class Report:
                     "elem_ops": g.cost.elem_ops,
                     "params": g.cost.params,
                     "share": g.share,
+                    "predicted_ms": g.predicted_ms,
+                    "time_share": self.time_share(g.predicted_ms),
                 }
                 for g in kinds
             ]
@@ -158,9 +244,14 @@ class Report:
             "model": self.model,
             "input_shapes": [list(s) for s in self.input_shapes],
             "units": UNITS,
-            "totals": {**totals_dict(self.totals), "latency_ms": self.latency_ms},
+            "totals": {
+                **totals_dict(self.totals),
+                "latency_ms": self.latency_ms,
+                "predicted_ms": self.prediction.total_ms if self.prediction else None,
+            },
             "timing": self.timing,
-            "nodes": [row.to_dict() for row in self.top(top)],
+            "prediction": self.prediction.to_dict() if self.prediction else None,
+            "nodes": [{**row.to_dict(), "time_share": self.time_share(row.predicted_ms)} for row in self.top(top)],
             "uncounted": [{"name": r.name, "kind": r.label, "reason": r.rule} for r in self.uncounted],
             "opaque": list(self.opaque),
             "fixed_shapes": self.fixed_shapes,
@@ -169,10 +260,17 @@ class Report:
 
 
 def build_report(
-    graph: Graph, model: str = "model", node_ms: Mapping[str, float] | None = None, timing: str | None = None
+    graph: Graph,
+    model: str = "model",
+    node_ms: Mapping[str, float] | None = None,
+    timing: str | None = None,
+    prediction: LatencyPrediction | None = None,
 ) -> Report:
     """The report of ``graph``, read from its current cost annotations; ``node_ms`` (node name
-    -> measured ms, described by ``timing``) adds each node's latency."""
+    -> measured ms, described by ``timing``) adds each node's latency, ``prediction`` each
+    node's predicted latency on a runtime."""
+    predicted = prediction.node_ms() if prediction is not None else {}
+    fused = prediction.fused_into() if prediction is not None else {}
     if not graph.is_current("costs"):
         raise RewriteError("the graph's costs are stale; run cost_model.counts.ensure_costs(graph) before reporting")
     totals = sum_costs(graph)
@@ -194,6 +292,8 @@ def build_report(
                 provenance=info.provenance,
                 latency_ms=None if node_ms is None else node_ms.get(node.name),
                 family=_family(graph, node, info.kind),
+                predicted_ms=predicted.get(node.name, 0.0) if prediction is not None else None,
+                fused_into=fused.get(node.name),
             )
         )
     shapes = tuple(tuple(t.shape) for t in graph.example_inputs)
@@ -207,6 +307,7 @@ def build_report(
         graph.fixed_shapes,
         taken,
         timing if node_ms is not None else None,
+        PredictionSummary.of(prediction) if prediction is not None else None,
     )
 
 

@@ -11,6 +11,7 @@ from typing import Any
 from tabulate import tabulate
 
 from slimfx.backends.compare import COMPILED, RuntimeComparison
+from slimfx.cost_model.device import DeviceProfile
 from slimfx.exits.plan import ExitPlan
 from slimfx.ir.meta import Cost
 from slimfx.passes.manager import PassRecord
@@ -65,6 +66,15 @@ def _share(share: float, numeric: bool) -> Any:
     return round(share, 6) if numeric else f"{100 * share:.1f}%"
 
 
+def _time_values(report: Report, predicted_ms: float | None, fused_into: str | None, numeric: bool) -> list[Any]:
+    """The predicted-ms and share-of-time cells of a row (a fused node names its kernel's anchor)."""
+    if fused_into is not None:
+        return ["" if numeric else f"in {fused_into}", 0.0 if numeric else ""]
+    share = report.time_share(predicted_ms)
+    ms = round(predicted_ms or 0.0, 6) if numeric else f"{predicted_ms or 0.0:.3f}"
+    return [ms, _share(share or 0.0, numeric)]
+
+
 def _node_values(row: NodeRow, numeric: bool = False) -> list[Any]:
     shape = "x".join(map(str, row.out_shape)) if row.out_shape else "-"
     return [
@@ -90,20 +100,34 @@ def render_report(report: Report, fmt: str = "table", top: int | None = None, by
     if fmt == "json":
         return json.dumps(report.to_dict(top, by), indent=2)
     numeric = fmt == "csv"
+    timed = report.prediction is not None
+    time_columns = ["predicted ms", "share of time"] if timed else []
     if by == "module-type":
         groups = report.by_kind()[:top] if top else report.by_kind()
-        header, rows = _KIND_COLUMNS, [_kind_values(g, numeric) for g in groups]
-        covered = sum(g.share for g in groups)
-        what = f"top {len(groups)} module types by MACs"
+        header = _KIND_COLUMNS + time_columns
+        rows = [
+            _kind_values(g, numeric) + (_time_values(report, g.predicted_ms, None, numeric) if timed else [])
+            for g in groups
+        ]
+        if timed:
+            covered = sum(report.time_share(g.predicted_ms) or 0.0 for g in groups)
+        else:
+            covered = sum(g.share for g in groups)
+        what = f"top {len(groups)} module types by {report.ranked_by}"
     else:
-        header, rows = _NODE_COLUMNS, [_node_values(r, numeric) for r in report.top(top)]
-        covered, what = (report.top_share(top), f"top {top} nodes by MACs") if top else (1.0, "")
+        header = _NODE_COLUMNS + time_columns
+        rows = [
+            _node_values(r, numeric) + (_time_values(report, r.predicted_ms, r.fused_into, numeric) if timed else [])
+            for r in report.top(top)
+        ]
+        covered, what = (report.top_share(top), f"top {top} nodes by {report.ranked_by}") if top else (1.0, "")
     if fmt == "csv":
         return _csv(header, rows)
     lines = [
         f"{report.model}: input {', '.join('x'.join(map(str, s)) for s in report.input_shapes)}",
         f"total: {totals_line(report.totals)}",
-        *([f"shown: {what}, {covered:.1%} of all MACs"] if top else []),
+        *([report.prediction.describe()] if report.prediction else []),
+        *([f"shown: {what}, {covered:.1%} of all {'predicted time' if timed else 'MACs'}"] if top else []),
         "",
         tabulate(rows, headers=header, tablefmt=TABLE_FORMATS[fmt], intfmt=",", disable_numparse=False),
         "",
@@ -180,11 +204,20 @@ def render_compile(result: CompileReport, fmt: str = "table") -> str:
     return "\n".join(parts).rstrip() + "\n"
 
 
+def _predicted_cell(predicted_ms: float | None, measured_ms: float | None) -> str:
+    if predicted_ms is None:
+        return "-"
+    if measured_ms is None or measured_ms <= 0:
+        return f"{predicted_ms:.2f} ms"
+    return f"{predicted_ms:.2f} ms ({predicted_ms / measured_ms - 1:+.0%})"
+
+
 def runtimes_text(comparison: RuntimeComparison, tablefmt: str = "simple") -> str:
     """The runtime table: each model in each runtime, the fastest compiled row marked, slower
     compiled rows warned about, runtimes that were not measured listed with the reason."""
     fastest = comparison.fastest
     labelled = any(row.accuracy is not None for row in comparison.rows)
+    predicted = any(row.predicted_ms is not None for row in comparison.rows)
     rows = []
     for row in comparison.rows:
         in_runtime = comparison.speedup_in_runtime(row) if row.model == COMPILED else None
@@ -195,6 +228,7 @@ def runtimes_text(comparison: RuntimeComparison, tablefmt: str = "simple") -> st
                 row.model,
                 row.precision or f"failed: {row.failure}",
                 "-" if row.latency_ms is None else f"{row.latency_ms:.2f} ms",
+                *([] if not predicted else [_predicted_cell(row.predicted_ms, row.latency_ms)]),
                 "-" if row.latency_ms is None else f"{comparison.baseline_ms / row.latency_ms:.2f}x",
                 "" if in_runtime is None else f"{in_runtime:.2f}x (vs {flavour})",
                 "-" if row.agreement is None else f"{row.agreement:.4f}",
@@ -208,6 +242,7 @@ def runtimes_text(comparison: RuntimeComparison, tablefmt: str = "simple") -> st
         "model",
         "precision that ran",
         "latency",
+        *(["predicted (error)"] if predicted else []),
         "vs torch eager fp32",
         "speedup in runtime",
         "top-1 agreement",
@@ -304,3 +339,43 @@ def _arrow(before: Any, after: Any, fmt: Any = str) -> str:
 
 def _ratio(after: int, before: int) -> str:
     return f"{after / before:.3f}" if before else "-"
+
+
+def render_profile(profile: DeviceProfile) -> str:
+    """A device profile as a table: per runtime its sustained rates, overheads and channel step."""
+    rows = []
+    for name, runtime in profile.runtimes.items():
+        r = runtime.roofline
+        rows.append(
+            [
+                name,
+                f"{r.dense_conv_macs_per_ms / 1e6:.1f}",
+                f"{r.depthwise_conv_macs_per_ms / 1e6:.1f}",
+                f"{r.pointwise_conv_macs_per_ms / 1e6:.1f}",
+                f"{r.linear_macs_per_ms / 1e6:.1f}",
+                f"{r.bytes_per_ms / 1e6:.1f}",
+                f"{1000 * r.kernel_overhead_ms:.1f}",
+                f"{1000 * r.call_overhead_ms:.1f}",
+                runtime.channel_step,
+                len(runtime.tables),
+            ]
+        )
+    header = [
+        "runtime",
+        "dense conv GMAC/s",
+        "depthwise GMAC/s",
+        "1x1 conv GMAC/s",
+        "linear GMAC/s",
+        "memory GB/s",
+        "per kernel us",
+        "per call us",
+        "channel step",
+        "measured kernels",
+    ]
+    versions = ", ".join(f"{k} {v}" for k, v in profile.versions.items())
+    lines = [
+        f"device profile: {profile.machine.describe()}; {profile.threads} threads; {versions}",
+        "",
+        tabulate(rows, headers=header, tablefmt="simple", disable_numparse=True),
+    ]
+    return "\n".join(lines) + "\n"

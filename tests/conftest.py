@@ -32,3 +32,17 @@ def _give_memory_back(request: pytest.FixtureRequest) -> Iterator[None]:
         gc.collect()
         if _LIBC is not None and hasattr(_LIBC, "malloc_trim"):
             _LIBC.malloc_trim(0)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _own_profile_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Device profiles made by the tests go to a folder of the run's, not the user's cache."""
+    import os
+
+    previous = os.environ.get("SLIMFX_CACHE_DIR")
+    os.environ["SLIMFX_CACHE_DIR"] = str(tmp_path_factory.mktemp("slimfx-cache"))
+    yield
+    if previous is None:
+        os.environ.pop("SLIMFX_CACHE_DIR", None)
+    else:
+        os.environ["SLIMFX_CACHE_DIR"] = previous

@@ -182,18 +182,20 @@ def staircase_ms(sweep: Sequence[tuple[float, float]], work: float) -> float:
 def find_channel_step(widths: Sequence[int], ms: Sequence[float], tolerance: float = 0.04) -> int:
     """The channel step of a kernel from latencies measured at evenly spaced widths: the
     largest of 4, 8, 16, 32, 64 whose plateaus (widths rounding up to the same multiple) are
-    flat within ``tolerance`` while consecutive plateaus differ by more; 1 when none is."""
+    each flat within ``tolerance``, with a rise between consecutive plateaus; 1 when none is
+    (latency then grows with every channel, or the widths are too far apart to tell)."""
     by_width = dict(zip(widths, ms))
     best = 1
     for step in (4, 8, 16, 32, 64):
         plateaus: dict[int, list[float]] = {}
-        for width, value in by_width.items():
+        for width, value in sorted(by_width.items()):
             plateaus.setdefault(-(-width // step), []).append(value)
-        full = [values for values in plateaus.values() if len(values) > 1]
-        if not full:
-            break
-        flat = all((max(v) - min(v)) <= tolerance * min(v) for v in full)
-        if flat:
+        groups = [plateaus[k] for k in sorted(plateaus)]
+        if not any(len(values) > 1 for values in groups):
+            continue  # the widths are at least a step apart: nothing to see at this step
+        flat = all(max(v) - min(v) <= tolerance * min(v) for v in groups)
+        rises = all(min(after) - max(before) > tolerance * max(before) for before, after in zip(groups, groups[1:]))
+        if flat and rises and len(groups) > 1:
             best = step
     return best
 

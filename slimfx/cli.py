@@ -253,7 +253,7 @@ def _emit(text: str, output: str | None) -> None:
     print(f"wrote {output}", file=sys.stderr)
 
 
-PREDICTED_RUNTIMES = ("torch", "torch-int8", "onnxruntime", "onnxruntime-int8")
+PREDICTED_RUNTIMES = ("torch", "torch-int8", "onnxruntime", "onnxruntime-int8")  # cost_model.latency.FUSION_RULES
 
 
 def _add_prediction_arguments(parser: argparse.ArgumentParser) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 import torch.nn as nn
@@ -229,3 +231,21 @@ def test_corpus_video_model_separable_3d() -> None:
     assert len(factorized) >= 10
     with torch.no_grad():
         assert result.module(x).shape == (1, 400)
+
+
+def test_runtime_option_keeps_only_factorizations_predicted_faster() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(64, 64, 3, padding=1), nn.ReLU(), nn.Conv2d(64, 8, 3, padding=1)).eval()
+    result = compile(model, torch.randn(1, 64, 32, 32), "factorize-convs:rank-ratio=0.25,runtime=torch")
+    decisions = [d for d in result.report.passes[0].decisions]
+    assert len(decisions) == 2
+    for d in decisions:  # each kept one was predicted faster, each declined one not, and says both figures
+        if d.action == "factorized":
+            before, after = (float(v.split()[0]) for v in d.reason.split("predicted on torch: ")[1].split(" -> "))
+            assert after < before
+        else:
+            assert "predicted no faster on torch" in d.reason
+            found = re.search(r"([\d.]+) ms factorized vs ([\d.]+) ms as it is", d.reason)
+            assert found is not None and float(found.group(1)) >= float(found.group(2))
+    with pytest.raises(PassSpecError, match="choose one of"):
+        parse_pipeline("factorize-convs:runtime=openvino")

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn as nn
+from nets import Residual
 
 import slimfx
 from slimfx.backends.profiler import default_profile, measure_layers, measure_runtime, predict_latency
@@ -41,7 +42,6 @@ from slimfx.cost_model.latency import (
 )
 from slimfx.ir.capture import capture
 from slimfx.ir.meta import Cost
-from tests.nets import Residual
 
 ROOFLINE = Roofline(
     dense_conv_macs_per_ms=1e6,
@@ -98,15 +98,20 @@ def test_channel_step_is_found_from_plateaus() -> None:
     assert find_channel_step(widths, step8) == 8
 
 
-def test_table_lookup_exact_then_sweep_on_the_staircase() -> None:
+def test_table_lookup_exact_then_separable_sweeps_on_the_staircase() -> None:
     profile = made_up(step=16)
-    profile.tables[CONV.key()] = LayerTiming(
-        CONV.key(), 2.0, 64, 64, 1, ((16.0 * 16, 0.25), (32.0 * 32, 0.6), (64.0 * 64, 2.0))
-    )
+    in_sweep = ((16, 0.8), (32, 1.2))  # 64 -> 2.0 is the layer itself
+    out_sweep = ((16, 0.5), (32, 1.0), (48, 1.5))
+    profile.tables[CONV.key()] = LayerTiming(CONV.key(), 2.0, 64, 64, 1, in_sweep, out_sweep)
     assert table_ms(CONV, profile) == (2.0, "table")
-    pruned = CONV.with_widths(30, 30)  # pads to 32 x 32, a measured point
-    assert table_ms(pruned, profile) == (pytest.approx(0.6), "sweep")
+    pruned = CONV.with_widths(30, 30)  # pads to 32 and 32, measured points on both sweeps
+    assert table_ms(pruned, profile) == (pytest.approx(2.0 * (1.2 / 2.0) * (1.0 / 2.0)), "sweep")
     assert table_ms(CONV.with_widths(31, 32), profile) == table_ms(pruned, profile)  # one step, one time
+    between = CONV.with_widths(64, 40)  # pads to 48 outputs: a point of the output sweep
+    assert table_ms(between, profile)[0] == pytest.approx(1.5)
+    depthwise = LayerConfig("conv2d", (1, 64, 28, 28), 64, (3, 3), (1, 1), (1, 1), (1, 1), groups=64)
+    profile.tables[depthwise.key()] = LayerTiming(depthwise.key(), 1.0, 64, 64, 64, (), ((32, 0.5),))
+    assert table_ms(depthwise.with_widths(32, 32), profile)[0] == pytest.approx(0.5)
     other_kernel = replace(CONV, kernel=(5, 5), padding=(2, 2))
     assert table_ms(other_kernel, profile) is None  # no family: the roofline prices it
 
@@ -138,7 +143,7 @@ def test_prediction_adds_kernels_and_the_call_overhead() -> None:
 def sample_profile() -> DeviceProfile:
     profile = DeviceProfile(Machine.here(), library_versions(), torch.get_num_threads())
     runtime = made_up("torch")
-    runtime.tables[CONV.key()] = LayerTiming(CONV.key(), 1.5, 64, 64, 1, ((4096.0, 1.5),))
+    runtime.tables[CONV.key()] = LayerTiming(CONV.key(), 1.5, 64, 64, 1, ((32, 0.9),), ((16, 0.4), (32, 0.8)))
     runtime.tables["sig"] = LayerTiming("sig", 0.2, moved_bytes=4096)
     profile.runtimes["torch"] = runtime
     return profile
@@ -246,7 +251,7 @@ def test_sweep_predicts_a_pruned_width_before_pruning(torch_profile: RuntimeProf
         k.config for k in kernels(graph, FUSION_RULES["torch"]) if k.config is not None and k.config.op == "conv2d"
     ]
     swept = torch_profile.tables[convs[-1].key()]
-    assert len(swept.sweep) >= 3  # the full width and narrower ones
+    assert len(swept.in_sweep) == 3 and len(swept.out_sweep) == 3  # 1/4, 1/2 and 3/4 of each side
     half = convs[-1].with_widths(32, 32)
     ms, source = table_ms(half, torch_profile)
     assert source == "sweep" and 0 < ms < swept.ms * 1.2
@@ -318,3 +323,12 @@ def test_predict_latency_saves_new_kernels_into_the_profile_file(tmp_path: Path)
     prediction = predict_latency(graph, "torch", path)
     assert prediction.profile == str(path)
     assert len(load_profile(path).runtimes["torch"].tables) > 2
+
+
+def test_the_runtimes_named_everywhere_are_the_ones_with_fusion_rules() -> None:
+    import typing
+
+    from slimfx.cli import PREDICTED_RUNTIMES
+    from slimfx.cost_model.latency import PredictedRuntime
+
+    assert set(typing.get_args(PredictedRuntime)) == set(FUSION_RULES) == set(PREDICTED_RUNTIMES)

@@ -286,3 +286,44 @@ def test_a_plan_that_would_break_the_graph_is_declined_not_applied(monkeypatch: 
     assert pruned == {("b.0", "c.0"), ("d.0",)}  # the groups that run are still pruned
     assert any("would not run" in w for w in record.warnings)
     assert result.module(x).shape == (2, 4)
+
+
+# -- latency targets ------------------------------------------------------------------------------
+class WideCnn(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.features = nn.Sequential(conv_bn(3, 32), conv_bn(32, 64), conv_bn(64, 64))
+        self.head = nn.Linear(64, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x).mean((2, 3)))
+
+
+def test_target_latency_is_met_by_the_prediction_and_reported() -> None:
+    model, x = WideCnn().eval(), torch.randn(2, 3, 32, 32)
+    result = compile(model, x, "prune-channels:target-latency=0.5")
+    (record,) = result.report.passes
+    summary = next(d for d in record.decisions if d.target == "(predicted latency)")
+    assert "predicted on torch" in summary.reason and "target" in summary.reason
+    fraction = float(summary.reason.split("(")[2].split(" of the original")[0])
+    assert fraction <= 0.5 + 1e-6  # met, by the prediction of the pruned graph
+    pruned = [d for d in record.decisions if d.action == "pruned"]
+    assert pruned and all("per predicted ms saved" in d.reason for d in pruned)
+    assert result.report.after.totals.macs < result.report.before.totals.macs
+
+
+def test_target_latency_in_milliseconds_and_bad_values() -> None:
+    model, x = WideCnn().eval(), torch.randn(1, 3, 16, 16)
+    result = compile(model, x, "prune-channels:target-latency=1000ms")  # already met: nothing to remove
+    assert result.report.after.totals.macs == result.report.before.totals.macs
+    for spec, message in [
+        ("prune-channels:target-latency=2", "fraction of the original's predicted latency"),
+        ("prune-channels:target-latency=fast", "fraction of the original's predicted latency"),
+        ("prune-channels:target-latency=0.5,target-macs=0.5", "one target"),
+        ("prune-channels:round-to=many", "expected int or auto"),
+        ("prune-channels:runtime=openvino", "choose one of"),
+    ]:
+        with pytest.raises(PassSpecError, match=message):
+            parse_pipeline(spec)
+    assert parse_pipeline("prune-channels:round-to=auto")[0].round_to == "auto"
+    assert parse_pipeline("prune-channels:round-to=8")[0].round_to == 8

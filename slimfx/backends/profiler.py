@@ -36,13 +36,13 @@ from slimfx.cost_model.device import (
     default_profile_path,
     library_versions,
     load_profile,
-    padded_work,
     save_profile,
 )
 from slimfx.cost_model.latency import (
     FUSION_RULES,
     Kernel,
     LatencyPrediction,
+    config_of,
     external_inputs,
     find_channel_step,
     kernels,
@@ -397,7 +397,7 @@ def measure_layers(
     missing = [
         k
         for key, k in wanted.items()
-        if key not in profile.tables or (sweep and k.config is not None and not profile.tables[key].sweep)
+        if key not in profile.tables or (sweep and k.config is not None and not profile.tables[key].swept)
     ]
     if not missing:
         return TableFill(0, len(wanted))
@@ -429,25 +429,39 @@ def _alone_ms(bench: Bench, module: nn.Module, inputs: Sequence[torch.Tensor], p
 
 
 def _layer_timing(bench: Bench, config: LayerConfig, profile: RuntimeProfile, sweep: bool) -> LayerTiming:
+    """A layer timed alone; with ``sweep``, also at 1/4, 1/2 and 3/4 of its input channels (its
+    output channels as they are) and of its output channels (inputs as they are), rounded to
+    the channel step; a depthwise layer at those shares of its channels."""
     step = profile.channel_step
 
     def alone(variant: LayerConfig) -> float:
         return _alone_ms(bench, *build_layer(variant), profile)
 
     ms = alone(config)
-    points: list[tuple[float, float]] = []
+    in_sweep: dict[int, float] = {}
+    out_sweep: dict[int, float] = {}
     if sweep:
-        points.append((padded_work(config.in_channels, config.out_channels, config.groups, step), ms))
         for fraction in SWEEP_FRACTIONS:
             cin = _round_width(config.in_channels, fraction, step)
-            cout = cin if config.depthwise else _round_width(config.out_channels, fraction, step)
-            variant = config.with_widths(cin, cout)
-            if variant.groups > 1 and not variant.depthwise and (cin % variant.groups or cout % variant.groups):
-                continue  # a grouped conv whose narrower widths do not divide by its groups
-            work = padded_work(cin, cout, variant.groups, step)
-            if all(abs(work - w) > 1e-9 for w, _ in points):
-                points.append((work, alone(variant)))
-    return LayerTiming(config.key(), ms, config.in_channels, config.out_channels, config.groups, tuple(sorted(points)))
+            cout = _round_width(config.out_channels, fraction, step)
+            if config.depthwise:
+                if cin not in out_sweep and cin != config.in_channels:
+                    out_sweep[cin] = alone(config.with_widths(cin, cin))
+                continue
+            groups = config.groups
+            if cin != config.in_channels and cin % groups == 0 and cin not in in_sweep:
+                in_sweep[cin] = alone(config.with_widths(cin, config.out_channels))
+            if cout != config.out_channels and cout % groups == 0 and cout not in out_sweep:
+                out_sweep[cout] = alone(config.with_widths(config.in_channels, cout))
+    return LayerTiming(
+        config.key(),
+        ms,
+        config.in_channels,
+        config.out_channels,
+        config.groups,
+        tuple(sorted(in_sweep.items())),
+        tuple(sorted(out_sweep.items())),
+    )
 
 
 def _kernel_timing(bench: Bench, graph: Graph, kernel: Kernel, profile: RuntimeProfile) -> LayerTiming | None:
@@ -595,3 +609,35 @@ def check_prediction_runtime(runtime: str, profile: str | Path | None) -> None:
         raise BackendError(f"runtime {runtime} cannot run here: {why}")
     if profile is not None:
         checked_profile(profile, [runtime])
+
+
+def sequence_ms(
+    layers: Sequence[nn.Module], in_shape: tuple[int, ...], runtime: str, progress: Progress = None
+) -> float | None:
+    """Predicted ms of conv and linear ``layers`` run one after another on an input of
+    ``in_shape`` (each alone, from the cached default profile's tables, measuring and keeping
+    what it lacks); None when one of them is neither a conv nor a linear layer."""
+    threads = torch.get_num_threads()
+    device = default_profile([runtime], threads, progress)
+    profile = device.runtime(runtime)
+    configs = []
+    shape = in_shape
+    with torch.no_grad():
+        for layer in layers:
+            config = config_of(layer, shape)
+            if config is None:
+                return None
+            configs.append(config)
+            shape = tuple(layer(torch.zeros(shape)).shape)
+    missing = [c for c in dict.fromkeys(configs) if c.key() not in profile.tables]
+    if missing:
+        bench = Bench(runtime, threads)
+        bench.call_overhead_ms = profile.roofline.call_overhead_ms
+        try:
+            for config in missing:
+                profile.tables[config.key()] = _layer_timing(bench, config, profile, sweep=False)
+        finally:
+            bench.close()
+        if device.path is not None:
+            save_profile(device, device.path)
+    return sum(profile.tables[c.key()].ms for c in configs)

@@ -112,11 +112,12 @@ class Roofline:
 
 @dataclass(frozen=True)
 class LayerTiming:
-    """A layer configuration's measured latency, and a sweep over its channel widths.
+    """A layer configuration's measured latency, and sweeps over its channel widths.
 
-    ``sweep`` holds (padded work, ms) points measured at a few widths, work being the product of
-    the input channels per group and the output channels, each rounded up to the channel step:
-    latency is a staircase in the channel count, flat between steps.
+    ``in_sweep`` holds (input channels, ms) with the output channels as they are, ``out_sweep``
+    (output channels, ms) with the input channels as they are (a depthwise layer: both together,
+    in ``out_sweep``). A narrower layer is read off them on the channel step's staircase
+    (``cost_model.latency.swept_ms``).
     """
 
     key: str
@@ -124,8 +125,13 @@ class LayerTiming:
     in_channels: int = 0
     out_channels: int = 0
     groups: int = 0
-    sweep: tuple[tuple[float, float], ...] = ()
+    in_sweep: tuple[tuple[int, float], ...] = ()
+    out_sweep: tuple[tuple[int, float], ...] = ()
     moved_bytes: int = 0  # a kernel measured by signature: the bytes it reads and writes
+
+    @property
+    def swept(self) -> bool:
+        return bool(self.in_sweep or self.out_sweep)
 
 
 @dataclass
@@ -222,7 +228,8 @@ class DeviceProfile:
                         int(row["in_channels"]),
                         int(row["out_channels"]),
                         int(row["groups"]),
-                        tuple((float(w), float(ms)) for w, ms in row["sweep"]),
+                        tuple((int(w), float(ms)) for w, ms in row["in_sweep"]),
+                        tuple((int(w), float(ms)) for w, ms in row["out_sweep"]),
                         int(row.get("moved_bytes", 0)),
                     )
                     tables[timing.key] = timing
@@ -341,6 +348,12 @@ def family_of(key: str) -> str:
          config.groups > 1, config.bias, config.fused, config.dtype],
         separators=(",", ":"),
     )  # fmt: skip
+
+
+def round_up(channels: int, step: int) -> int:
+    """``channels`` rounded up to a multiple of the channel step."""
+    step = max(step, 1)
+    return -(-channels // step) * step
 
 
 def padded_work(in_channels: int, out_channels: int, groups: int, step: int) -> float:

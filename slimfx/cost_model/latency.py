@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Literal
 
 import torch.fx as fx
 import torch.nn as nn
@@ -28,6 +29,7 @@ from slimfx.cost_model.device import (
     RuntimeProfile,
     family_of,
     padded_work,
+    round_up,
     signature_family,
 )
 from slimfx.ir import ops
@@ -35,6 +37,7 @@ from slimfx.ir.graph import Graph
 from slimfx.ir.meta import Cost, function_name
 
 _STRUCTURAL = ("placeholder", "output", "get_attr")
+PredictedRuntime = Literal["torch", "torch-int8", "onnxruntime", "onnxruntime-int8"]  # the keys of FUSION_RULES
 
 
 @dataclass(frozen=True)
@@ -206,15 +209,36 @@ def table_ms(config: LayerConfig, profile: RuntimeProfile) -> tuple[float, str] 
     exact = profile.tables.get(config.key())
     if exact is not None:
         return exact.ms, "table"
-    swept = [t for t in profile.families().get(family_of(config.key()), []) if t.sweep]
+    swept = [t for t in profile.families().get(family_of(config.key()), []) if t.swept]
     if not swept:
         return None
-    work = padded_work(config.in_channels, config.out_channels, config.groups, profile.channel_step)
+    step = profile.channel_step
+    work = padded_work(config.in_channels, config.out_channels, config.groups, step)
 
     def distance(timing: LayerTiming) -> float:
-        return abs(padded_work(timing.in_channels, timing.out_channels, timing.groups, profile.channel_step) - work)
+        return abs(padded_work(timing.in_channels, timing.out_channels, timing.groups, step) - work)
 
-    return staircase_ms(min(swept, key=distance).sweep, work), "sweep"
+    return swept_ms(min(swept, key=distance), config.in_channels, config.out_channels, step), "sweep"
+
+
+def swept_ms(timing: LayerTiming, in_channels: int, out_channels: int, step: int) -> float:
+    """A layer's ms at other channel counts, from its measured sweeps: its time scaled by the
+    input-channel sweep's ratio at ``in_channels`` times the output-channel sweep's at
+    ``out_channels``, each read on the staircase (channels rounded up to the step; a depthwise
+    layer has one sweep, of both together)."""
+
+    def ratio(sweep: Sequence[tuple[int, float]], full: int, channels: int) -> float:
+        points = {round_up(width, step): ms for width, ms in sweep}
+        points[round_up(full, step)] = timing.ms
+        return staircase_ms([(float(w), ms) for w, ms in points.items()], float(round_up(channels, step))) / timing.ms
+
+    if timing.ms <= 0:
+        return 0.0
+    if timing.groups > 1 and timing.groups == timing.in_channels:  # depthwise
+        return timing.ms * ratio(timing.out_sweep, timing.out_channels, out_channels)
+    scale_in = ratio(timing.in_sweep, timing.in_channels, in_channels) if timing.in_sweep else 1.0
+    scale_out = ratio(timing.out_sweep, timing.out_channels, out_channels) if timing.out_sweep else 1.0
+    return timing.ms * scale_in * scale_out
 
 
 def signature_ms(kernel: Kernel, profile: RuntimeProfile) -> tuple[float, str] | None:
@@ -263,15 +287,24 @@ def layer_config(graph: Graph, node: fx.Node, fused: tuple[str, ...] = ()) -> La
     in_meta = graph.info(inputs[0]).outputs
     if len(in_meta) != 1:
         return None
-    shape = tuple(in_meta[0].shape)
+    return config_of(module, tuple(in_meta[0].shape), fused, dtype)
+
+
+def config_of(
+    module: nn.Module, in_shape: tuple[int, ...], fused: tuple[str, ...] = (), dtype: str = "fp32"
+) -> LayerConfig | None:
+    """The table key of a conv or linear layer on an input of ``in_shape``; None for other modules."""
     if isinstance(module, ops.CONVS):
+        padding = module.padding
+        if isinstance(padding, str):
+            padding = (-1,) if padding == "same" else (0,) * (len(in_shape) - 2)
         return LayerConfig(
-            f"conv{len(shape) - 2}d",
-            shape,
+            f"conv{len(in_shape) - 2}d",
+            in_shape,
             module.out_channels,
             tuple(module.kernel_size),
             tuple(module.stride),
-            tuple(module.padding) if not isinstance(module.padding, str) else (-1,),
+            tuple(padding),
             tuple(module.dilation),
             module.groups,
             module.bias is not None,
@@ -279,7 +312,9 @@ def layer_config(graph: Graph, node: fx.Node, fused: tuple[str, ...] = ()) -> La
             dtype,
         )
     if isinstance(module, nn.Linear):
-        return LayerConfig("linear", shape, module.out_features, bias=module.bias is not None, fused=fused, dtype=dtype)
+        return LayerConfig(
+            "linear", in_shape, module.out_features, bias=module.bias is not None, fused=fused, dtype=dtype
+        )
     return None
 
 

@@ -16,6 +16,7 @@ import torch.fx as fx
 import torch.nn as nn
 
 from slimfx.cost_model.counts import ensure_costs, total_cost
+from slimfx.cost_model.latency import PredictedRuntime
 from slimfx.cost_model.planner import Item, Option, allocate
 from slimfx.details import Details
 from slimfx.ir.graph import Graph
@@ -69,6 +70,8 @@ class FactorizeConvs(Pass):
         "target_macs": "ranks spread across layers until the model's MACs are at most this fraction",
         "round_to": "ranks rounded up to a multiple of this",
         "iterations": "ALS iterations for cp",
+        "runtime": "decline a factorization predicted to be no faster than its layer on this runtime "
+        "(this machine's device profile); none: judge by MACs only",
         "exclude": "module-path patterns (fnmatch: layer4.*) left alone",
     }
     runs_after = {"prune-channels": "factorize the layers pruning leaves (pruning needs the original layers)"}
@@ -80,6 +83,7 @@ class FactorizeConvs(Pass):
     target_macs: float | None = None
     round_to: int = 1
     iterations: int | None = None
+    runtime: PredictedRuntime | None = None
     exclude: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
@@ -128,8 +132,26 @@ class FactorizeConvs(Pass):
                 ctx.report_progress(f"factorize-convs: {layer.node.target} at rank {chosen}")
                 iterations = factorizer.default_iterations if self.iterations is None else self.iterations
                 parts, weight_error = factorizer.build(layer, chosen, iterations, ctx.seed)
-                output_error = _output_error(layer.module, parts, inputs.get(layer.node.name))
                 macs_after = factorizer.macs(layer, chosen)
+                timing = self._predicted(layer, parts, ctx)
+                slower = timing is not None and timing[1] >= timing[0]
+                if slower and self._honours_rank():
+                    warnings.append(
+                        f"{layer.node.target}: predicted on {self.runtime} at {timing[1]:.3f} ms factorized vs "
+                        f"{timing[0]:.3f} ms as it is; factorized anyway because the rank was given"
+                    )
+                elif slower:
+                    decisions[layer.node.name] = Decision(
+                        str(layer.node.target),
+                        Action.DECLINED,
+                        f"{self.method} rank {'x'.join(map(str, chosen))} predicted no faster on {self.runtime}: "
+                        f"{timing[1]:.3f} ms factorized vs {timing[0]:.3f} ms as it is ({macs_after:,} vs "
+                        f"{layer.macs:,} MACs)",
+                        layer.macs,
+                        layer.macs,
+                    )
+                    continue
+                output_error = _output_error(layer.module, parts, inputs.get(layer.node.name))
                 if self._honours_rank() and macs_after >= layer.macs:
                     asked = f"rank={self.rank}" if self.rank is not None else "full rank"
                     warnings.append(
@@ -141,7 +163,12 @@ class FactorizeConvs(Pass):
                     str(layer.node.target),
                     Action.FACTORIZED,
                     f"{self.method} rank {'x'.join(map(str, chosen))}: weight error {weight_error:.3g}, "
-                    f"output error {output_error:.3g} (relative)",
+                    f"output error {output_error:.3g} (relative)"
+                    + (
+                        f"; predicted on {self.runtime}: {timing[0]:.3f} ms -> {timing[1]:.3f} ms"
+                        if timing is not None
+                        else ""
+                    ),
                     layer.macs,
                     macs_after,
                     weight_error,
@@ -165,9 +192,20 @@ class FactorizeConvs(Pass):
                     layer.macs,
                     layer.macs,
                 )
-        return PassResult(
-            changed=bool(ranks), decisions=tuple(decisions[name] for name in order), warnings=tuple(warnings)
-        )
+        changed = any(d.action is Action.FACTORIZED for d in decisions.values())
+        return PassResult(changed=changed, decisions=tuple(decisions[name] for name in order), warnings=tuple(warnings))
+
+    def _predicted(
+        self, layer: LayerToFactorize, parts: list[tuple[str, nn.Module]], ctx: PassContext
+    ) -> tuple[float, float] | None:
+        """(the layer's, its factorization's) predicted ms on ``runtime``, each layer timed alone."""
+        if self.runtime is None or layer.in_shape is None:
+            return None
+        from slimfx.backends.profiler import sequence_ms
+
+        before = sequence_ms([layer.module], tuple(layer.in_shape), self.runtime, ctx.progress)
+        after = sequence_ms([module for _, module in parts], tuple(layer.in_shape), self.runtime, ctx.progress)
+        return None if before is None or after is None else (before, after)
 
     # -- which layers ------------------------------------------------------------------------
     def _candidates(self, graph: Graph, factorizer: Factorizer) -> tuple[list[LayerToFactorize], dict[str, Decision]]:

@@ -16,11 +16,12 @@ from typing import Any, Literal
 import torch
 
 from slimfx.cost_model.counts import ensure_costs, total_cost
+from slimfx.cost_model.latency import PredictedRuntime
 from slimfx.cost_model.planner import Item, Option, allocate
 from slimfx.details import Details
 from slimfx.ir.channels import ChannelAnalysis, ChannelGroup, LiteralArgument, analyze_channels
 from slimfx.ir.graph import Graph
-from slimfx.ir.rewrite import Rewriter
+from slimfx.ir.rewrite import Rewriter, snapshot
 from slimfx.ir.shapes import trial_run
 from slimfx.passes.base import Action, DataNeed, Decision, Pass, PassContext, PassResult
 from slimfx.passes.candidates import excluding_pattern
@@ -104,8 +105,11 @@ class PruneChannels(Pass):
         "criterion": "l1 (filter L1 norm), bn-scale (|gamma|) or thinet (needs calibration data)",
         "global_": "rank channels across groups and remove the lowest ratio of all",
         "min_channels": "every group keeps at least this many channels",
-        "round_to": "kept widths are multiples of this",
+        "round_to": "kept widths are multiples of this; auto: the runtime's channel step (its latency staircase)",
         "target_macs": "remove channels until the model's MACs are at most this fraction (overrides ratio)",
+        "target_latency": "remove channels until the predicted latency is at most this fraction of the original's, "
+        "or N ms (overrides ratio)",
+        "runtime": "the runtime target-latency and round-to=auto predict on (this machine's device profile)",
         "exclude": "module-path patterns (fnmatch: layer4.*) whose groups are left alone",
     }
 
@@ -113,8 +117,10 @@ class PruneChannels(Pass):
     criterion: Criterion = "l1"
     global_: bool = False
     min_channels: int = 1
-    round_to: int = 1
+    round_to: int | Literal["auto"] = 1
     target_macs: float | None = None
+    target_latency: str | None = None
+    runtime: PredictedRuntime = "torch"
     exclude: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
@@ -122,10 +128,18 @@ class PruneChannels(Pass):
             raise self.invalid("ratio", self.ratio, "a number in [0, 1)")
         if self.min_channels < 1:
             raise self.invalid("min-channels", self.min_channels, "an integer >= 1")
-        if self.round_to < 1:
-            raise self.invalid("round-to", self.round_to, "an integer >= 1")
+        if self.round_to != "auto" and self.round_to < 1:
+            raise self.invalid("round-to", self.round_to, "an integer >= 1, or auto")
         if self.target_macs is not None and not 0 < self.target_macs <= 1:
             raise self.invalid("target-macs", self.target_macs, "a fraction of the original MACs in (0, 1]")
+        if self.target_latency is not None:
+            parse_latency_target(self.target_latency, self.invalid)
+            if self.target_macs is not None:
+                raise self.invalid("target-latency", self.target_latency, "one target: target-macs or target-latency")
+
+    @property
+    def predicts_latency(self) -> bool:
+        return self.target_latency is not None or self.round_to == "auto"
 
     # -- run ---------------------------------------------------------------------------------
     def data_need(self) -> DataNeed:
@@ -135,6 +149,8 @@ class PruneChannels(Pass):
         ensure_costs(graph)
         analysis = analyze_channels(graph)
         layer_macs = {name: _macs(graph, name) for name in analysis.layers}
+        timer = _LatencyTimer.for_graph(graph, self.runtime, ctx) if self.predicts_latency else None
+        step = timer.channel_step if timer is not None and self.round_to == "auto" else self.round_to
         scores, contributions = self._scores(graph, analysis, ctx)
         plans, decisions = [], {}
         for group in analysis.groups:
@@ -143,7 +159,11 @@ class PruneChannels(Pass):
                 decisions[group.index] = _declined(group, analysis, plan_or_reason, layer_macs)
             else:
                 plans.append(plan_or_reason)
-        warnings = self._choose(plans, analysis, layer_macs, graph)
+        summary: list[Decision] = []
+        if self.target_latency is not None and timer is not None:
+            warnings, summary = self._choose_for_latency(plans, analysis, graph, contributions, timer, int(step))
+        else:
+            warnings = self._choose(plans, analysis, layer_macs, graph, int(step))
         plans, broken = self._runnable(graph, analysis, plans, contributions)
         for plan, why in broken:
             decisions[plan.group.index] = _declined(plan.group, analysis, why, layer_macs)
@@ -157,7 +177,7 @@ class PruneChannels(Pass):
         ensure_costs(graph)
         for plan in plans:
             decisions[plan.group.index] = self._decision(plan, analysis, layer_macs, graph, removed)
-        ordered = tuple(decisions[g.index] for g in analysis.groups)
+        ordered = tuple(decisions[g.index] for g in analysis.groups) + tuple(summary)
         if broken:
             warnings.append(
                 f"prune-channels: {len(broken)} group(s) left unpruned because the pruned graph would not run"
@@ -240,34 +260,71 @@ class PruneChannels(Pass):
 
     # -- how many and which ------------------------------------------------------------------
     def _choose(
-        self, plans: list[_Plan], analysis: ChannelAnalysis, layer_macs: dict[str, int], graph: Graph
+        self, plans: list[_Plan], analysis: ChannelAnalysis, layer_macs: dict[str, int], graph: Graph, step: int
     ) -> list[str]:
         if self.target_macs is not None:
-            return self._choose_for_target(plans, analysis, layer_macs, graph)
+            return self._choose_for_target(plans, analysis, layer_macs, graph, step)
         if self.global_:  # the lowest normalized scores of all groups: a budget of units to keep
-            items = [_unit_item(i, plan, per_mac=False) for i, plan in enumerate(plans)]
+            items = [_unit_item(i, plan, saved=None) for i, plan in enumerate(plans)]
             units = sum(len(plan.scores) for plan in plans)
             allocation = allocate(items, units - round(self.ratio * units))
-            self._apply(plans, items, allocation.chosen)
+            self._apply(plans, items, allocation.chosen, step)
         else:
             for plan in plans:
-                self._remove(plan, int(self.ratio * len(plan.scores) + 1e-9))
+                self._remove(plan, int(self.ratio * len(plan.scores) + 1e-9), step)
         return []
 
+    def _choose_for_latency(
+        self,
+        plans: list[_Plan],
+        analysis: ChannelAnalysis,
+        graph: Graph,
+        contributions: dict,
+        timer: _LatencyTimer,
+        step: int,
+    ) -> tuple[list[str], list[Decision]]:
+        """Least important per predicted millisecond saved first, until the latency predicted
+        for the pruned graph (built on a copy, priced from the layers' width sweeps) is within
+        the target."""
+        before = timer.original.total_ms
+        budget = parse_latency_target(self.target_latency or "", self.invalid).budget_ms(before)
+        layer_ms = timer.layer_ms(analysis)
+        items = [_unit_item(i, plan, saved=_per_unit(analysis, plan.group, layer_ms)) for i, plan in enumerate(plans)]
+
+        def predicted(chosen: dict[str, int]) -> float:
+            self._apply(plans, items, chosen, step)
+            removed = _removed_units(plans, analysis)
+            return timer.predict_pruned(graph, *_edits(graph, analysis, removed, contributions, self.criterion))
+
+        allocation = allocate(items, budget, measure=predicted)
+        self._apply(plans, items, allocation.chosen, step)
+        reason = (
+            f"predicted on {self.runtime} ({timer.where}): {before:.3f} ms -> {allocation.total:.3f} ms "
+            f"({allocation.total / before:.3f} of the original), target {budget:.3f} ms"
+        )
+        summary = [Decision("(predicted latency)", Action.SUMMARY, reason)]
+        if allocation.met:
+            return [], summary
+        return [
+            f"prune-channels: target-latency={self.target_latency} cannot be reached within min-channels="
+            f"{self.min_channels} and the groups that can be pruned; best predicted is {allocation.total:.3f} ms "
+            f"({allocation.total / before:.3f} of the original)"
+        ], summary
+
     def _choose_for_target(
-        self, plans: list[_Plan], analysis: ChannelAnalysis, layer_macs: dict[str, int], graph: Graph
+        self, plans: list[_Plan], analysis: ChannelAnalysis, layer_macs: dict[str, int], graph: Graph, step: int
     ) -> list[str]:
         """Least important per MAC saved first, until the model's MACs (predicted from the kept
         channels of every layer) are within the target."""
         total = total_cost(graph).macs
-        items = [_unit_item(i, plan, per_mac=True) for i, plan in enumerate(plans)]
+        items = [_unit_item(i, plan, saved=plan.macs_per_unit.clamp_min(1.0)) for i, plan in enumerate(plans)]
 
         def measured(chosen: dict[str, int]) -> float:
-            self._apply(plans, items, chosen)
+            self._apply(plans, items, chosen, step)
             return predicted_macs(analysis, layer_macs, total, _removed_units(plans, analysis))
 
         allocation = allocate(items, self.target_macs * total, measure=measured)
-        self._apply(plans, items, allocation.chosen)
+        self._apply(plans, items, allocation.chosen, step)
         if allocation.met:
             return []
         best = int(allocation.total)
@@ -277,14 +334,14 @@ class PruneChannels(Pass):
             f"({best / total:.3f} of the original)"
         ]
 
-    def _apply(self, plans: list[_Plan], items: list[Item], chosen: dict[str, int]) -> None:
+    def _apply(self, plans: list[_Plan], items: list[Item], chosen: dict[str, int], step: int) -> None:
         """Remove, from each plan, as many channels as its item's chosen option says."""
         for plan, item in zip(plans, items):
-            self._remove(plan, chosen[item.name])
+            self._remove(plan, chosen[item.name], step)
 
-    def _remove(self, plan: _Plan, count: int) -> None:
+    def _remove(self, plan: _Plan, count: int, step: int) -> None:
         total = len(plan.scores)
-        count = total - kept_channels(total, total - count, self.min_channels, self.round_to)
+        count = total - kept_channels(total, total - count, self.min_channels, step)
         plan.removed = choose_removed(plan.scores, count, plan.rows)
 
     # -- report ------------------------------------------------------------------------------
@@ -312,12 +369,11 @@ class PruneChannels(Pass):
             int(plan.macs_per_unit[plan.removed].sum()) if cut else 0,
         )
         if cut == 0:
-            reason = (
-                f"keeps all {total} channels (ratio, min-channels={self.min_channels} and round-to={self.round_to})"
-            )
+            reason = f"keeps all {total} channels (ratio or target, min-channels={self.min_channels} and round-to)"
             return Decision(group.name, Action.DECLINED, reason, before, after, details=details)
+        per = " per predicted ms saved" if self.target_latency is not None else ""
         reason = (
-            f"{self.criterion}: removed {cut} of {total} channels with the lowest importance "
+            f"{self.criterion}: removed {cut} of {total} channels with the lowest importance{per} "
             f"(largest removed {importance.removed_max:.4g}, smallest kept {importance.kept_min:.4g}"
         )
         tied = importance.kept_min is not None and importance.removed_max >= importance.kept_min
@@ -335,9 +391,15 @@ def _macs(graph: Graph, node_name: str) -> int:
 
 def _macs_per_unit(analysis: ChannelAnalysis, group: ChannelGroup, layer_macs: dict[str, int]) -> torch.Tensor:
     """MACs one unit's removal saves alone: each layer's MACs per channel, over every place it appears."""
+    return _per_unit(analysis, group, {name: float(macs) for name, macs in layer_macs.items()})
+
+
+def _per_unit(analysis: ChannelAnalysis, group: ChannelGroup, layer_cost: dict[str, float]) -> torch.Tensor:
+    """What one unit's removal saves alone of a per-layer cost (MACs, predicted ms): each
+    layer's cost per channel, over every place the unit appears."""
     per_unit = torch.zeros(analysis.num_units, dtype=torch.float64)
     for layer in analysis.layers_of(group):
-        macs = layer_macs[layer.node]
+        macs = layer_cost.get(layer.node, 0.0)
         sides = (layer.in_units,) if layer.per_channel else (layer.in_units, layer.out_units)
         for units in sides:
             if len(units):
@@ -345,15 +407,16 @@ def _macs_per_unit(analysis: ChannelAnalysis, group: ChannelGroup, layer_macs: d
     return per_unit[group.units]
 
 
-def _unit_item(index: int, plan: _Plan, per_mac: bool) -> Item:
+def _unit_item(index: int, plan: _Plan, saved: torch.Tensor | None) -> Item:
     """A group as an allocator item: option k removes its k least important units.
 
-    Scores are normalized by the group's mean so that groups compare; per MAC, each unit's
-    price is its normalized score over the MACs its removal saves alone. Units are taken in
-    order of that price, so every step costs more than the one before it.
+    Scores are normalized by the group's mean so that groups compare; with ``saved`` (per
+    unit: the MACs or predicted ms its removal saves alone), each unit's price is its
+    normalized score over what it saves, and the item's cost is in that unit; without, in
+    units. Units are taken in order of that price, so every step costs more than the one before.
     """
     normalized = plan.scores.double() / max(float(plan.scores.double().mean()), 1e-12)
-    saved = plan.macs_per_unit.clamp_min(1.0) if per_mac else torch.ones(len(plan.scores), dtype=torch.float64)
+    saved = torch.ones(len(plan.scores), dtype=torch.float64) if saved is None else saved.double().clamp_min(1e-12)
     order = torch.argsort(normalized / saved, stable=True)
     cost = torch.cat([torch.zeros(1, dtype=torch.float64), torch.cumsum(saved[order], 0)])
     penalty = torch.cat([torch.zeros(1, dtype=torch.float64), torch.cumsum(normalized[order], 0)])
@@ -444,3 +507,84 @@ def _declined(group: ChannelGroup, analysis: ChannelAnalysis, reason: str, layer
 
 def _stat(values: torch.Tensor, fn) -> float | None:
     return float(fn(values)) if values.numel() else None
+
+
+# -- latency targets ---------------------------------------------------------------------------
+@dataclass(frozen=True)
+class LatencyTarget:
+    """``0.5`` (a fraction of the original's predicted latency) or ``8ms``."""
+
+    fraction: float | None = None
+    ms: float | None = None
+
+    def budget_ms(self, original_ms: float) -> float:
+        return self.ms if self.ms is not None else (self.fraction or 1.0) * original_ms
+
+
+def parse_latency_target(text: str, invalid: Any) -> LatencyTarget:
+    """A latency target from its spec text; ``invalid(option, value, expected)`` builds the error."""
+    raw = text.strip().lower()
+    try:
+        if raw.endswith("ms"):
+            ms = float(raw[:-2])
+            if ms > 0:
+                return LatencyTarget(ms=ms)
+        else:
+            fraction = float(raw)
+            if 0 < fraction <= 1:
+                return LatencyTarget(fraction=fraction)
+    except ValueError:
+        pass
+    raise invalid("target-latency", text, "a fraction of the original's predicted latency in (0, 1], or N ms (8ms)")
+
+
+@dataclass
+class _LatencyTimer:
+    """The original graph's prediction on one runtime, and the means to predict pruned copies."""
+
+    profile: Any  # cost_model.device.RuntimeProfile
+    original: Any  # cost_model.latency.LatencyPrediction
+    threads: int
+    where: str
+
+    @staticmethod
+    def for_graph(graph: Graph, runtime: str, ctx: PassContext) -> _LatencyTimer:
+        """Measure what the cached device profile lacks for ``graph`` (with width sweeps) and predict it."""
+        from slimfx.backends.profiler import default_profile, measure_layers
+        from slimfx.cost_model.device import save_profile
+        from slimfx.cost_model.latency import predict
+
+        threads = torch.get_num_threads()
+        device = default_profile([runtime], threads, ctx.progress)
+        profile = device.runtime(runtime)
+        if measure_layers(graph, profile, threads, sweep=True, progress=ctx.progress).measured and device.path:
+            save_profile(device, device.path)
+        where = f"batch {graph.example_inputs[0].shape[0] if graph.example_inputs else 1}, {threads} threads"
+        return _LatencyTimer(profile, predict(graph, profile, threads), threads, where)
+
+    @property
+    def channel_step(self) -> int:
+        return max(int(self.profile.channel_step), 1)
+
+    def layer_ms(self, analysis: ChannelAnalysis) -> dict[str, float]:
+        """Predicted ms per analysed layer: each kernel's time on the first of its nodes that is an
+        analysed layer (a conv with its fused BatchNorm and ReLU: all on the conv)."""
+        found: dict[str, float] = {}
+        for kernel in self.original.kernels:
+            owner = next((name for name in kernel.kernel.nodes if name in analysis.layers), None)
+            if owner is not None:
+                found[owner] = found.get(owner, 0.0) + kernel.ms
+        return found
+
+    def predict_pruned(self, graph: Graph, modules: dict, arguments: list) -> float:
+        """The predicted ms of ``graph`` with these edits, on a copy (nothing new is measured)."""
+        from slimfx.cost_model.latency import predict
+
+        trial = snapshot(graph)
+        with Rewriter(trial, "prune-channels (trial)") as rewriter:
+            for layer_node, module in modules.items():
+                rewriter.replace_module(trial.node(layer_node), module)
+            for literal, value in arguments:
+                rewriter.set_argument(trial.node(literal.node), literal.position, literal.keyword, value)
+        ensure_costs(trial)
+        return predict(trial, self.profile, self.threads).total_ms

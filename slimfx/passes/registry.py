@@ -103,13 +103,25 @@ def make_pass(name: str, options: dict[str, str]) -> Pass:
 
 
 def convert(pass_name: str, option: str, raw: str, kind: Any) -> Any:
-    """Convert ``raw`` to ``kind`` (bool, int, float, str, Literal, tuple[str, ...], X | None)."""
+    """Convert ``raw`` to ``kind`` (bool, int, float, str, Literal, tuple[str, ...], X | None,
+    and unions such as ``int | Literal["auto"]``, whose members are tried in order)."""
     origin, args = typing.get_origin(kind), typing.get_args(kind)
     if origin in (Union, types.UnionType):
         if raw.lower() == "none" and type(None) in args:
             return None
-        (inner,) = [a for a in args if a is not type(None)]
-        return convert(pass_name, option, raw, inner)
+        inner = [a for a in args if a is not type(None)]
+        for member in inner[:-1]:
+            try:
+                return convert(pass_name, option, raw, member)
+            except PassSpecError:
+                continue
+        try:
+            return convert(pass_name, option, raw, inner[-1])
+        except PassSpecError:
+            if len(inner) == 1:
+                raise
+            expected = " or ".join(type_text(a) for a in inner)
+            raise PassSpecError(f"{pass_name}: invalid value {raw!r} for '{option}'; expected {expected}") from None
     if origin is Literal:
         if raw not in args:
             raise PassSpecError(

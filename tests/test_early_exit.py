@@ -228,3 +228,20 @@ def test_early_exit_models_save_and_load_in_the_safe_format(passes: str, tmp_pat
         got, exits = loaded(x_test, return_exits=True)
     assert torch.equal(exits, expected_exits)
     torch.testing.assert_close(got, expected, rtol=0, atol=0)
+
+
+def test_exits_placed_by_predicted_latency_report_the_expected_latency() -> None:
+    from slimfx.exits.plan import expected_stage_rows
+    from slimfx.report.tables import render_compile
+
+    assert expected_stage_rows(64, [0.5, 0.25]) == (64, 32, 16)
+    assert expected_stage_rows(8, [1.0]) == (8, 1)  # a stage always runs on at least one row
+    model = trained_cnn()
+    x_test, _ = split()["test"]
+    result = compile(model, x_test[:32], "add-exits:exits=2,runtime=torch,epochs=20", calib_data=calibration())
+    latency = result.report.exits.latency
+    assert latency is not None and latency.runtime == "torch" and latency.batch == 32
+    assert latency.stage_rows[0] == 32 and list(latency.stage_rows) == sorted(latency.stage_rows, reverse=True)
+    assert latency.expected_ms > 0 and latency.speedup == pytest.approx(latency.full_ms / latency.expected_ms)
+    assert "predicted on torch, batch 32" in render_compile(result.report)
+    assert result.report.to_dict()["exits"]["latency"]["expected_latency_speedup"] == pytest.approx(latency.speedup)

@@ -24,6 +24,32 @@ class ExitStat(Details):
 
 
 @dataclass(frozen=True)
+class ExitLatency(Details):
+    """Predicted latency of one batch: the full model's, and the expected one when rows leave at
+    the exits' held-out shares (each stage predicted at the rows that reach it)."""
+
+    runtime: str
+    batch: int
+    full_ms: float
+    expected_ms: float
+    stage_rows: tuple[int, ...]  # rows each stage runs on: the batch, then what is left after each exit
+
+    @property
+    def speedup(self) -> float | None:
+        return self.full_ms / self.expected_ms if self.expected_ms > 0 else None
+
+
+def expected_stage_rows(batch: int, shares: list[float]) -> tuple[int, ...]:
+    """Rows each stage runs on when ``shares`` of the rows leave at the exits before it (at
+    least one row, the batch at most)."""
+    rows, left = [batch], 1.0
+    for share in shares:
+        left -= share
+        rows.append(max(1, min(batch, round(batch * max(left, 0.0)))))
+    return tuple(rows)
+
+
+@dataclass(frozen=True)
 class ExitPlan:
     """What the runtime needs (cut nodes, heads, thresholds) and what the report shows."""
 
@@ -37,6 +63,7 @@ class ExitPlan:
     expected_macs_per_sample: float
     agreement: float
     losses: tuple[float, ...] = ()
+    latency: ExitLatency | None = None  # with add-exits:runtime=R: predicted, at the rows each stage sees
 
     @property
     def head_macs_per_sample(self) -> int:
@@ -55,4 +82,7 @@ class ExitPlan:
             "expected_mac_speedup": self.expected_mac_speedup,
             "agreement": self.agreement,
             "training_losses": list(self.losses),
+            "latency": None
+            if self.latency is None
+            else {**self.latency.to_dict(), "expected_latency_speedup": self.latency.speedup},
         }

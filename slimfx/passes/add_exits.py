@@ -11,7 +11,8 @@ manager builds the runtime that really exits (``backends.early_exit``) and verif
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import copy
+from dataclasses import dataclass, replace
 from typing import Literal
 
 import torch
@@ -19,9 +20,10 @@ import torch.fx as fx
 import torch.nn as nn
 
 from slimfx.cost_model.counts import ensure_costs
+from slimfx.cost_model.latency import PredictedRuntime
 from slimfx.errors import DataError, PassSpecError
 from slimfx.exits.heads import head_macs, make_head
-from slimfx.exits.plan import ExitPlan, ExitStat
+from slimfx.exits.plan import ExitLatency, ExitPlan, ExitStat, expected_stage_rows
 from slimfx.exits.thresholds import choose_thresholds, prediction_entropy
 from slimfx.ir.dominators import output_dominators
 from slimfx.ir.graph import Graph
@@ -50,6 +52,8 @@ class AddExits(Pass):
         "agreement": "share of held-out rows each exit must agree on with the full model's top-1",
         "joint": "BranchyNet: train backbone and heads together on labels (needs labelled calibration data)",
         "holdout": "share of the calibration rows kept aside to choose the thresholds",
+        "runtime": "place exits by latency predicted on this runtime (this machine's device profile) instead of "
+        "MACs, and report the expected latency at the rows each stage sees; none: by MACs",
     }
     runs_after = {
         "prune-channels": "exits cut the final graph, so structural passes come first",
@@ -67,6 +71,7 @@ class AddExits(Pass):
     agreement: float = 0.99
     joint: bool = False
     holdout: float = 0.3
+    runtime: PredictedRuntime | None = None
 
     def __post_init__(self) -> None:
         if self.exits < 1:
@@ -93,7 +98,9 @@ class AddExits(Pass):
             return PassResult(
                 False, (Decision("output", Action.DECLINED, "the model must return one tensor of class scores"),)
             )
-        cuts, decisions = self._cuts(graph)
+        timer = _StageTimer(graph, self.runtime, ctx) if self.runtime is not None else None
+        cumulative = timer.cumulative(graph) if timer is not None else _cumulative_macs(graph)
+        cuts, decisions = self._cuts(graph, cumulative)
         if not cuts:
             reason = (
                 "no node dominates the output with work left after it: every path branches, "
@@ -130,6 +137,8 @@ class AddExits(Pass):
             )
         heads.eval()
         plan = self._plan(graph, extractor, heads, cuts, inputs[held], None if labels is None else labels[held], losses)
+        if timer is not None:
+            plan = replace(plan, latency=timer.expected(graph, cuts, [s.share for s in plan.stats]))
         for stat in plan.stats:
             decisions.append(
                 Decision(
@@ -162,11 +171,13 @@ class AddExits(Pass):
         return inputs, (torch.cat(ys) if len(ys) == len(xs) else None)
 
     # -- where ---------------------------------------------------------------------------------
-    def _cuts(self, graph: Graph) -> tuple[list[str], list[Decision]]:
+    def _cuts(self, graph: Graph, cumulative: dict[str, float]) -> tuple[list[str], list[Decision]]:
+        """Exit points: the ``at`` modules, or ``exits`` cuts spread evenly over ``cumulative``
+        (MACs, or predicted ms, up to each node)."""
         dominators = [n for n in output_dominators(graph) if self._usable(graph, n)]
-        cumulative = _cumulative_macs(graph)
-        total = max(cumulative[graph.output_node().name], 1)
-        candidates = [n for n in dominators if cumulative[n.name] < total]  # work left after it
+        macs = _cumulative_macs(graph)
+        total = max(cumulative[graph.output_node().name], 1e-12)
+        candidates = [n for n in dominators if macs[n.name] < macs[graph.output_node().name]]  # work left after it
         decisions: list[Decision] = []
         if self.at:
             chosen = []
@@ -188,7 +199,7 @@ class AddExits(Pass):
         block_ends = [
             n
             for i, n in enumerate(candidates)
-            if i + 1 == len(candidates) or cumulative[candidates[i + 1].name] > cumulative[n.name]
+            if i + 1 == len(candidates) or macs[candidates[i + 1].name] > macs[n.name]
         ]
         chosen = []
         for i in range(1, self.exits + 1):
@@ -295,3 +306,67 @@ def _cumulative_macs(graph: Graph) -> dict[str, int]:
         running += cost.cost.macs if cost is not None else 0
         result[node.name] = running
     return result
+
+
+class _StageTimer:
+    """Predicted latency of the graph's stages on one runtime, at any number of rows."""
+
+    def __init__(self, graph: Graph, runtime: str, ctx: PassContext):
+        from slimfx.backends.profiler import default_profile
+
+        self.runtime, self.ctx, self.threads = runtime, ctx, torch.get_num_threads()
+        self.device = default_profile([runtime], self.threads, ctx.progress)
+        self.profile = self.device.runtime(runtime)
+
+    def node_ms(self, graph: Graph) -> dict[str, float]:
+        """Each node's predicted ms (a kernel's time on its first node), measuring what the profile lacks."""
+        from slimfx.backends.profiler import measure_layers
+        from slimfx.cost_model.device import save_profile
+        from slimfx.cost_model.latency import predict
+
+        if measure_layers(graph, self.profile, self.threads, progress=self.ctx.progress).measured and self.device.path:
+            save_profile(self.device, self.device.path)
+        return predict(graph, self.profile, self.threads).node_ms()
+
+    def cumulative(self, graph: Graph) -> dict[str, float]:
+        """Predicted ms of every node up to and including each node, in graph order."""
+        per_node, running, result = self.node_ms(graph), 0.0, {}
+        for node in graph.nodes():
+            running += per_node.get(node.name, 0.0)
+            result[node.name] = running
+        return result
+
+    def expected(self, graph: Graph, cuts: list[str], shares: list[float]) -> ExitLatency:
+        """The full batch's predicted time, and the expected one: stage k predicted at the rows
+        left after exit k (the exit heads' own time is left out: a pool and a linear layer)."""
+        batch = int(graph.example_inputs[0].shape[0])
+        rows = expected_stage_rows(batch, shares)
+        boundaries = [*cuts, graph.output_node().name]
+        full = self._stage_ms(graph, batch, boundaries)
+        expected = sum(self._stage_ms(graph, n, boundaries)[k] for k, n in enumerate(rows))
+        return ExitLatency(self.runtime, batch, sum(full), expected, rows)
+
+    def _stage_ms(self, graph: Graph, rows: int, boundaries: list[str]) -> list[float]:
+        """Predicted ms of each stage (up to each boundary node) with ``rows`` rows."""
+        at = graph if rows == graph.example_inputs[0].shape[0] else _at_rows(graph, rows)
+        per_node = self.node_ms(at)
+        stages, current = [0.0] * len(boundaries), 0
+        for node in at.nodes():
+            stages[current] += per_node.get(node.name, 0.0)
+            if current < len(boundaries) - 1 and node.name == boundaries[current]:
+                current += 1
+        stages[-1] += self.profile.roofline.call_overhead_ms
+        return stages
+
+
+def _at_rows(graph: Graph, rows: int) -> Graph:
+    """A copy of the graph with ``rows`` rows in its example inputs, shapes propagated (a copy:
+    the annotations live on the nodes)."""
+    from slimfx.ir.shapes import ensure_shapes
+
+    resized = Graph(
+        copy.deepcopy(graph.module), tuple(x[:rows] for x in graph.example_inputs), graph.opaque, graph.fixed_shapes
+    )
+    resized.taken_layers = graph.taken_layers
+    ensure_shapes(resized)
+    return resized

@@ -290,11 +290,18 @@ def _exits_text(plan: ExitPlan, tablefmt: str) -> str:
         tablefmt=tablefmt,
         disable_numparse=True,
     )
+    latency = ""
+    if plan.latency is not None:
+        lat = plan.latency
+        latency = (
+            f"predicted on {lat.runtime}, batch {lat.batch}: expected {lat.expected_ms:.3f} ms vs {lat.full_ms:.3f} ms "
+            f"for the full model ({lat.speedup:.2f}x; stages run on {', '.join(map(str, lat.stage_rows))} rows)\n"
+        )
     return (
         f"early exits: expected {si(plan.expected_macs_per_sample, 'MACs')} per sample vs "
         f"{si(plan.full_macs_per_sample, 'MACs')} for the full model "
         f"({plan.expected_mac_speedup:.2f}x); agreement with the full model {plan.agreement:.4f} on held-out rows\n"
-        f"{table}\n"
+        f"{latency}{table}\n"
     )
 
 

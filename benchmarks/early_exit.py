@@ -7,7 +7,9 @@ on the digits upsampled to 32x32 (3 channels). For each: exit distribution on th
 digits, agreement with the full model, accuracy of both, expected MAC speedup (counted, heads
 included) and measured latency speedup of the early-exit runtime over the original model
 (torch eager fp32) at batch 1 (every test digit on its own, runtime and original interleaved)
-and batch 64 (median of interleaved rounds per batch, summed over the test set).
+and batch 64 (median of interleaved rounds per batch, summed over the test set). Each model
+twice: exits spread by MACs, and by latency predicted in torch eager (``runtime=torch``), whose
+plan also predicts the expected batch-64 latency speedup (each stage at the rows that reach it).
 """
 
 from __future__ import annotations
@@ -62,6 +64,9 @@ def batch_64_ms(a: torch.nn.Module, b: torch.nn.Module, x: torch.Tensor, repeats
     return total["a"], total["b"]
 
 
+PLACEMENTS = (("", ""), (", by latency", ",runtime=torch"))  # exits spread by MACs, or by predicted eager time
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--repeats", type=int, default=7)
@@ -70,15 +75,16 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore")
     cnn_data = split()
-    cases = [("digits CNN (8x8)", trained_cnn(), cnn_data, "add-exits:exits=2")]
+    cnn = trained_cnn()
+    cases = [(f"digits CNN (8x8){by}", cnn, cnn_data, f"add-exits:exits=2{opt}") for by, opt in PLACEMENTS]
     model, data = resnet18_on_digits()
-    cases.append(("resnet18 (digits 32x32)", model, data, "add-exits:exits=3"))
+    cases += [(f"resnet18 (digits 32x32){by}", model, data, f"add-exits:exits=3{opt}") for by, opt in PLACEMENTS]
     rows = []
     for label, model, data, spec in cases:
         x_calib, _ = data["calib"]
         x_test, y_test = data["test"]
         start = time.perf_counter()
-        result = slimfx.compile(model, x_calib[:2], spec, calib_data=list(x_calib.split(50)))
+        result = slimfx.compile(model, x_calib[:64], spec, calib_data=list(x_calib.split(50)))
         seconds = time.perf_counter() - start
         runtime = result.module
         with torch.no_grad():
@@ -93,6 +99,7 @@ def main() -> None:
         one_orig, one_exit = batch_one_ms(model, runtime, x_test)
         big_orig, big_exit = batch_64_ms(model, runtime, x_test, args.repeats)
         speedup64 = big_orig / big_exit
+        predicted = plan.latency.speedup if plan.latency is not None else None
         rows.append(
             [
                 label,
@@ -104,6 +111,8 @@ def main() -> None:
                 f"{one_orig / one_exit:.2f}x ({one_orig:.2f} -> {one_exit:.2f} ms)",
                 f"{speedup64:.2f}x ({big_orig:.1f} -> {big_exit:.1f} ms)",
                 f"{speedup64 / mac_speedup:.2f}",
+                "-" if predicted is None else f"{predicted:.2f}x",
+                "-" if predicted is None else f"{speedup64 / predicted:.2f}",
                 f"{seconds:.1f}",
             ]
         )
@@ -125,6 +134,8 @@ def main() -> None:
                 "batch 1 speedup",
                 "batch 64 speedup (test set)",
                 "batch-64 speedup / MAC speedup",
+                "expected latency speedup (predicted, batch 64)",
+                "batch-64 speedup / predicted",
                 "compile s",
             ],
             tablefmt="github",

@@ -46,6 +46,11 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--models", nargs="*", default=MODELS)
+    parser.add_argument(
+        "--runtime",
+        help="also pass runtime=R: factorizations predicted no faster on R are declined, and the predicted "
+        "batch-1 speedup (R's device profile) is shown beside the measured one",
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore")
@@ -54,17 +59,23 @@ def main() -> None:
         torch.manual_seed(0)  # the same random-init weights on every run
         model, shape, methods = model_and_methods(name)
         x = torch.randn(1, *shape)
-        before = slimfx.analyze(model, x).totals
+        analysed = slimfx.analyze(model, x, runtime=args.runtime)
+        before = analysed.totals
+        predicted: dict[str, float] = {}
+        extra = f",runtime={args.runtime}" if args.runtime else ""
         variants, info = {"original": model}, {}
         for method in methods:
             start = time.perf_counter()
-            result = slimfx.compile(model, x, f"factorize-convs:method={method},target-macs={args.target}")
+            result = slimfx.compile(model, x, f"factorize-convs:method={method},target-macs={args.target}{extra}")
             seconds = time.perf_counter() - start
             test = torch.randn(4, *shape)
             with torch.no_grad():
                 expected = model(test)
                 error = float((result.module(test) - expected).norm() / expected.norm())
             variants[method] = result.module
+            if args.runtime and analysed.prediction is not None:
+                after_prediction = slimfx.analyze(result.module, x, runtime=args.runtime).prediction
+                predicted[method] = analysed.prediction.total_ms / after_prediction.total_ms
             info[method] = (seconds, result.report.after.totals, error, result.report.passes[0].warnings)
             print(f"compiled {name} {method} in {seconds:.1f} s", flush=True)
         latency = {b: interleaved_latency_ms(variants, torch.randn(b, *shape), args.repeats) for b in (1, 8)}
@@ -84,6 +95,7 @@ def main() -> None:
                     f"{mac_reduction:.2f}x",
                     speedup_text(latency[1]["original"], latency[1][method]),
                     speedup_text(latency[8]["original"], latency[8][method]),
+                    *([f"{predicted[method]:.2f}x"] if method in predicted else []),
                 ]
             )
     print(
@@ -103,6 +115,7 @@ def main() -> None:
                 "MAC reduction",
                 "speedup batch 1",
                 "speedup batch 8",
+                *([f"predicted speedup batch 1 ({args.runtime})"] if args.runtime else []),
             ],
             tablefmt="github",
         )

@@ -83,7 +83,9 @@ def test_staircase_interpolates_between_measured_points() -> None:
     assert staircase_ms(sweep, 2048.0) == pytest.approx(1.5)
     assert staircase_ms(sweep, 3072.0) == pytest.approx(2.5)
     assert staircase_ms(sweep, 512.0) == pytest.approx(0.5)  # proportional below the first point
-    assert staircase_ms(sweep, 8192.0) == pytest.approx(7.5)  # along the last segment above
+    assert staircase_ms(sweep, 8192.0) == pytest.approx(7.0)  # proportional above the last point
+    falling = [(1024.0, 2.0), (2048.0, 1.0)]  # noise: the wider measured faster
+    assert staircase_ms(falling, 1e6) > 0  # never extrapolated along a falling slope
     with pytest.raises(ValueError):
         staircase_ms([], 1.0)
 

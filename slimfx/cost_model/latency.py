@@ -166,20 +166,21 @@ def roofline_ms(cost: Cost, op_class: OpClass, roofline: Roofline) -> float:
 
 
 def staircase_ms(sweep: Sequence[tuple[float, float]], work: float) -> float:
-    """Latency at padded ``work`` read off a measured sweep of (padded work, ms) points:
-    linear between points, proportional below the first, along the last segment above the last.
-    Padding the work to the channel step beforehand is what makes it a staircase."""
+    """Latency at padded ``work`` (or channels) read off a measured sweep of (work, ms) points:
+    linear between points, proportional to the work below the first and above the last (never
+    along a segment's slope, which noise can make negative). Padding the work to the channel
+    step beforehand is what makes it a staircase."""
     points = sorted(sweep)
     if not points:
         raise ValueError("an empty sweep has no latency to read")
-    if len(points) == 1 or work <= points[0][0]:
-        first_work, first_ms = points[0]
-        return first_ms * work / first_work if work < first_work else first_ms
+    first_work, first_ms = points[0]
+    if work <= first_work:
+        return first_ms * work / first_work if first_work > 0 else first_ms
     for (w0, t0), (w1, t1) in zip(points, points[1:]):
         if work <= w1:
             return t0 + (t1 - t0) * (work - w0) / (w1 - w0) if w1 > w0 else t1
-    (w0, t0), (w1, t1) = points[-2], points[-1]
-    return t1 + (t1 - t0) * (work - w1) / (w1 - w0) if w1 > w0 else t1
+    last_work, last_ms = points[-1]
+    return last_ms * work / last_work if last_work > 0 else last_ms
 
 
 def find_channel_step(widths: Sequence[int], ms: Sequence[float], tolerance: float = 0.04) -> int:
@@ -215,10 +216,13 @@ def table_ms(config: LayerConfig, profile: RuntimeProfile) -> tuple[float, str] 
     step = profile.channel_step
     work = padded_work(config.in_channels, config.out_channels, config.groups, step)
 
-    def distance(timing: LayerTiming) -> float:
-        return abs(padded_work(timing.in_channels, timing.out_channels, timing.groups, step) - work)
+    def distance(timing: LayerTiming) -> tuple[bool, float]:
+        """Layers at least as wide first (read between their points, not beyond), then the nearest."""
+        wider = timing.in_channels >= config.in_channels and timing.out_channels >= config.out_channels
+        return (not wider, abs(padded_work(timing.in_channels, timing.out_channels, timing.groups, step) - work))
 
-    return swept_ms(min(swept, key=distance), config.in_channels, config.out_channels, step), "sweep"
+    ms = swept_ms(min(swept, key=distance), config.in_channels, config.out_channels, step)
+    return max(ms, profile.roofline.kernel_overhead_ms), "sweep"
 
 
 def swept_ms(timing: LayerTiming, in_channels: int, out_channels: int, step: int) -> float:

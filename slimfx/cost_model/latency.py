@@ -13,6 +13,7 @@ functions of a graph with current costs and a ``RuntimeProfile``: measuring is i
 from __future__ import annotations
 
 import json
+import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
@@ -183,11 +184,13 @@ def staircase_ms(sweep: Sequence[tuple[float, float]], work: float) -> float:
     return last_ms * work / last_work if last_work > 0 else last_ms
 
 
-def find_channel_step(widths: Sequence[int], ms: Sequence[float], tolerance: float = 0.04) -> int:
+def find_channel_step(widths: Sequence[int], ms: Sequence[float], flatness: float = 0.15) -> int:
     """The channel step of a kernel from latencies measured at evenly spaced widths: the
-    largest of 4, 8, 16, 32, 64 whose plateaus (widths rounding up to the same multiple) are
-    each flat within ``tolerance``, with a rise between consecutive plateaus; 1 when none is
-    (latency then grows with every channel, or the widths are too far apart to tell)."""
+    largest of 4, 8, 16, 32, 64 whose plateaus (widths rounding up to the same multiple) rise
+    one after another while the points stray from their plateau's median, typically (the
+    median deviation: one slow run does not count), by at most ``flatness`` times the typical
+    rise between plateaus; 1 when none does (latency then grows with every channel, or the
+    widths are too far apart to tell)."""
     by_width = dict(zip(widths, ms))
     best = 1
     for step in (4, 8, 16, 32, 64):
@@ -195,11 +198,12 @@ def find_channel_step(widths: Sequence[int], ms: Sequence[float], tolerance: flo
         for width, value in sorted(by_width.items()):
             plateaus.setdefault(-(-width // step), []).append(value)
         groups = [plateaus[k] for k in sorted(plateaus)]
-        if not any(len(values) > 1 for values in groups):
-            continue  # the widths are at least a step apart: nothing to see at this step
-        flat = all(max(v) - min(v) <= tolerance * min(v) for v in groups)
-        rises = all(min(after) - max(before) > tolerance * max(before) for before, after in zip(groups, groups[1:]))
-        if flat and rises and len(groups) > 1:
+        if len(groups) < 2 or not any(len(values) > 1 for values in groups):
+            continue  # the widths are at least a step apart, or all on one plateau: nothing to see
+        medians = [statistics.median(values) for values in groups]
+        rises = [after - before for before, after in zip(medians, medians[1:])]
+        stray = statistics.median(abs(v - m) for values, m in zip(groups, medians) for v in values)
+        if min(rises) > 0 and stray <= flatness * statistics.median(rises):
             best = step
     return best
 

@@ -16,7 +16,8 @@ from typing import Any, Literal
 import torch
 
 from slimfx.cost_model.counts import ensure_costs, total_cost
-from slimfx.cost_model.latency import PredictedRuntime
+from slimfx.cost_model.device import RuntimeProfile, save_profile
+from slimfx.cost_model.latency import LatencyPrediction, PredictedRuntime, predict
 from slimfx.cost_model.planner import Item, Option, allocate
 from slimfx.details import Details
 from slimfx.ir.channels import ChannelAnalysis, ChannelGroup, LiteralArgument, analyze_channels
@@ -542,8 +543,8 @@ def parse_latency_target(text: str, invalid: Any) -> LatencyTarget:
 class _LatencyTimer:
     """The original graph's prediction on one runtime, and the means to predict pruned copies."""
 
-    profile: Any  # cost_model.device.RuntimeProfile
-    original: Any  # cost_model.latency.LatencyPrediction
+    profile: RuntimeProfile
+    original: LatencyPrediction
     threads: int
     where: str
 
@@ -551,8 +552,6 @@ class _LatencyTimer:
     def for_graph(graph: Graph, runtime: str, ctx: PassContext) -> _LatencyTimer:
         """Measure what the cached device profile lacks for ``graph`` (with width sweeps) and predict it."""
         from slimfx.backends.profiler import default_profile, measure_layers
-        from slimfx.cost_model.device import save_profile
-        from slimfx.cost_model.latency import predict
 
         threads = torch.get_num_threads()
         device = default_profile([runtime], threads, ctx.progress)
@@ -578,8 +577,6 @@ class _LatencyTimer:
 
     def predict_pruned(self, graph: Graph, modules: dict, arguments: list) -> float:
         """The predicted ms of ``graph`` with these edits, on a copy (nothing new is measured)."""
-        from slimfx.cost_model.latency import predict
-
         trial = snapshot(graph)
         with Rewriter(trial, "prune-channels (trial)") as rewriter:
             for layer_node, module in modules.items():

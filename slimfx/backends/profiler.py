@@ -575,6 +575,44 @@ def checked_profile(path: str | Path, runtimes: Sequence[str], threads: int | No
     return profile
 
 
+@dataclass
+class ProfiledRuntime:
+    """One runtime's profile within its device profile: what predicting on it needs, and the
+    one place that measures what it lacks and keeps the new timings in the profile's file."""
+
+    device: DeviceProfile
+    profile: RuntimeProfile
+    threads: int
+
+    @staticmethod
+    def open(
+        runtime: str, profile_file: str | Path | None = None, threads: int | None = None, progress: Progress = None
+    ) -> ProfiledRuntime:
+        """``profile_file`` (refused when it was made elsewhere or lacks ``runtime``), or the cached
+        default profile of this machine (made on first use)."""
+        threads = threads or torch.get_num_threads()
+        if profile_file is not None:
+            device = checked_profile(profile_file, [runtime], threads)
+        else:
+            device = default_profile([runtime], threads, progress)
+        return ProfiledRuntime(device, device.runtime(runtime), threads)
+
+    def fill(self, graph: Graph, sweep: bool = False, progress: Progress = None) -> TableFill:
+        """Measure the kernels of ``graph`` the profile lacks (``measure_layers``) and keep them."""
+        filled = measure_layers(graph, self.profile, self.threads, sweep=sweep, progress=progress)
+        if filled.measured:
+            self.keep()
+        return filled
+
+    def keep(self) -> None:
+        """Save the device profile back to its file (one held in memory only stays there)."""
+        if self.device.path is not None:
+            save_profile(self.device, self.device.path)
+
+    def predict(self, graph: Graph) -> LatencyPrediction:
+        return predict(graph, self.profile, self.threads, str(self.device.path) if self.device.path else None)
+
+
 def predict_latency(
     graph: Graph,
     runtime: str,
@@ -586,16 +624,9 @@ def predict_latency(
     """``graph``'s predicted latency on ``runtime``: from ``profile_file`` (refused when it was
     made elsewhere) or the cached default profile (made on first use), after measuring the
     kernels of ``graph`` it lacks; the new timings are saved back into that profile."""
-    threads = threads or torch.get_num_threads()
-    if profile_file is not None:
-        profile = checked_profile(profile_file, [runtime], threads)
-    else:
-        profile = default_profile([runtime], threads, progress)
-    runtime_profile = profile.runtime(runtime)
-    fill = measure_layers(graph, runtime_profile, threads, sweep=sweep, progress=progress)
-    if fill.measured and profile.path is not None:
-        save_profile(profile, profile.path)
-    return predict(graph, runtime_profile, threads, str(profile.path) if profile.path else None)
+    profiled = ProfiledRuntime.open(runtime, profile_file, threads, progress)
+    profiled.fill(graph, sweep, progress)
+    return profiled.predict(graph)
 
 
 def check_prediction_runtime(runtime: str, profile: str | Path | None) -> None:
@@ -617,9 +648,8 @@ def sequence_ms(
     """Predicted ms of conv and linear ``layers`` run one after another on an input of
     ``in_shape`` (each alone, from the cached default profile's tables, measuring and keeping
     what it lacks); None when one of them is neither a conv nor a linear layer."""
-    threads = torch.get_num_threads()
-    device = default_profile([runtime], threads, progress)
-    profile = device.runtime(runtime)
+    profiled = ProfiledRuntime.open(runtime, progress=progress)
+    profile = profiled.profile
     configs = []
     shape = in_shape
     with torch.no_grad():
@@ -631,13 +661,12 @@ def sequence_ms(
             shape = tuple(layer(torch.zeros(shape)).shape)
     missing = [c for c in dict.fromkeys(configs) if c.key() not in profile.tables]
     if missing:
-        bench = Bench(runtime, threads)
+        bench = Bench(runtime, profiled.threads)
         bench.call_overhead_ms = profile.roofline.call_overhead_ms
         try:
             for config in missing:
                 profile.tables[config.key()] = _layer_timing(bench, config, profile, sweep=False)
         finally:
             bench.close()
-        if device.path is not None:
-            save_profile(device, device.path)
+        profiled.keep()
     return sum(profile.tables[c.key()].ms for c in configs)

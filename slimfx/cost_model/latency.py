@@ -209,8 +209,9 @@ def find_channel_step(widths: Sequence[int], ms: Sequence[float], flatness: floa
 
 
 def table_ms(config: LayerConfig, profile: RuntimeProfile) -> tuple[float, str] | None:
-    """A conv or linear kernel's ms from the profile's tables: the exact configuration, else
-    a measured width sweep of the same layer read at this layer's padded work; None when neither."""
+    """A conv or linear kernel's ms from the profile's tables: the exact configuration, else the
+    width sweeps of the same layer (``swept_ms``, of a layer at least as wide where there is one);
+    None when neither."""
     exact = profile.tables.get(config.key())
     if exact is not None:
         return exact.ms, "table"

@@ -19,6 +19,7 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
+from slimfx.backends.profiler import ProfiledRuntime
 from slimfx.cost_model.counts import ensure_costs
 from slimfx.cost_model.latency import PredictedRuntime
 from slimfx.errors import DataError, PassSpecError
@@ -312,21 +313,13 @@ class _StageTimer:
     """Predicted latency of the graph's stages on one runtime, at any number of rows."""
 
     def __init__(self, graph: Graph, runtime: str, ctx: PassContext):
-        from slimfx.backends.profiler import default_profile
-
-        self.runtime, self.ctx, self.threads = runtime, ctx, torch.get_num_threads()
-        self.device = default_profile([runtime], self.threads, ctx.progress)
-        self.profile = self.device.runtime(runtime)
+        self.runtime, self.ctx = runtime, ctx
+        self.profiled = ProfiledRuntime.open(runtime, progress=ctx.progress)
 
     def node_ms(self, graph: Graph) -> dict[str, float]:
         """Each node's predicted ms (a kernel's time on its first node), measuring what the profile lacks."""
-        from slimfx.backends.profiler import measure_layers
-        from slimfx.cost_model.device import save_profile
-        from slimfx.cost_model.latency import predict
-
-        if measure_layers(graph, self.profile, self.threads, progress=self.ctx.progress).measured and self.device.path:
-            save_profile(self.device, self.device.path)
-        return predict(graph, self.profile, self.threads).node_ms()
+        self.profiled.fill(graph, progress=self.ctx.progress)
+        return self.profiled.predict(graph).node_ms()
 
     def cumulative(self, graph: Graph) -> dict[str, float]:
         """Predicted ms of every node up to and including each node, in graph order."""
@@ -355,7 +348,7 @@ class _StageTimer:
             stages[current] += per_node.get(node.name, 0.0)
             if current < len(boundaries) - 1 and node.name == boundaries[current]:
                 current += 1
-        stages[-1] += self.profile.roofline.call_overhead_ms
+        stages[-1] += self.profiled.profile.roofline.call_overhead_ms
         return stages
 
 

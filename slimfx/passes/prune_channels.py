@@ -15,9 +15,9 @@ from typing import Any, Literal
 
 import torch
 
+from slimfx.backends.profiler import ProfiledRuntime
 from slimfx.cost_model.counts import ensure_costs, total_cost
-from slimfx.cost_model.device import RuntimeProfile, save_profile
-from slimfx.cost_model.latency import LatencyPrediction, PredictedRuntime, predict
+from slimfx.cost_model.latency import LatencyPrediction, PredictedRuntime
 from slimfx.cost_model.planner import Item, Option, allocate
 from slimfx.details import Details
 from slimfx.ir.channels import ChannelAnalysis, ChannelGroup, LiteralArgument, analyze_channels
@@ -543,27 +543,21 @@ def parse_latency_target(text: str, invalid: Any) -> LatencyTarget:
 class _LatencyTimer:
     """The original graph's prediction on one runtime, and the means to predict pruned copies."""
 
-    profile: RuntimeProfile
+    profiled: ProfiledRuntime
     original: LatencyPrediction
-    threads: int
     where: str
 
     @staticmethod
     def for_graph(graph: Graph, runtime: str, ctx: PassContext) -> _LatencyTimer:
         """Measure what the cached device profile lacks for ``graph`` (with width sweeps) and predict it."""
-        from slimfx.backends.profiler import default_profile, measure_layers
-
-        threads = torch.get_num_threads()
-        device = default_profile([runtime], threads, ctx.progress)
-        profile = device.runtime(runtime)
-        if measure_layers(graph, profile, threads, sweep=True, progress=ctx.progress).measured and device.path:
-            save_profile(device, device.path)
-        where = f"batch {graph.example_inputs[0].shape[0] if graph.example_inputs else 1}, {threads} threads"
-        return _LatencyTimer(profile, predict(graph, profile, threads), threads, where)
+        profiled = ProfiledRuntime.open(runtime, progress=ctx.progress)
+        profiled.fill(graph, sweep=True, progress=ctx.progress)
+        where = f"batch {graph.example_inputs[0].shape[0] if graph.example_inputs else 1}, {profiled.threads} threads"
+        return _LatencyTimer(profiled, profiled.predict(graph), where)
 
     @property
     def channel_step(self) -> int:
-        return max(int(self.profile.channel_step), 1)
+        return max(int(self.profiled.profile.channel_step), 1)
 
     def layer_ms(self, analysis: ChannelAnalysis) -> dict[str, float]:
         """Predicted ms per analysed layer: each kernel's time on the first of its nodes that is an
@@ -584,4 +578,4 @@ class _LatencyTimer:
             for literal, value in arguments:
                 rewriter.set_argument(trial.node(literal.node), literal.position, literal.keyword, value)
         ensure_costs(trial)
-        return predict(trial, self.profile, self.threads).total_ms
+        return self.profiled.predict(trial).total_ms

@@ -308,7 +308,7 @@ def _rate(bench: Bench, config: LayerConfig, overhead_ms: float) -> float:
 
 
 def measure_runtime(runtime: str, threads: int, progress: Progress = None) -> RuntimeProfile:
-    """The roofline and channel step of one runtime, from micro-benchmarks (about 30 s)."""
+    """The roofline and channel step of one runtime, from micro-benchmarks (a few seconds)."""
     bench = Bench(runtime, threads)
     dtype = "int8" if runtime.endswith("int8") else "fp32"
 

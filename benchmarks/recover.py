@@ -1,21 +1,27 @@
 """Recovery after pruning by half, then int8: no recovery, fine-tune, KD, KD + hints, PTQ vs Apprentice,
 and the peer route (Torch-Pruning + the same fine-tune + onnxruntime's quantize_static).
 
-    python benchmarks/recover.py [--epochs 6] [--threads 2] [--repeats 20] [--models cnn,resnet18]
+    python benchmarks/recover.py [--epochs 6] [--seeds 3] [--threads 2] [--repeats 20] [--rounds 5]
+                                 [--models cnn,resnet18]
 
 Models trained here on scikit-learn's digits: the tests' digits CNN (8x8) and torchvision's
 resnet18 at 32x32. Every route prunes 50% of the channels by filter L1 norm and trains for the
 same number of epochs on the same 810 training digits (90 more held out by slimfx's distill
 to pick the epoch; the peer's fine-tune trains on all 900). The plain fine-tune is distill
 with ``alpha=1,hints=none`` (cross-entropy only), on both slimfx's and Torch-Pruning's model.
-int8 rows run in onnxruntime (accuracy from the exported file); fp32 rows in torch. Latency:
-onnxruntime, each session timed on its own (median), against the original in onnxruntime fp32.
+int8 rows run in onnxruntime (accuracy from the exported file); fp32 rows in torch. The test set
+is 297 digits (one point is 3 digits), so every route runs with ``--seeds`` seeds (the seed of
+its training) and the table gives the mean accuracy and the range. Latency: onnxruntime, the
+first seed's model, each session timed on its own (median), in rounds over all routes (the median
+of the rounds: a load spike on a shared machine hits one round, not one route), against the
+original in onnxruntime fp32.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import statistics
 import sys
 import tempfile
 import time
@@ -47,11 +53,42 @@ class Row:
     train_seconds: float
 
 
+@dataclass
+class Route:
+    """One route over every seed: the first seed's model is timed, accuracy is averaged."""
+
+    route: str
+    accuracies: list[float]
+    macs: int
+    onnx: Path
+    train_seconds: float  # mean over the seeds
+
+    @property
+    def accuracy(self) -> float:
+        return sum(self.accuracies) / len(self.accuracies)
+
+
+def over_seeds(runs: list[list[Row]]) -> list[Route]:
+    """The same routes run with several seeds, merged route by route."""
+    return [
+        Route(
+            same[0].route,
+            [r.accuracy for r in same],
+            same[0].macs,
+            same[0].onnx,
+            sum(r.train_seconds for r in same) / len(same),
+        )
+        for same in zip(*runs)
+    ]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--epochs", type=int, default=6, help="training epochs of every recovery route")
+    parser.add_argument("--seeds", type=int, default=3, help="training seeds of every route; accuracy is their mean")
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--repeats", type=int, default=20, help="timed runs per measurement (median)")
+    parser.add_argument("--rounds", type=int, default=5, help="rounds over all routes; latency is their median")
     parser.add_argument("--models", default="cnn,resnet18")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -63,11 +100,14 @@ def main() -> None:
         cases.append(("resnet18 (digits 32x32)", *resnet18_on_digits(epochs=8)))
     with tempfile.TemporaryDirectory() as folder:
         for label, model, data in cases:
-            rows = routes(model, data, args.epochs, Path(folder) / label.split()[0])
-            print_table(label, rows, data, args.threads, args.repeats)
+            runs = [
+                routes(model, data, args.epochs, Path(folder) / f"{label.split()[0]}-{seed}", seed)
+                for seed in range(args.seeds)
+            ]
+            print_table(label, over_seeds(runs), data, args.threads, args.repeats, args.rounds)
 
 
-def routes(model: torch.nn.Module, data: dict, epochs: int, folder: Path) -> list[Row]:
+def routes(model: torch.nn.Module, data: dict, epochs: int, folder: Path, seed: int) -> list[Row]:
     folder.mkdir(parents=True, exist_ok=True)
     x_train, y_train = data["train"]
     x_test, y_test = data["test"]
@@ -86,22 +126,22 @@ def routes(model: torch.nn.Module, data: dict, epochs: int, folder: Path) -> lis
         ("slimfx prune + KD + hints", f"{PRUNE},{kd_hints}"),
     ]:
         start = time.perf_counter()
-        result = slimfx.compile(model, example, spec, train_data=train)
+        result = slimfx.compile(model, example, spec, train_data=train, seed=seed)
         rows.append(torch_row(route, result.module, example, x_test, y_test, folder, time.perf_counter() - start))
     for route, spec in [
         ("slimfx KD + hints, int8 (PTQ)", f"{PRUNE},{kd_hints},{INT8}"),
         ("slimfx KD + hints, int8 + Apprentice", f"{PRUNE},{kd_hints},{INT8},{apprentice}"),
     ]:
         start = time.perf_counter()
-        result = slimfx.compile(model, example, spec, train_data=train, calib_data=calib)
+        result = slimfx.compile(model, example, spec, train_data=train, calib_data=calib, seed=seed)
         seconds = time.perf_counter() - start
         path = result.export_onnx(folder / f"{len(rows)}.onnx")
         rows.append(onnx_row(route, path, result.report.after.totals.macs, x_test, y_test, seconds))
-    rows += peer_routes(model, example, train, calib, x_test, y_test, epochs, folder)
+    rows += peer_routes(model, example, train, calib, x_test, y_test, epochs, folder, seed)
     return rows
 
 
-def peer_routes(model, example, train, calib, x_test, y_test, epochs, folder) -> list[Row]:
+def peer_routes(model, example, train, calib, x_test, y_test, epochs, folder, seed) -> list[Row]:
     """Torch-Pruning (L1 magnitude, 50%, classifier kept), the same cross-entropy fine-tune,
     then onnxruntime's quantize_static (QDQ, per-channel int8 weights, uint8 activations)."""
     import torch_pruning as tp
@@ -116,7 +156,9 @@ def peer_routes(model, example, train, calib, x_test, y_test, epochs, folder) ->
         pruning_ratio=0.5,
         ignored_layers=[classifier],
     ).step()
-    result = slimfx.compile(pruned.eval(), example, f"distill:epochs={epochs},alpha=1,hints=none", train_data=train)
+    result = slimfx.compile(
+        pruned.eval(), example, f"distill:epochs={epochs},alpha=1,hints=none", train_data=train, seed=seed
+    )
     seconds = time.perf_counter() - start
     tuned = torch_row("Torch-Pruning + fine-tune (CE)", result.module, example, x_test, y_test, folder, seconds)
     int8_path = folder / "peer.int8.onnx"
@@ -147,22 +189,23 @@ def onnx_row(route, path, macs, x_test, y_test, seconds) -> Row:
     return Row(route, accuracy, macs, path, seconds)
 
 
-def print_table(label: str, rows: list[Row], data: dict, threads: int, repeats: int) -> None:
+def print_table(label: str, rows: list[Route], data: dict, threads: int, repeats: int, rounds: int) -> None:
     x_test = data["test"][0]
     one, many = x_test[:1], x_test[:32]
-    latency = {}
-    for row in rows:  # each session on its own: built, warmed up, timed, dropped
-        session = ort_tools.session(row.onnx, threads)
-        latency[row.route] = (
-            ort_tools.latency_ms(session, (one,), repeats),
-            ort_tools.latency_ms(session, (many,), repeats),
-        )
-        del session
+    sessions = {row.route: ort_tools.session(row.onnx, threads) for row in rows}
+    timings: dict[str, list[tuple[float, float]]] = {row.route: [] for row in rows}
+    for _ in range(rounds):  # the routes in turn, each session timed on its own; a load spike hits one round
+        for row in rows:
+            session = sessions[row.route]
+            timings[row.route].append(
+                (ort_tools.latency_ms(session, (one,), repeats), ort_tools.latency_ms(session, (many,), repeats))
+            )
+    latency = {route: tuple(statistics.median(t[k] for t in runs) for k in (0, 1)) for route, runs in timings.items()}
     base1, base32 = latency[rows[0].route]
     table = [
         [
             row.route,
-            f"{row.accuracy:.1%}",
+            f"{row.accuracy:.1%} ({min(row.accuracies):.1%}-{max(row.accuracies):.1%})",
             f"{row.accuracy - rows[0].accuracy:+.1%}",
             f"{row.macs:,} ({row.macs / rows[0].macs:.2f}x)",
             f"{latency[row.route][0]:.3f} ms ({base1 / latency[row.route][0]:.2f}x)",
@@ -173,12 +216,22 @@ def print_table(label: str, rows: list[Row], data: dict, threads: int, repeats: 
     ]
     print(
         f"\n{label}: {len(x_test)} test digits; latency in onnxruntime (CPUExecutionProvider, {threads} threads), "
-        f"median of {repeats}, speedup against the original in onnxruntime fp32\n"
+        f"median over {rounds} rounds of the median of {repeats}, speedup against the original in onnxruntime "
+        f"fp32; accuracy: mean over "
+        f"{len(rows[0].accuracies)} seeds (range)\n"
     )
     print(
         tabulate(
             table,
-            headers=["route", "test accuracy", "vs original", "MACs", "batch 1", "batch 32", "compile + train s"],
+            headers=[
+                "route",
+                "test accuracy (range)",
+                "vs original",
+                "MACs",
+                "batch 1",
+                "batch 32",
+                "compile + train s",
+            ],
             tablefmt="github",
         )
     )

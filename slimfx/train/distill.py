@@ -301,6 +301,7 @@ def distill(
             label=label,
             progress=progress,
             after_epoch=after_epoch,
+            shuffle=True,
         )
     finally:
         _set_mode(student.module, peer, False, apprentice, frozen)

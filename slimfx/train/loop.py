@@ -25,18 +25,22 @@ def fit(
     label: str,
     progress: Callable[[str], None] | None = None,
     after_epoch: Callable[[int, float], None] | None = None,
+    shuffle: bool = False,
 ) -> list[float]:
     """Minimize ``batch_loss(batch)`` with Adam for ``epochs``; returns the mean loss of each epoch.
 
     ``after_epoch(epoch, mean_loss)`` runs after each epoch (held-out evaluation, keeping the
-    best weights). Progress shows epoch, batch, running loss and the time left.
+    best weights). With ``shuffle`` the batches are visited in a new order each epoch, drawn
+    from torch's global generator (seeded: the same order on every process of a distributed
+    run). Progress shows epoch, batch, running loss and the time left.
     """
     optimizer = torch.optim.Adam(list(params), lr=lr)
     history: list[float] = []
     start, steps, total_steps = time.perf_counter(), 0, epochs * max(len(batches), 1)
     for epoch in range(epochs):
         total = 0.0
-        for index, batch in enumerate(batches, 1):
+        order = torch.randperm(len(batches)).tolist() if shuffle else range(len(batches))
+        for index, batch in enumerate((batches[i] for i in order), 1):
             loss = batch_loss(batch)
             optimizer.zero_grad()
             loss.backward()

@@ -24,9 +24,9 @@ from slimfx.cost_model.counts import ensure_costs
 from slimfx.cost_model.latency import FUSION_RULES, LatencyPrediction
 from slimfx.data import Batch, batches, check_reusable
 from slimfx.errors import BackendError, DataError, InvalidArgumentError
+from slimfx.fidelity import DEFAULT_WARN_BELOW, choose_eval_set
 from slimfx.ir.capture import LeafSpec, capture
 from slimfx.ir.graph import Graph
-from slimfx.ir.verify import compare_outputs
 from slimfx.passes.base import DataNeed, Pass, PassContext
 from slimfx.passes.manager import EXACT_TOLERANCE, PassManager, check_data
 from slimfx.passes.registry import resolve_passes
@@ -196,29 +196,35 @@ def compile(
     runtime: str | None = None,
     layer_timing: int = 0,
     profile: str | Path | None = None,
+    warn_below: float = DEFAULT_WARN_BELOW,
 ) -> CompileResult:
     """Run the ``passes`` pipeline on a copy of ``model``; the original is left untouched.
 
     ``passes`` is a spec string (``"fold-bn,prune-channels:ratio=0.5"``) or pass objects.
     ``calib_data`` (a list of batches, ``(inputs, labels)`` pairs, a DataLoader or one tensor)
     feeds the passes that need data; ``train_data`` (same forms, labels used when present)
-    feeds ``distill``. With ``latency_repeats > 0`` the report includes
-    measured eager latency before/after. Outputs that hold inf or nan cannot be verified: that
-    is an error naming the node where they first appear, or, with ``allow_non_finite``, a
-    warning in the report's notes.
+    feeds ``distill``. Every pass and the whole pipeline are scored against the original on
+    ``eval_data`` (same forms; with labels, accuracy too), else on the last tenth of the
+    calibration batches, held out from the passes (all of them when there are too few), else on
+    the example inputs (``CompileReport.fidelity``, and each ``PassRecord.fidelity``); the
+    report warns when top-1 agreement falls under ``warn_below`` or the output is destroyed.
+    With ``latency_repeats > 0`` the report includes measured eager latency before/after.
+    Outputs that hold inf or nan cannot be verified: that is an error naming the node where they
+    first appear, or, with ``allow_non_finite``, a warning in the report's notes.
 
     ``runtime`` (``torch``, ``torch-bf16``, ``torch-int8``, ``onnxruntime``, ``onnxruntime-int8``,
     ``openvino``, ``openvino-int8``, or ``auto`` for every installed one) measures the compiled
     model there, and the original in that runtime's float flavour, side by side, with each
     session's output agreement with the original (``CompileReport.runtimes``; ``latency_repeats``
-    runs each, 20 when 0), measured on ``eval_data`` (same forms; with labels, accuracy too),
-    else on up to 8 calibration batches, else on the example inputs. ``layer_timing > 0``
+    runs each, 20 when 0), on the same evaluation set. ``layer_timing > 0``
     measures each node's eager latency before and after (not for a quantized graph, whose
     eager time is a float simulation). Where a chosen runtime has a latency model (``torch``,
     ``torch-int8``, ``onnxruntime``, ``onnxruntime-int8``) its rows also carry the latency predicted
     from ``profile`` (a ``slimfx profile-device`` file) or this machine's cached default profile.
     """
     inputs = _as_tuple(example_inputs)
+    if not 0 <= warn_below <= 1:
+        raise InvalidArgumentError(f"warn_below must be a top-1 agreement between 0 and 1, not {warn_below:g}")
     manager = PassManager(
         resolve_passes(passes), tolerance=tolerance, allow_non_finite=allow_non_finite
     )  # requirements and order, before any work
@@ -248,12 +254,12 @@ def compile(
     for data, what in ((calib_data, "calib_data"), (train_data, "train_data")):
         if data is not None and fixed_rows is not None:
             next(batches(data, inputs, what, fixed_rows), None)  # before any pass runs
-    context = PassContext(calib_data, inputs, seed, progress, fixed_rows, train_data)
-    run = manager.run(graph, context)
+    evaluation, calibration = choose_eval_set(eval_data, calib_data, inputs, fixed_rows)
+    context = PassContext(calibration, inputs, seed, progress, fixed_rows, train_data)
+    run = manager.run(graph, context, evaluation)
     ensure_costs(graph)
     after = _report(graph, label, layer_timing)
     module = run.module
-    error = compare_outputs(run.outputs_before, run.outputs_after).relative_error
     latency, int8, notes = None, None, tuple(f"WARNING: {w}" for w in run.warnings)
     comparison = None
     if runtimes is not None:
@@ -261,12 +267,20 @@ def compile(
             ensure_costs(graph)
             for name_ in predicted_on:
                 predicted[(name_, COMPILED)] = predict_latency(graph, name_, profile, progress=progress).total_ms
-        comparison = _compare(
-            model, module, runtimes, inputs, eval_data, calib_data, latency_repeats or 20, fixed_rows, progress
+        comparison = compare_runtimes(
+            model,
+            module,
+            runtimes,
+            inputs,
+            eval_inputs=[b.inputs for b in evaluation.batches],
+            eval_labels=evaluation.labels,
+            agreement_on=evaluation.describe(),
+            repeats=latency_repeats or 20,
+            progress=progress,
         ).with_predictions(predicted)
         latency = _headline(comparison)
     elif latency_repeats > 0:
-        exit_data = calib_data if run.exit_plan else None
+        exit_data = calibration if run.exit_plan else None
         latency, int8 = _measure_latency(model, module, inputs, exit_data, latency_repeats, fixed_rows)
     if run.exit_plan is not None:
         notes += (
@@ -274,7 +288,16 @@ def compile(
             f"{run.exit_plan.head_macs_per_sample:,} MACs per sample in all, included in the early-exit costs above",
         )
     report = CompileReport(
-        before, after, run.records, error, latency, notes, run.exit_plan, torch_int8=int8, runtimes=comparison
+        before,
+        after,
+        run.records,
+        run.fidelity,
+        latency,
+        notes,
+        run.exit_plan,
+        torch_int8=int8,
+        runtimes=comparison,
+        warn_below=warn_below,
     )
     return CompileResult(module, graph, report)
 
@@ -285,42 +308,6 @@ def _predicted_runtimes(runtimes: RuntimeChoice | None) -> tuple[str, ...]:
         return ()
     modelled = [r.name for r in runtimes.compiled if r.name in FUSION_RULES and r.float_flavour in FUSION_RULES]
     return tuple(modelled)
-
-
-def _compare(
-    original: nn.Module,
-    compiled: nn.Module,
-    runtimes: RuntimeChoice,
-    inputs: tuple[torch.Tensor, ...],
-    eval_data: Iterable[Any] | None,
-    calib_data: Iterable[Any] | None,
-    repeats: int,
-    fixed_rows: int | None,
-    progress: Any,
-) -> RuntimeComparison:
-    """The runtime comparison: agreement (and accuracy, with labels) on the evaluation data,
-    else on up to ``LATENCY_BATCHES`` calibration batches, else on the example inputs;
-    latency on the example inputs."""
-    taken: list[Batch] = []
-    if eval_data is not None:
-        taken, what = list(batches(eval_data, inputs, "eval_data", fixed_rows)), "evaluation"
-    elif calib_data is not None:
-        taken = [b for _, b in zip(range(LATENCY_BATCHES), batches(calib_data, inputs, fixed_rows=fixed_rows))]
-        what = "calibration"
-    rows = sum(int(b.inputs[0].shape[0]) for b in taken)
-    on = f"{len(taken)} {what} batches ({rows} rows)" if taken else "the example inputs"
-    labelled = bool(taken) and all(b.labels is not None for b in taken)
-    return compare_runtimes(
-        original,
-        compiled,
-        runtimes,
-        inputs,
-        eval_inputs=[b.inputs for b in taken],
-        eval_labels=torch.cat([b.labels for b in taken]) if labelled else None,
-        agreement_on=on,
-        repeats=repeats,
-        progress=progress,
-    )
 
 
 def _headline(comparison: RuntimeComparison) -> Latency | None:

@@ -18,6 +18,7 @@ import torch
 
 from slimfx import parallel
 from slimfx.errors import OutputError, ShapeError, SlimfxError
+from slimfx.fidelity import DEFAULT_WARN_BELOW
 
 EXIT_BAD_INPUT = 2
 DEFAULT_PASSES = "fold-bn"
@@ -169,8 +170,16 @@ def build_parser() -> argparse.ArgumentParser:
     comp.add_argument(
         "--eval",
         metavar="FILE.pt",
-        help="evaluation data for the --runtime comparison: a file written by torch.save, as for --calib; "
-        "(inputs, labels) batches add accuracy to agreement (default: up to 8 --calib batches)",
+        help="evaluation data every pass, the pipeline and the --runtime comparison are scored on against the "
+        "original: a file written by torch.save, as for --calib; (inputs, labels) batches add accuracy to "
+        "top-1 agreement (default: the last tenth of the --calib batches, held out from the passes)",
+    )
+    comp.add_argument(
+        "--warn-below",
+        type=_agreement,
+        default=DEFAULT_WARN_BELOW,
+        metavar="AGREEMENT",
+        help=f"warn when top-1 agreement with the original falls under this share (default {DEFAULT_WARN_BELOW})",
     )
     comp.add_argument(
         "--allow-non-finite",
@@ -225,6 +234,17 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=0, help="seed for random weights and inputs (default 0)")
     demo.add_argument("--repeats", type=int, default=20, help="timed runs per runtime (median; default 20)")
     return parser
+
+
+def _agreement(text: str) -> float:
+    """``--warn-below``: a share between 0 and 1."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"expected a top-1 agreement between 0 and 1, e.g. 0.95, not {text!r}")
+    return value
 
 
 def _example_inputs(args: argparse.Namespace, default: tuple[int, ...] | None) -> tuple[torch.Tensor, ...]:
@@ -393,6 +413,7 @@ def cmd_compile(args: argparse.Namespace) -> None:
         runtime=args.runtime,
         layer_timing=LAYER_TIMING_RUNS if args.html and args.repeats > 0 and main_rank else 0,
         profile=args.profile,
+        warn_below=args.warn_below,
     )
     if not main_rank:  # only rank 0 prints and writes files
         return

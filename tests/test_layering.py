@@ -27,7 +27,7 @@ LAYERS: list[tuple[str, ...]] = [
         "slimfx.ir.source",
         "slimfx.parallel",
     ),
-    ("slimfx.ir", "slimfx.data"),
+    ("slimfx.ir", "slimfx.data", "slimfx.fidelity"),
     ("slimfx.cost_model", "slimfx.lowrank", "slimfx.prune", "slimfx.files"),
     ("slimfx.quant", "slimfx.exits", "slimfx.train"),
     ("slimfx.backends",),

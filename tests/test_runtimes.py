@@ -196,7 +196,10 @@ def test_cli_runtime_auto_prints_the_table_and_json_carries_it(capsys: pytest.Ca
     assert code == 0
     rows = [(r["runtime"], r["model"]) for r in data["runtimes"]["rows"]]
     assert rows == [("onnxruntime", "original"), ("onnxruntime-int8", "compiled")]
-    assert data["runtimes"]["agreement_on"] == "2 calibration batches (2 rows)"
+    assert (
+        data["runtimes"]["agreement_on"]
+        == "2 batches of calibration data (2 rows; the passes used them too: too few to hold any out)"
+    )
     assert data["latency"]["baseline"].startswith("original in onnxruntime, compiled in onnxruntime-int8")
 
 

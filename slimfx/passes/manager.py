@@ -16,6 +16,7 @@ import torch.nn as nn
 from slimfx.backends.early_exit import build_early_exit
 from slimfx.errors import DataError, NonFiniteError, PassError, PassOrderError, SlimfxError
 from slimfx.exits.plan import ExitPlan
+from slimfx.fidelity import EvalSet, Fidelity, Judge, choose_eval_set
 from slimfx.ir.graph import Graph
 from slimfx.ir.rewrite import snapshot
 from slimfx.ir.shapes import ensure_shapes
@@ -27,20 +28,26 @@ EXACT_TOLERANCE = 1e-4
 
 @dataclass(frozen=True)
 class PassRecord:
-    """What one pass did: its spec, decisions, time, and the measured output error."""
+    """What one pass did: its spec, decisions, time, and the model's fidelity to the original
+    after it (on the run's evaluation set; None when the graph did not change)."""
 
     name: str
     spec: str
     exact: bool
     changed: bool
     seconds: float
-    output_error: float | None
+    fidelity: Fidelity | None
     decisions: tuple[Decision, ...] = ()
     warnings: tuple[str, ...] = field(default_factory=tuple)
     exit_plan: ExitPlan | None = None
     verified: bool | None = None  # exact passes: checked (False: the model's own rounding noise is too large)
 
-    def to_dict(self) -> dict[str, Any]:
+    @property
+    def output_error(self) -> float | None:
+        """Relative output error vs the original after this pass (None: graph unchanged)."""
+        return None if self.fidelity is None else self.fidelity.output_error
+
+    def to_dict(self, warn_below: float | None = None) -> dict[str, Any]:
         return {
             "name": self.name,
             "spec": self.spec,
@@ -49,6 +56,7 @@ class PassRecord:
             "changed": self.changed,
             "seconds": self.seconds,
             "output_error": self.output_error,
+            "fidelity": None if self.fidelity is None else self.fidelity.to_dict(warn_below),
             "decisions": [d.to_dict() for d in self.decisions],
             "warnings": list(self.warnings),
         }
@@ -56,14 +64,12 @@ class PassRecord:
 
 @dataclass(frozen=True)
 class PipelineResult:
-    """The records of a run, the graph's outputs on its example inputs before the first pass
-    and after the last, and the module to deploy (the early-exit runtime when a pass planned
-    exits, else the graph's module)."""
+    """The records of a run, the module to deploy (the early-exit runtime when a pass planned
+    exits, else the graph's module) and its fidelity to the original on the evaluation set."""
 
     records: tuple[PassRecord, ...]
-    outputs_before: tuple[torch.Tensor, ...]
-    outputs_after: tuple[torch.Tensor, ...]
     module: nn.Module
+    fidelity: Fidelity
     warnings: tuple[str, ...] = ()  # about the run as a whole (non-finite outputs let through)
 
     @property
@@ -120,9 +126,11 @@ class PassManager:
 
     The pipeline is completed first (each pass's requirements inserted, in its own record)
     and its order checked. After every pass the graph must lint, run and keep its output
-    shapes; a pass configured as exact must also keep its outputs within ``tolerance``
-    relative error of the graph before it. A pass that plans early exits has the runtime
-    built from its plan checked the same way. The measured error is recorded for every pass.
+    shapes on the example inputs; a pass configured as exact must also keep its outputs within
+    ``tolerance`` relative error of the graph before it. A pass that plans early exits has the
+    runtime built from its plan checked the same way. After every pass that changed the graph
+    the model is scored against the original on the evaluation set (``fidelity.EvalSet``; the
+    example inputs when none is given): that fidelity is recorded, and the last is the run's.
     """
 
     def __init__(self, passes: Sequence[Pass], tolerance: float = EXACT_TOLERANCE, allow_non_finite: bool = False):
@@ -131,10 +139,12 @@ class PassManager:
         self.allow_non_finite = allow_non_finite  # go on with a warning where inf or nan make outputs unverifiable
         check_order(self.passes)
 
-    def run(self, graph: Graph, ctx: PassContext | None = None) -> PipelineResult:
+    def run(self, graph: Graph, ctx: PassContext | None = None, evaluation: EvalSet | None = None) -> PipelineResult:
         ctx = ctx or PassContext()
         if not ctx.example_inputs:  # batches are checked against the graph's example inputs
             ctx = dataclasses.replace(ctx, example_inputs=graph.example_inputs)
+        if evaluation is None:
+            evaluation, _ = choose_eval_set(None, None, graph.example_inputs)
         if ctx.teacher is None and any(p.uses_teacher for p in self.passes):
             ctx = dataclasses.replace(ctx, teacher=snapshot(graph))
         history: list[PassRecord] = []
@@ -152,13 +162,21 @@ class PassManager:
                     "(or pass allow_non_finite=True, CLI --allow-non-finite, to go on unverified)"
                 )
             warnings.append(f"{what}; passes were not verified numerically")
-        state = _State(before, graph.module)
+        judge = Judge(graph.module, evaluation)
+        state = _State(before, graph.module, judge.score(graph.module))
         for index, p in enumerate(self.passes):
-            history.append(self._run_one(index, p, graph, ctx, history, state))
-        return PipelineResult(tuple(history), before, state.outputs, state.module, tuple(warnings + state.warnings))
+            history.append(self._run_one(index, p, graph, ctx, history, state, judge))
+        return PipelineResult(tuple(history), state.module, state.fidelity, tuple(warnings + state.warnings))
 
     def _run_one(
-        self, index: int, p: Pass, graph: Graph, ctx: PassContext, history: list[PassRecord], state: _State
+        self,
+        index: int,
+        p: Pass,
+        graph: Graph,
+        ctx: PassContext,
+        history: list[PassRecord],
+        state: _State,
+        judge: Judge,
     ) -> PassRecord:
         version = graph.version
         state.reference = copy.deepcopy(graph.module) if p.is_exact() else None  # its rounding noise, if needed
@@ -171,25 +189,28 @@ class PassManager:
         except Exception as exc:  # a bug in the pass: still say which pass and after what
             raise self._failure(index, p, history, f"internal error {type(exc).__name__}: {exc}") from exc
         seconds = time.perf_counter() - start
-        error = None
-        if graph.version != version or result.changed:
+        changed = graph.version != version or result.changed
+        if changed:
             if state.planned_exits:
                 raise self._failure(
                     index, p, history, "it changed the graph after early exits were planned on it; put add-exits last"
                 )
-            error = self._verify(index, p, graph, graph.module, state, history)
+            self._verify(index, p, graph, graph.module, state, history)
             state.module = graph.module
         if result.exit_plan is not None:
             runtime = self._early_exit_runtime(index, p, graph, result, history)
-            error = self._verify(index, p, graph, runtime, state, history)
+            self._verify(index, p, graph, runtime, state, history)
             state.module, state.planned_exits = runtime, True
+        fidelity = None
+        if changed or result.exit_plan is not None:
+            fidelity = state.fidelity = self._score(index, p, judge, state.module, history)
         return PassRecord(
             p.name,
             p.spec(),
             p.is_exact(),
             result.changed,
             seconds,
-            error,
+            fidelity,
             result.decisions,
             result.warnings,
             result.exit_plan,
@@ -204,6 +225,17 @@ class PassManager:
         except SlimfxError as exc:
             raise self._failure(index, p, history, f"its early-exit plan cannot be built: {exc}") from exc
 
+    def _score(self, index: int, p: Pass, judge: Judge, module: nn.Module, history: list[PassRecord]) -> Fidelity:
+        try:
+            return judge.score(module)
+        except Exception as exc:  # ran on the example inputs, fails on the evaluation data
+            raise self._failure(
+                index,
+                p,
+                history,
+                f"the model it produced does not run on {judge.evaluation.describe()}: {type(exc).__name__}: {exc}",
+            ) from exc
+
     def _verify(
         self,
         index: int,
@@ -212,7 +244,7 @@ class PassManager:
         module: nn.Module | fx.GraphModule,
         state: _State,
         history: list[PassRecord],
-    ) -> float:
+    ) -> None:
         """Check ``module`` (the graph's, or a runtime built on it) against the outputs before ``p``."""
         try:
             lint(graph)
@@ -258,7 +290,6 @@ class PassManager:
                 raise self._failure(index, p, history, what)
             state.warnings.append(f"pass '{p.spec()}': {what}")
         state.outputs = tuple(outputs)
-        return comparison.relative_error
 
     @staticmethod
     def _rounding_noise(reference: nn.Module | None, inputs: Sequence[torch.Tensor]) -> float | None:
@@ -288,6 +319,7 @@ class _State:
 
     outputs: tuple[torch.Tensor, ...]
     module: nn.Module
+    fidelity: Fidelity  # of the latest module
     planned_exits: bool = False
     warnings: list[str] = field(default_factory=list)
     reference: nn.Module | None = None  # the module before an exact pass, to measure its rounding noise

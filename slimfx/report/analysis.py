@@ -17,6 +17,7 @@ from slimfx.cost_model.counts import sum_costs
 from slimfx.cost_model.latency import LatencyPrediction
 from slimfx.errors import RewriteError
 from slimfx.exits.plan import ExitPlan
+from slimfx.fidelity import DEFAULT_WARN_BELOW, Fidelity
 from slimfx.ir.graph import Graph
 from slimfx.ir.meta import Cost
 from slimfx.passes.manager import PassRecord
@@ -398,18 +399,48 @@ class Int8Timing:
 
 @dataclass(frozen=True)
 class CompileReport:
-    """Before/after reports, the record of each pass, and end-to-end measurements."""
+    """Before/after reports, the record of each pass, the compiled model's fidelity to the
+    original (on the evaluation set) and end-to-end measurements."""
 
     before: Report
     after: Report
     passes: tuple[PassRecord, ...]
-    output_error: float
+    fidelity: Fidelity
     latency: Latency | None = None
     notes: tuple[str, ...] = field(default_factory=tuple)
     exits: ExitPlan | None = None
     onnx: OnnxMeasurement | None = None
     torch_int8: Int8Timing | None = None
     runtimes: RuntimeComparison | None = None  # the original and compiled model in each runtime asked for
+    warn_below: float = DEFAULT_WARN_BELOW  # top-1 agreement under which the report warns
+
+    @property
+    def output_error(self) -> float:
+        """Relative output error of the compiled model vs the original on the evaluation set."""
+        return self.fidelity.output_error
+
+    def fidelity_warnings(self) -> tuple[str, ...]:
+        """Loud lines when agreement fell under ``warn_below`` or the output is destroyed,
+        naming the pass after which it first happened."""
+        final, lines = self.fidelity, []
+        if final.below(self.warn_below):
+            first = next((r for r in self.passes if r.fidelity and r.fidelity.below(self.warn_below)), None)
+            accuracy = (
+                f"; accuracy fell from {final.original_accuracy:.2%} to {final.accuracy:.2%}"
+                if final.accuracy is not None and final.original_accuracy is not None
+                else ""
+            )
+            where = f"; it first fell below after pass '{first.spec}'" if first else ""
+            lines.append(
+                f"WARNING: top-1 agreement with the original is {final.agreement:.4f} on {final.on}, below "
+                f"{self.warn_below:g}{accuracy}{where}"
+            )
+        if final.destroyed:
+            lines.append(
+                f"WARNING: the output is essentially destroyed (relative output error {final.output_error:.3g} on "
+                f"{final.on}): whatever speed the compiled model has, it does not compute what the original did"
+            )
+        return tuple(lines)
 
     def to_dict(self, top: int | None = None) -> dict[str, Any]:
         return {
@@ -417,8 +448,9 @@ class CompileReport:
             "model": self.before.model,
             "before": self.before.to_dict(top),
             "after": self.after.to_dict(top),
-            "passes": [p.to_dict() for p in self.passes],
+            "passes": [p.to_dict(self.warn_below) for p in self.passes],
             "output_error": self.output_error,
+            "fidelity": {**self.fidelity.to_dict(self.warn_below), "warn_below": self.warn_below},
             "latency": self.latency.to_dict() if self.latency else None,
             "notes": list(self.notes),
             "exits": self.exits.to_dict() if self.exits else None,

@@ -89,7 +89,8 @@ def compile_html(result: CompileReport) -> str:
     body = [
         f"<h1>{_e(result.before.model)}: {len(result.passes)} pass(es)</h1>",
         totals,
-        f"<p>output error vs the original: {result.output_error:.3g} (relative, on the example inputs)</p>",
+        f"<p>the compiled model vs the original on {_e(result.fidelity.on)}: {_e(result.fidelity.text())}</p>",
+        *(f'<p class="warning">{_e(line)}</p>' for line in result.fidelity_warnings()),
     ]
     if result.latency is not None:
         lat = result.latency
@@ -220,8 +221,8 @@ def _runtime_table(comparison: RuntimeComparison) -> str:
 
 def _pass_section(record: PassRecord) -> str:
     rows = [[d.target, str(d.action), d.macs_before, d.macs_after, d.reason] for d in record.decisions]
-    error = "not measured" if record.output_error is None else f"{record.output_error:.3g}"
-    head = f"<h3>{_e(record.spec)}</h3><p>{'changed' if record.changed else 'no change'}; output error {error}</p>"
+    fidelity = "graph unchanged" if record.fidelity is None else f"vs the original: {record.fidelity.text()}"
+    head = f"<h3>{_e(record.spec)}</h3><p>{'changed' if record.changed else 'no change'}; {_e(fidelity)}</p>"
     warnings = "".join(f'<p class="warning">warning: {_e(w)}</p>' for w in record.warnings)
     table = _table(["layer", "decision", "MACs before", "MACs after", "why"], rows) if rows else ""
     return head + table + warnings

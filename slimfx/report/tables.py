@@ -182,7 +182,8 @@ def render_compile(result: CompileReport, fmt: str = "table") -> str:
         parts.append(_pass_text(record, tablefmt))
     if result.exits:
         parts.append(_exits_text(result.exits, tablefmt))
-    parts.append(f"output error vs the original model: {result.output_error:.3g} (relative, on the example inputs)")
+    parts.append(f"the compiled model vs the original on {result.fidelity.on}: {result.fidelity.text()}")
+    parts.extend(result.fidelity_warnings())
     if result.latency:
         lat = result.latency
         parts.append(
@@ -308,11 +309,11 @@ def _exits_text(plan: ExitPlan, tablefmt: str) -> str:
 def _pass_text(record: PassRecord, tablefmt: str) -> str:
     touched = sum(d.changed_a_layer for d in record.decisions)
     declined = sum(d.declined for d in record.decisions)
-    error = "not measured (graph unchanged)" if record.output_error is None else f"{record.output_error:.3g}"
+    fidelity = "graph unchanged" if record.fidelity is None else f"vs the original: {record.fidelity.text()}"
     exactness = "lossy" if not record.exact else "exact, verified" if record.verified else "exact, NOT verified"
     head = (
         f"pass {record.spec} ({exactness}): {'changed' if record.changed else 'no change'}, "
-        f"{touched} layer(s) changed, {declined} declined, {record.seconds * 1000:.1f} ms, output error {error}"
+        f"{touched} layer(s) changed, {declined} declined, {record.seconds * 1000:.1f} ms; {fidelity}"
     )
     if not record.decisions:
         return head + "\n"

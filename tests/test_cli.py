@@ -211,7 +211,16 @@ BAD_INPUTS = [
     (["report", "nosuchpkg.mod:factory"], "cannot import"),
     (["report", "torchvision:resnet18", "--input-shape", "1,3,x"], "invalid --input-shape"),
     (["report", "torchvision:resnet18", "--input-shape", "1,1,64,64"], "node 'conv1' (module 'conv1', Conv2d)"),
-    (["compile", "torchvision:resnet18", "--passes", "fold-bm"], "unknown pass 'fold-bm'; valid passes"),
+    (
+        ["compile", "torchvision:resnet18", "--passes", "fold-bm"],
+        "unknown pass 'fold-bm'; did you mean 'fold-bn'? valid",
+    ),
+    (
+        ["compile", "torchvision:resnet18", "--passes", "prune-channels:ratoi=0.5"],
+        "did you mean 'ratio'? valid options",
+    ),
+    (["compile", "torchvision:resnet18", "--passes", "prune-channels:criterion=tinet"], "(did you mean 'thinet'?)"),
+    (["compile", "torchvision:resnet18", "--passes", "quantize:bits=4"], "for 4-bit weights give weights=int4"),
     (["compile", "torchvision:resnet18", "--passes", "fold-bn:ratio=0.5"], "unknown option 'ratio'"),
     (["compile", "torchvision:resnet18", "--passes", "prune-channels:ratio=1.5"], "expected a number in [0, 1)"),
     (
@@ -379,3 +388,23 @@ def test_version(capsys: pytest.CaptureFixture[str]) -> None:
 
     code, out, _ = run(capsys, "--version")
     assert code == 0 and out.strip() == f"slimfx {slimfx.__version__}"
+
+
+def test_model_spec_errors_say_what_the_file_type_needs(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    source = tmp_path / "dyn.py"
+    source.write_text(
+        "import torch\n\ndef build():\n    return torch.nn.Linear(4, 2)\n\nclass Net(torch.nn.Module):\n    pass\n"
+    )
+    code, _, err = run(capsys, "report", str(source), "--input-shape", "1,4")
+    assert code == 2 and f"{source} is Python source" in err and f"{source}:build" in err and "trust" not in err
+    onnx_file = tmp_path / "q.onnx"
+    onnx_file.write_bytes(b"not really onnx")
+    code, _, err = run(capsys, "report", str(onnx_file), "--input-shape", "1,4")
+    assert code == 2 and "is an ONNX file; slimfx compiles PyTorch models" in err and "trust" not in err
+
+
+def test_a_model_instance_in_a_file_is_taken_as_the_model(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    source = tmp_path / "inst.py"
+    source.write_text("import torch\n\nnet = torch.nn.Sequential(torch.nn.Linear(4, 2))\n")
+    code, out, _ = run(capsys, "report", f"{source}:net", "--input-shape", "1,4", "--format", "json")
+    assert code == 0 and json.loads(out)["totals"]["params"] == 10

@@ -202,3 +202,24 @@ def test_reshape_as_is_a_free_view() -> None:
 
     report = analyze(ReshapeAs(), torch.randn(1, 3, 4, 4))
     assert report.uncounted == () and report.totals.macs == 0
+
+
+class _Gate(nn.Module):
+    """A module the user keeps whole: it branches on its input's values."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin, self.scale = nn.Linear(16, 16), nn.Parameter(torch.ones(16))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lin(x) * self.scale if x.abs().sum() > 0 else x
+
+
+def test_a_named_leaf_module_counts_its_own_params_and_measured_macs() -> None:
+    model = nn.Sequential(nn.Linear(16, 16), _Gate(), nn.Linear(16, 4)).eval()
+    x = torch.ones(2, 16)
+    report = analyze(model, x, leaf_modules=["1"])
+    assert report.totals.params == sum(p.numel() for p in model.parameters())
+    (leaf,) = [row for row in report.nodes if row.name == "_1"]
+    assert leaf.cost.macs == 2 * 16 * 16 and "leaf module without a cost rule" in leaf.rule
+    assert report.uncounted == ()

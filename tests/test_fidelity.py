@@ -153,3 +153,11 @@ def test_cli_prints_accuracy_equal_to_onnxruntime_on_the_file_and_warns(
     in_onnxruntime = float((torch.from_numpy(logits).argmax(1) == y).double().mean())
     assert abs(printed - in_onnxruntime) <= 0.005
     assert "WARNING: top-1 agreement with the original is" in out and "accuracy fell from 98.99%" in out
+
+
+def test_printing_a_report_gives_the_readable_tables(digits_run) -> None:
+    _, result, x, _ = digits_run
+    assert str(result.report) == slimfx.report.tables.render_compile(result.report)
+    assert str(result.report).startswith("DigitsCNN: 3 pass(es)") and "PassRecord(" not in str(result.report)
+    analysis = slimfx.analyze(trained_cnn(), x[:1])
+    assert str(analysis) == slimfx.report.tables.render_report(analysis) and "MACs" in str(analysis)

@@ -415,15 +415,15 @@ def count_node(node: fx.Node, module: Any) -> NodeCost:
         return NodeCost(FREE, f"{found.name} rule could not read its arguments ({exc})", counted=False)
 
 
-class _OpaqueCounter(fx.Interpreter):
-    """Runs the graph, counting FLOPs inside each opaque module with ``FlopCounterMode``."""
+class _ModuleFlopCounter(fx.Interpreter):
+    """Runs the graph, counting FLOPs inside the given modules with ``FlopCounterMode``."""
 
-    def __init__(self, module: fx.GraphModule, opaque: frozenset[str]):
+    def __init__(self, module: fx.GraphModule, targets: frozenset[str]):
         super().__init__(module)
-        self.opaque, self.flops = opaque, {}
+        self.targets, self.flops = targets, {}
 
     def call_module(self, target: Any, args: Any, kwargs: Any) -> Any:
-        if str(target) not in self.opaque:
+        if str(target) not in self.targets:
             return super().call_module(target, args, kwargs)
         from torch.utils.flop_counter import FlopCounterMode
 
@@ -434,18 +434,21 @@ class _OpaqueCounter(fx.Interpreter):
         return result
 
 
-def measure_opaque(graph: Graph) -> dict[str, int]:
-    """MACs (FLOPs / 2, by ``FlopCounterMode``) of every opaque module, from one run of the
-    graph on its example inputs: opaque modules branch on values, so they are measured, not counted."""
-    counter = _OpaqueCounter(graph.module, graph.opaque)
+def measure_modules(graph: Graph, targets: frozenset[str]) -> dict[str, int]:
+    """MACs (FLOPs / 2, by ``FlopCounterMode``) of the modules at ``targets``, from one run of
+    the graph on its example inputs: modules kept whole (opaque ones branch on values; a user's
+    leaf module has no rule) are measured, not counted."""
+    counter = _ModuleFlopCounter(graph.module, targets)
     with torch.no_grad():
         counter.run(*graph.example_inputs)
     return {target: flops // 2 for target, flops in counter.flops.items()}
 
 
 def annotate_costs(graph: Graph) -> None:
-    """Store a ``NodeCost`` in every node's NodeInfo (shapes must be current)."""
-    measured = measure_opaque(graph) if graph.opaque else {}
+    """Store a ``NodeCost`` in every node's NodeInfo (shapes must be current). A module without
+    a cost rule (opaque, or a leaf the user named) is measured: its MACs by ``FlopCounterMode``,
+    its own parameters and bytes counted."""
+    costs = {}
     for node in graph.nodes():
         if node.op == "call_module":
             target = graph.submodule(node)
@@ -453,10 +456,14 @@ def annotate_costs(graph: Graph) -> None:
             target = attribute(graph.module, str(node.target))
         else:
             target = None
-        cost = count_node(node, target)
-        if not cost.counted and node.op == "call_module" and str(node.target) in measured:
+        costs[node] = (target, count_node(node, target))
+    whole = frozenset(str(n.target) for n, (_, c) in costs.items() if n.op == "call_module" and not c.counted)
+    measured = measure_modules(graph, whole) if whole else {}
+    for node, (target, cost) in costs.items():
+        if node.op == "call_module" and str(node.target) in measured:
+            kind = "opaque module" if str(node.target) in graph.opaque else "leaf module without a cost rule"
             op = Op(node, target, node.meta[META_KEY].outputs)
-            cost = NodeCost(op.compute(macs=measured[str(node.target)]), "measured by FlopCounterMode (opaque module)")
+            cost = NodeCost(op.compute(macs=measured[str(node.target)]), f"measured by FlopCounterMode ({kind})")
         node.meta[META_KEY] = replace(node.meta[META_KEY], cost=cost)
 
 

@@ -53,6 +53,7 @@ def resolve_model(spec: str, *, trust: bool = False) -> LoadedModel:
     elif ":" in spec and not Path(spec).is_file():
         loaded = _factory(spec)
     elif Path(spec).is_file():
+        _check_file_type(Path(spec))
         loaded = _model_file(Path(spec), trust)
     else:
         raise ModelSpecError(
@@ -116,11 +117,38 @@ def _factory(spec: str) -> LoadedModel:
     factory = getattr(source, fn_name, None)
     if not callable(factory):
         raise ModelSpecError(f"{where} has no callable {fn_name!r}")
-    module = _exec(factory, spec)
+    module = factory if isinstance(factory, nn.Module) else _exec(factory, spec)  # a model instance is the model
     if not isinstance(module, nn.Module):
         raise ModelSpecError(f"{spec} returned a {type(module).__name__}, not a torch.nn.Module")
     shape = getattr(module, "example_input_shape", None)
     return LoadedModel(module, fn_name, tuple(shape) if shape else None)
+
+
+def _check_file_type(path: Path) -> None:
+    """A file slimfx cannot load as a model is named for what it is, with what to give instead."""
+    suffix = path.suffix.lower()
+    if suffix == ".py":
+        names = _top_level_callables(path)
+        shown = ", ".join(f"{path}:{n}" for n in names[:3]) or f"{path}:build"
+        raise ModelSpecError(
+            f"{path} is Python source: name the function (or class) in it that builds the model, e.g. {shown}"
+        )
+    if suffix == ".onnx":
+        raise ModelSpecError(
+            f"{path} is an ONNX file; slimfx compiles PyTorch models: give the PyTorch model it was exported "
+            "from (torchvision:NAME, timm:NAME, file.py:factory); onnxruntime runs the .onnx file itself"
+        )
+
+
+def _top_level_callables(path: Path) -> list[str]:
+    """Functions and classes defined at the top of a Python file (read, not run)."""
+    import ast
+
+    try:
+        tree = ast.parse(path.read_text())
+    except (OSError, SyntaxError, UnicodeDecodeError):
+        return []
+    return [n.name for n in tree.body if isinstance(n, (ast.FunctionDef, ast.ClassDef)) and not n.name.startswith("_")]
 
 
 def _exec(fn: object, spec: str) -> object:

@@ -151,6 +151,7 @@ class Pass:
     makes_early_exits: ClassVar[bool] = False  # plans early exits: the result is an EarlyExitModel
     summary: ClassVar[str] = ""
     option_help: ClassVar[Mapping[str, str]] = {}  # field name -> one line of help (slimfx passes NAME)
+    value_hints: ClassVar[Mapping[tuple[str, str], str]] = {}  # (option, a wrong value) -> what to give instead
     runs_after: ClassVar[Mapping[str, str]] = {}
     runs_before: ClassVar[Mapping[str, str]] = {}
 

@@ -109,6 +109,12 @@ class Quantize(Pass):
         "bf16_below": "with bf16=auto: int8 output SQNR (dB) under which a layer runs in bf16",
         "fold_bn": "insert fold-bn before quantize (false keeps the BatchNorms)",
     }
+    value_hints = {
+        ("bits", "8"): "bits says how widths are chosen; 8-bit weights are the default (weights=int8)",
+        ("bits", "4"): "bits says how widths are chosen; for 4-bit weights give weights=int4",
+        ("bits", "2"): "bits says how widths are chosen; for 2-bit weights give weights=ternary",
+        ("bits", "1"): "bits says how widths are chosen; for 1-bit weights give weights=binary",
+    }
     runs_after = {
         "prune-channels": "quantize the final structure",
         "factorize-convs": "quantize the final structure",

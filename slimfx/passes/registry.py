@@ -9,6 +9,7 @@ is two passes, the second with two options.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import types
 import typing
 from collections.abc import Sequence
@@ -32,11 +33,19 @@ def available() -> str:
     return ", ".join(sorted(PASSES))
 
 
+def did_you_mean(word: str, choices: Sequence[str]) -> str:
+    """``"did you mean 'ratio'? "`` for the nearest choice, or nothing when none is near."""
+    close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
+    return f"did you mean '{close[0]}'? " if close else ""
+
+
 def pass_class(name: str) -> type[Pass]:
     try:
         return PASSES[name]
     except KeyError:
-        raise PassSpecError(f"unknown pass {name!r}; valid passes: {available()}") from None
+        raise PassSpecError(
+            f"unknown pass {name!r}; {did_you_mean(name, list(PASSES))}valid passes: {available()}"
+        ) from None
 
 
 def option_types(cls: type[Pass]) -> dict[str, Any]:
@@ -97,8 +106,16 @@ def make_pass(name: str, options: dict[str, str]) -> Pass:
     for key, raw in options.items():
         if key not in types_:
             valid = ", ".join(types_) or "none"
-            raise PassSpecError(f"{name}: unknown option '{key}'; valid options: {valid}")
-        values[fields[key]] = convert(name, key, raw, types_[key])
+            raise PassSpecError(
+                f"{name}: unknown option '{key}'; {did_you_mean(key, list(types_))}valid options: {valid}"
+            )
+        try:
+            values[fields[key]] = convert(name, key, raw, types_[key])
+        except PassSpecError as exc:
+            hint = cls.value_hints.get((key, raw))
+            if hint is None:
+                raise
+            raise PassSpecError(f"{exc}; {hint}") from None
     return cls(**values)
 
 
@@ -124,8 +141,10 @@ def convert(pass_name: str, option: str, raw: str, kind: Any) -> Any:
             raise PassSpecError(f"{pass_name}: invalid value {raw!r} for '{option}'; expected {expected}") from None
     if origin is Literal:
         if raw not in args:
+            nearest = did_you_mean(raw, [str(a) for a in args]).strip()
             raise PassSpecError(
                 f"{pass_name}: invalid value {raw!r} for '{option}'; choose one of: {', '.join(map(str, args))}"
+                + (f" ({nearest})" if nearest else "")
             )
         return raw
     if origin is tuple:

@@ -158,6 +158,12 @@ class Report:
     timing: str | None = None  # how the nodes' latency_ms was measured; None: not measured
     prediction: PredictionSummary | None = None  # the nodes' predicted_ms: runtime, batch, threads, profile
 
+    def __str__(self) -> str:
+        """The readable table ``slimfx report`` prints."""
+        from slimfx.report.tables import render_report
+
+        return render_report(self)
+
     def time_share(self, predicted_ms: float | None) -> float | None:
         """A predicted time's share of the kernels' predicted total."""
         if self.prediction is None or predicted_ms is None or self.prediction.kernels_ms <= 0:
@@ -413,6 +419,12 @@ class CompileReport:
     torch_int8: Int8Timing | None = None
     runtimes: RuntimeComparison | None = None  # the original and compiled model in each runtime asked for
     warn_below: float = DEFAULT_WARN_BELOW  # top-1 agreement under which the report warns
+
+    def __str__(self) -> str:
+        """The readable tables ``slimfx compile`` prints."""
+        from slimfx.report.tables import render_compile
+
+        return render_compile(self)
 
     @property
     def output_error(self) -> float:

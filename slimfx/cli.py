@@ -75,6 +75,15 @@ def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
         help="module path to keep whole when tracing (repeatable)",
     )
     parser.add_argument(
+        "--concrete-arg",
+        action="append",
+        default=[],
+        type=_concrete_arg,
+        metavar="NAME=VALUE",
+        help="fix an argument of the model's forward to a Python literal while tracing (True, 3, 'mean', None), "
+        "for a top-level branch on it (repeatable)",
+    )
+    parser.add_argument(
         "--no-fallback",
         action="store_true",
         help="fail when the model does not trace, instead of keeping a submodule whole (opaque) "
@@ -236,6 +245,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _concrete_arg(text: str) -> tuple[str, object]:
+    """``--concrete-arg NAME=VALUE``: the name and the value as a Python literal."""
+    import ast
+
+    name, eq, raw = text.partition("=")
+    if not eq or not name.strip().isidentifier():
+        raise argparse.ArgumentTypeError(f"expected NAME=VALUE (e.g. return_loss=False), not {text!r}")
+    try:
+        value = ast.literal_eval(raw.strip())
+    except (ValueError, SyntaxError):
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: VALUE must be a Python literal (True, 3, 0.5, 'text', None); quote text as 'text'"
+        ) from None
+    return name.strip(), value
+
+
 def _agreement(text: str) -> float:
     """``--warn-below``: a share between 0 and 1."""
     try:
@@ -349,6 +374,7 @@ def cmd_report(args: argparse.Namespace) -> None:
         inputs,
         name=loaded.name,
         leaf_modules=args.leaf_module,
+        concrete_args=dict(args.concrete_arg) or None,
         capture_fallback=not args.no_fallback,
         layer_timing=LAYER_TIMING_RUNS if args.html else 0,
         runtime=args.runtime,
@@ -403,6 +429,7 @@ def cmd_compile(args: argparse.Namespace) -> None:
         seed=args.seed,
         name=loaded.name,
         leaf_modules=args.leaf_module,
+        concrete_args=dict(args.concrete_arg) or None,
         latency_repeats=max(args.repeats, 0) if main_rank else 0,
         calib_data=calib,
         train_data=train,

@@ -408,3 +408,21 @@ def test_a_model_instance_in_a_file_is_taken_as_the_model(tmp_path: Path, capsys
     source.write_text("import torch\n\nnet = torch.nn.Sequential(torch.nn.Linear(4, 2))\n")
     code, out, _ = run(capsys, "report", f"{source}:net", "--input-shape", "1,4", "--format", "json")
     assert code == 0 and json.loads(out)["totals"]["params"] == 10
+
+
+def test_a_top_level_branch_points_to_concrete_arg_which_fixes_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    source = tmp_path / "flagged.py"
+    source.write_text(
+        "import torch\n\nclass Net(torch.nn.Module):\n    def __init__(self):\n        super().__init__()\n"
+        "        self.lin = torch.nn.Linear(4, 2)\n\n    def forward(self, x, double=False):\n"
+        "        y = self.lin(x)\n        if double:\n            return y * 2\n        return y\n"
+    )
+    argv = ["report", f"{source}:Net", "--input-shape", "1,4", "--no-fallback"]
+    code, _, err = run(capsys, *argv)
+    assert code == 2 and "--concrete-arg NAME=VALUE" in err and "--leaf-module PATH" in err
+    code, out, _ = run(capsys, *argv, "--concrete-arg", "double=True", "--format", "json")
+    assert code == 0 and json.loads(out)["totals"]["params"] == 10
+    code, _, err = run(capsys, *argv, "--concrete-arg", "double")
+    assert code == 2 and "expected NAME=VALUE" in err

@@ -236,3 +236,23 @@ def test_bad_bf16_options(spec: str, message: str) -> None:
 
     with pytest.raises(PassSpecError, match=message):
         resolve_passes(spec)
+
+
+def test_no_change_always_says_why_and_low_bit_sizes_say_how_files_store_them() -> None:
+    import dataclasses
+
+    from slimfx.report.analysis import Latency, OnnxMeasurement
+    from slimfx.report.tables import render_compile
+
+    model, x = trained_cnn(), split()["test"][0]
+    int4 = compile(model, x[:2], "quantize:weights=int4", calib_data=calibration())
+    (size,) = [d for d in int4.report.passes[-1].decisions if d.target == "(model size)"]
+    assert "ONNX and OpenVINO files store weights below 8 bits as int8" in size.reason
+    again = compile(int4.module, x[:2], "quantize", calib_data=calibration())
+    fold, quantize = again.report.passes
+    assert (
+        not quantize.changed and "the model is quantized already (5 quantized layers)" in quantize.decisions[-1].reason
+    )
+    assert not fold.changed and fold.decisions[-1].reason.startswith("nothing to change: nothing in this model")
+    slower = dataclasses.replace(int4.report, onnx=OnnxMeasurement("m.onnx", Latency(1.0, 1.3, "onnxruntime"), {}))
+    assert "WARNING: the compiled model is slower than the original in onnxruntime (0.77x)" in render_compile(slower)

@@ -188,12 +188,24 @@ def _trace(
         raise _TraceFailure(path, _describe_trace_failure(model, tracer, exc)) from exc
     finally:
         _restore_python_state(model, state)
+    _bind_concrete_args(fx_graph, concrete_args or {})
     module = fx.GraphModule(tracer.root, fx_graph, type(model).__name__)
     # fx's tracer ends up in reference cycles (closures it patches in); drop its hold on the
     # traced model, so that what the graph no longer uses is freed at once, not at the next
     # garbage collection (a multi-GB model would otherwise stay in memory twice)
     tracer.root = tracer.submodule_paths = None
     return module
+
+
+def _bind_concrete_args(graph: fx.Graph, concrete_args: dict[str, Any]) -> None:
+    """fx keeps a placeholder for each concrete argument (``NAME_1``, checked against the value
+    by an assert) whose default is the signature's; make the concrete value its default, so the
+    graph runs on the tensor inputs alone."""
+    for node in graph.nodes:
+        if node.op == "placeholder":
+            name, _, count = str(node.target).rpartition("_")
+            if name in concrete_args and count.isdigit():
+                node.args = (concrete_args[name],)
 
 
 _MODULE_SLOTS = frozenset({"_modules", "_parameters", "_buffers"})
@@ -245,13 +257,18 @@ def _describe_trace_failure(model: torch.nn.Module, tracer: SlimfxTracer, exc: E
     if line:
         where += f" at {line}"
     reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-    leaf_hint = (
-        f"leaf_modules=['{tracer.failed_module[0]}'] (CLI: --leaf-module {tracer.failed_module[0]})"
-        if tracer.failed_module and tracer.failed_module[0]
-        else "leaf_modules=[...] (CLI: --leaf-module PATH)"
-    )
-    return (
+    failure = (
         f"cannot trace {where}: {reason}. torch.fx traces symbolically, so Python control flow "
-        f"on tensor values cannot be captured. Keep that module whole with {leaf_hint}, "
-        "or fix the branch with concrete_args."
+        "on tensor values cannot be captured."
+    )
+    if tracer.failed_module and tracer.failed_module[0]:
+        path = tracer.failed_module[0]
+        return (
+            f"{failure} Keep that module whole with leaf_modules=['{path}'] (CLI: --leaf-module {path}), "
+            "or fix the branch with concrete_args."
+        )
+    return (
+        f"{failure} The branch is in the model's own forward, which cannot be kept whole: when it branches on "
+        "an argument that is not a tensor, fix it with concrete_args={'NAME': value} (CLI: --concrete-arg "
+        "NAME=VALUE); otherwise move the branch into a submodule and keep that whole (--leaf-module PATH)."
     )

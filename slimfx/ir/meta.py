@@ -65,6 +65,17 @@ class Cost:
         """The same cost with its parameters left out (a module counted once already)."""
         return Cost(self.macs, self.elem_ops, 0, self.bytes_read, self.bytes_written)
 
+    def totals(self) -> dict[str, int]:
+        """Every count by its report name, FLOPs included: ``{"macs": ..., "flops": ..., ...}``."""
+        return {
+            "macs": self.macs,
+            "flops": self.flops,
+            "elem_ops": self.elem_ops,
+            "params": self.params,
+            "bytes_read": self.bytes_read,
+            "bytes_written": self.bytes_written,
+        }
+
 
 @dataclass(frozen=True)
 class NodeCost:

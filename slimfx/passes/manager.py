@@ -21,7 +21,7 @@ from slimfx.ir.graph import Graph
 from slimfx.ir.rewrite import snapshot
 from slimfx.ir.shapes import ensure_shapes
 from slimfx.ir.verify import all_finite, compare_outputs, first_non_finite, lint, run_outputs
-from slimfx.passes.base import DataNeed, Decision, Pass, PassContext, PassResult
+from slimfx.passes.base import Action, DataNeed, Decision, Pass, PassContext, PassResult
 
 EXACT_TOLERANCE = 1e-4
 
@@ -204,6 +204,11 @@ class PassManager:
         fidelity = None
         if changed or result.exit_plan is not None:
             fidelity = state.fidelity = self._score(index, p, judge, state.module, history)
+        decisions = result.decisions
+        if not changed and result.exit_plan is None and not decisions:  # "no change" always says why
+            what = f" ({p.summary})" if p.summary else ""
+            reason = f"nothing to change: nothing in this model that this pass{what} applies to"
+            decisions = (Decision("(model)", Action.SUMMARY, reason),)
         return PassRecord(
             p.name,
             p.spec(),
@@ -211,7 +216,7 @@ class PassManager:
             result.changed,
             seconds,
             fidelity,
-            result.decisions,
+            decisions,
             result.warnings,
             result.exit_plan,
             (not state.unverified) if p.is_exact() else None,

@@ -183,6 +183,9 @@ class Quantize(Pass):
             schemes, warnings = self._mixed_precision(graph, targets, ctx)
         macs = {n.name: graph.info(n).cost.cost.macs for n in targets}
         points = self._insert_quantizers(graph, targets, schemes)
+        if not points:
+            listed = [d for d in decisions.values() if d is not None]
+            return PassResult(changed=False, decisions=tuple(listed) + (self._nothing_to_quantize(graph),))
         observed = self._calibrate(graph, points, ctx)
         grids: dict[fx.Node, tuple[float, int, str]] = {}  # tensors on a uint8 grid: scale, zero point, who set it
         for point in points:
@@ -191,9 +194,19 @@ class Quantize(Pass):
         if self.bf16:
             decisions |= self._to_bf16(graph, points, decisions, observed, warnings)
         listed = [d for d in decisions.values() if d is not None]
-        return PassResult(
-            changed=bool(points), decisions=tuple(listed) + (_size_summary(listed),), warnings=tuple(warnings)
+        return PassResult(changed=True, decisions=tuple(listed) + (_size_summary(listed),), warnings=tuple(warnings))
+
+    @staticmethod
+    def _nothing_to_quantize(graph: Graph) -> Decision:
+        """Why a run changed nothing: the graph is quantized already, or holds no float layer."""
+        done = sum(isinstance(m, (QuantizedLayer, Bf16Layer)) for m in graph.module.modules())
+        why = (
+            f"the model is quantized already ({done} quantized layers): quantize works on float convs, linears "
+            "and matmuls"
+            if done
+            else "no float conv, linear or matmul to quantize (every one is excluded or there are none)"
         )
+        return Decision("(model)", Action.SUMMARY, f"nothing to quantize: {why}")
 
     def _open_attention(self, graph: Graph) -> dict[str, Decision | None]:
         """Write each nn.MultiheadAttention call out as projections and matmuls (AttentionParts),
@@ -578,4 +591,11 @@ def _size_summary(decisions: list[Decision]) -> Decision:
         f"{total.quantized_bytes / 1e6:.3f} MB at the chosen widths -> {total.huffman_bytes / 1e6:.3f} MB "
         f"Huffman-coded; {total.zero_share:.1%} of weights are 0"
     )
+    integer = [d.details for d in decisions if isinstance(d.details, QuantizedLayerDetails)]
+    if any(details.bits < 8 for details in integer):
+        as_int8 = sum(details.size.fp32_bytes / 4 for details in integer)
+        reason += (
+            f"; ONNX and OpenVINO files store weights below 8 bits as int8 (these layers' weights: "
+            f"{as_int8 / 1e6:.3f} MB there)"
+        )
     return Decision("(model size)", Action.SUMMARY, reason, details=total)

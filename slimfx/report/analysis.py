@@ -252,7 +252,7 @@ class Report:
             "input_shapes": [list(s) for s in self.input_shapes],
             "units": UNITS,
             "totals": {
-                **totals_dict(self.totals),
+                **self.totals.totals(),
                 "latency_ms": self.latency_ms,
                 "predicted_ms": self.prediction.total_ms if self.prediction else None,
             },
@@ -328,17 +328,6 @@ def _family(graph: Graph, node: Any, kind: str) -> str:
     if not isinstance(groups, int) or groups == 1 or not hasattr(module, "in_channels"):
         return kind
     return f"{kind} (depthwise)" if groups == module.in_channels else f"{kind} (grouped)"
-
-
-def totals_dict(cost: Cost) -> dict[str, int]:
-    return {
-        "macs": cost.macs,
-        "flops": cost.flops,
-        "elem_ops": cost.elem_ops,
-        "params": cost.params,
-        "bytes_read": cost.bytes_read,
-        "bytes_written": cost.bytes_written,
-    }
 
 
 @dataclass(frozen=True)

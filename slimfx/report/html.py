@@ -19,7 +19,7 @@ from slimfx.backends.compare import COMPILED, ORIGINAL, RuntimeComparison
 from slimfx.errors import OutputError
 from slimfx.exits.plan import ExitPlan
 from slimfx.passes.manager import PassRecord
-from slimfx.report.analysis import CompileReport, NodeRow, Report, totals_dict
+from slimfx.report.analysis import CompileReport, NodeRow, Report
 
 TOP_LAYERS = 20  # layers shown in the per-layer plots (the table has every node)
 _STYLE = """
@@ -81,7 +81,7 @@ def report_html(report: Report) -> str:
 def compile_html(result: CompileReport) -> str:
     """The page for ``slimfx compile``: totals before/after, per-layer plots, the runtimes, each
     pass's decisions, and every node before and after."""
-    before, after = totals_dict(result.before.totals), totals_dict(result.after.totals)
+    before, after = result.before.totals.totals(), result.after.totals.totals()
     totals = _table(
         ["total", "before", "after", "after / before"],
         [[k, before[k], after[k], after[k] / before[k] if before[k] else None] for k in before],
@@ -131,7 +131,7 @@ def _e(text: object) -> str:
 
 def _summary(report: Report) -> str:
     shapes = ", ".join("x".join(map(str, s)) for s in report.input_shapes)
-    rows = [[k, v] for k, v in totals_dict(report.totals).items()]
+    rows = [[k, v] for k, v in report.totals.totals().items()]
     if report.latency_ms is not None:
         rows.append(["measured latency, ms (sum of the nodes)", report.latency_ms])
     notes = [f"<p>input {_e(shapes)}</p>", _table(["total", "value"], rows)]

@@ -6,7 +6,7 @@ import csv
 import io
 import json
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tabulate import tabulate
 
@@ -15,7 +15,9 @@ from slimfx.cost_model.device import DeviceProfile
 from slimfx.exits.plan import ExitPlan
 from slimfx.ir.meta import Cost
 from slimfx.passes.manager import PassRecord
-from slimfx.report.analysis import CompileReport, Int8Timing, KindRow, NodeRow, Report, totals_dict
+
+if TYPE_CHECKING:  # report.analysis renders its reports with this module: type names only here
+    from slimfx.report.analysis import CompileReport, Int8Timing, KindRow, NodeRow, Report
 
 TABLE_FORMATS = {"table": "simple", "md": "github"}
 
@@ -170,7 +172,7 @@ def render_compile(result: CompileReport, fmt: str = "table") -> str:
     if fmt == "json":
         return result.to_json()
     tablefmt = TABLE_FORMATS.get(fmt, "simple")
-    before, after = totals_dict(result.before.totals), totals_dict(result.after.totals)
+    before, after = result.before.totals.totals(), result.after.totals.totals()
     rows = [[_TOTAL_LABELS[k], before[k], after[k], _ratio(after[k], before[k])] for k in before]
     parts = [
         f"{result.before.model}: {len(result.passes)} pass(es)",
@@ -197,6 +199,10 @@ def render_compile(result: CompileReport, fmt: str = "table") -> str:
             f"{o.latency.after_ms:.2f} ms, speedup {o.latency.speedup:.2f}x; wrote {o.path} "
             f"(what onnxruntime runs: {counts_text(o.kernels)})"
         )
+        if o.latency.speedup < 1:
+            parts.append(
+                f"WARNING: the compiled model is slower than the original in onnxruntime ({o.latency.speedup:.2f}x)"
+            )
     if result.torch_int8:
         parts.append(_int8_text(result.torch_int8))
     if result.runtimes:

@@ -168,7 +168,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--calib",
         metavar="SPEC",
         help="calibration data for passes that need it: random:N (N random batches shaped like the "
-        "example inputs, a stand-in) or a file written by torch.save (a tensor or a list of batches)",
+        "example inputs, a stand-in), a file written by torch.save (a tensor, an (X, y) pair or a list of "
+        "batches), or a NumPy .npy/.npz file",
     )
     comp.add_argument(
         "--train",

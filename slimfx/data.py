@@ -51,19 +51,43 @@ def batches(
 ) -> Iterator[Batch]:
     """Every batch of ``data`` as a ``Batch``, checked against ``example_inputs``.
 
-    A tensor is split into batches of the example batch size. Each item of an iterable is a
-    tensor (the only input), or a tuple/list of one tensor per model input, optionally followed
-    by a 1-D tensor of labels. Inputs must match the example inputs' shape past the batch
+    A tensor (or NumPy array) is split into batches of the example batch size, and so is a whole
+    labelled data set given as ``(X, y)``. Each item of an iterable is a tensor (the only
+    input), or a tuple/list of one tensor per model input, optionally followed by a 1-D tensor
+    of labels. Inputs must match the example inputs' shape past the batch
     dimension; floating inputs are cast to the example's dtype. With ``fixed_rows`` (a graph
     traced at fixed shapes runs on its example's batch size only), each batch is split into
     batches of exactly that many rows.
     """
+    data = _as_tensor(data)
+    size = max(int(example_inputs[0].shape[0]) if example_inputs and example_inputs[0].dim() else 1, 1)
     if isinstance(data, torch.Tensor):
-        size = max(int(example_inputs[0].shape[0]) if example_inputs[0].dim() else 1, 1)
         data = list(data.split(size)) if data.dim() else [data]
+    elif (pair := _inputs_and_labels(data, example_inputs)) is not None:
+        data = list(zip(pair[0].split(size), pair[1].split(size)))
     for index, item in enumerate(data):
         batch = as_batch(item, example_inputs, f"{what}: batch {index}")
         yield from (batch,) if fixed_rows is None else _split_rows(batch, fixed_rows, f"{what}: batch {index}")
+
+
+def _as_tensor(data: Any) -> Any:
+    """A NumPy array as a tensor (sharing its memory); anything else as it is."""
+    if type(data).__module__ == "numpy" and hasattr(data, "dtype") and hasattr(data, "shape"):
+        return torch.from_numpy(data)
+    return data
+
+
+def _inputs_and_labels(data: Any, example_inputs: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """``(X, y)``, a whole labelled data set in two tensors (rows of model input, one label per
+    row), told apart from a list of two batches by ``y`` being 1-D against inputs of 2-D or more."""
+    if not isinstance(data, (tuple, list)) or len(data) != 2 or len(example_inputs) != 1:
+        return None
+    inputs, labels = (_as_tensor(d) for d in data)
+    if not (isinstance(inputs, torch.Tensor) and isinstance(labels, torch.Tensor)):
+        return None
+    if example_inputs[0].dim() < 2 or labels.dim() != 1 or inputs.dim() != example_inputs[0].dim():
+        return None
+    return (inputs, labels) if len(labels) == len(inputs) else None
 
 
 def _split_rows(batch: Batch, rows: int, where: str) -> Iterator[Batch]:

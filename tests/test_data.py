@@ -53,3 +53,38 @@ def test_a_one_shot_iterator_is_refused_before_any_work() -> None:
         check_reusable(x for x in [torch.randn(2, 3, 8, 8)])
     with pytest.raises(DataError, match="not a int"):
         check_reusable(3)
+
+
+def test_a_whole_labelled_set_as_x_y_and_numpy_arrays_are_split_into_batches() -> None:
+    import numpy as np
+
+    x, y = torch.randn(10, 3, 8, 8), torch.arange(10)
+    for data in ((x, y), [x, y], (x.numpy(), y.numpy())):
+        found = list(batches(data, EXAMPLE))
+        assert [b.rows for b in found] == [4, 4, 2] and torch.equal(torch.cat([b.labels for b in found]), y)
+    assert [b.rows for b in batches(np.zeros((6, 3, 8, 8), dtype=np.float32), EXAMPLE)] == [4, 2]
+
+
+def test_numpy_files_and_unreadable_files(tmp_path) -> None:
+    import numpy as np
+
+    from slimfx.files.calib_spec import calibration_batches
+
+    x, y = np.random.rand(6, 3, 8, 8).astype(np.float32), np.arange(6)
+    np.save(tmp_path / "x.npy", x)
+    np.savez(tmp_path / "xy.npz", images=x, labels=y)
+    np.savez(tmp_path / "odd.npz", a=x, b=y)
+    (plain,) = [calibration_batches(str(tmp_path / "x.npy"), (torch.zeros(6, 3, 8, 8),))]
+    assert len(plain) == 1 and plain[0].labels is None and torch.allclose(plain[0].inputs[0], torch.from_numpy(x))
+    labelled = calibration_batches(str(tmp_path / "xy.npz"), EXAMPLE)
+    assert torch.equal(torch.cat([b.labels for b in labelled]), torch.from_numpy(y))
+    with pytest.raises(DataError, match="the .npz holds a, b; name the inputs one of x, inputs"):
+        calibration_batches(str(tmp_path / "odd.npz"), EXAMPLE)
+    np.save(tmp_path / "bytes.npy", (x * 255).astype(np.uint8))
+    with pytest.raises(DataError, match="is torch.uint8 but the model takes torch.float32: convert it"):
+        calibration_batches(str(tmp_path / "bytes.npy"), EXAMPLE)
+    (tmp_path / "junk.pt").write_bytes(b"not a pickle at all")
+    with pytest.raises(DataError) as error:
+        calibration_batches(str(tmp_path / "junk.pt"), EXAMPLE)
+    assert "cannot load it with torch.load" in str(error.value) and "\n" not in str(error.value)
+    assert "\x1b" not in str(error.value)

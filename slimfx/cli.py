@@ -17,10 +17,11 @@ from typing import NoReturn
 import torch
 
 from slimfx import parallel
-from slimfx.errors import OutputError, ShapeError, SlimfxError
+from slimfx.errors import OutputError, ShapeError, SlimfxError, StrictFailure
 from slimfx.fidelity import DEFAULT_WARN_BELOW
 
 EXIT_BAD_INPUT = 2
+EXIT_STRICT = 1  # --strict and the compile warned
 DEFAULT_PASSES = "fold-bn"
 LAYER_TIMING_RUNS = 10  # runs per node for the HTML pages' measured per-layer time
 
@@ -208,6 +209,12 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=20,
         help="timed runs for measured latency before/after (median; 0 skips timing; default 20)",
+    )
+    comp.add_argument(
+        "--strict",
+        action="store_true",
+        help="fail on any warning (a target that cannot be reached, agreement under --warn-below, a slower "
+        "runtime, ...): print the report, write no file, exit 1",
     )
 
     device = sub.add_parser(
@@ -457,6 +464,12 @@ def cmd_compile(args: argparse.Namespace) -> None:
         if args.html:
             staged = outputs.path(args.html)
             atomic_write(staged, lambda f: f.write(compile_html(result.report).encode()))
+        if args.strict and result.report.warnings():
+            sys.stdout.write(render_compile(result.report, args.format))
+            found = result.report.warnings()
+            raise StrictFailure(
+                f"--strict: {len(found)} warning(s), the first: {found[0]}; no file was written"
+            )  # the staged outputs are removed
         outputs.commit()
     if args.html:
         print(f"wrote {args.html}", file=sys.stderr)
@@ -625,6 +638,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     }[args.command]
     try:
         command(args)
+    except StrictFailure as exc:
+        print(f"slimfx: {exc}", file=sys.stderr)
+        return EXIT_STRICT
     except SlimfxError as exc:
         print(f"slimfx: error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT

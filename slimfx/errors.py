@@ -65,3 +65,7 @@ class BackendError(SlimfxError):
 
 class OutputError(SlimfxError):
     """An output file could not be written."""
+
+
+class StrictFailure(SlimfxError):
+    """Under --strict: the compile finished with warnings, so nothing was written."""

@@ -148,3 +148,15 @@ def test_passes_lists_the_passes_and_their_options(capsys: pytest.CaptureFixture
     assert code == 0 and "min-channels" in out and "l1|bn-scale|thinet" in out and "0.5" in out
     code, _, err = run(capsys, "passes", "quantise")
     assert code == 2 and "valid passes" in err
+
+
+def test_strict_fails_an_unreachable_target_and_writes_nothing(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out_file = tmp_path / "m.pt"
+    argv = [*SMALL, "--passes", "prune-channels:target-macs=0.001", "--repeats", "0", "-o", str(out_file)]
+    code, out, err = run(capsys, "compile", *argv, "--strict")
+    assert code == 1 and "cannot be reached" in err and "no file was written" in err
+    assert len(err.strip().splitlines()) == 1 and "pass prune-channels" in out and not out_file.exists()
+    code, out, err = run(capsys, "compile", *argv)
+    assert code == 0 and out_file.exists() and "cannot be reached" in out

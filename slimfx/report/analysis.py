@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from slimfx.backends.compare import RuntimeComparison
+from slimfx.backends.compare import COMPILED, RuntimeComparison
 from slimfx.cost_model.counts import sum_costs
 from slimfx.cost_model.latency import LatencyPrediction
 from slimfx.errors import RewriteError
@@ -441,6 +441,29 @@ class CompileReport:
                 f"WARNING: the output is essentially destroyed (relative output error {final.output_error:.3g} on "
                 f"{final.on}): whatever speed the compiled model has, it does not compute what the original did"
             )
+        return tuple(lines)
+
+    def slower_runtimes(self) -> tuple[tuple[str, float], ...]:
+        """Runtimes where the compiled model measured slower than the original, with the speedup."""
+        found = []
+        if self.runtimes is not None:
+            for row in self.runtimes.rows:
+                speedup = self.runtimes.speedup_in_runtime(row) if row.model == COMPILED else None
+                if speedup is not None and speedup < 1:
+                    found.append((row.runtime, speedup))
+        if self.onnx is not None and self.onnx.latency.speedup < 1:
+            found.append(("onnxruntime", self.onnx.latency.speedup))
+        return tuple(found)
+
+    def warnings(self) -> tuple[str, ...]:
+        """Every warning of the run, one line each: the passes', the run's, fidelity, slower runtimes."""
+        lines = [f"pass '{r.spec}': {w}" for r in self.passes for w in r.warnings]
+        lines += [n.removeprefix("WARNING: ") for n in self.notes if n.startswith("WARNING")]
+        lines += [w.removeprefix("WARNING: ") for w in self.fidelity_warnings()]
+        lines += [
+            f"the compiled model is slower than the original in {name} ({speedup:.2f}x)"
+            for name, speedup in self.slower_runtimes()
+        ]
         return tuple(lines)
 
     def to_dict(self, top: int | None = None) -> dict[str, Any]:

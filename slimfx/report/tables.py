@@ -199,7 +199,7 @@ def render_compile(result: CompileReport, fmt: str = "table") -> str:
             f"{o.latency.after_ms:.2f} ms, speedup {o.latency.speedup:.2f}x; wrote {o.path} "
             f"(what onnxruntime runs: {counts_text(o.kernels)})"
         )
-        if o.latency.speedup < 1:
+        if o.latency.speedup < 1:  # the runtime table below warns about its own rows
             parts.append(
                 f"WARNING: the compiled model is slower than the original in onnxruntime ({o.latency.speedup:.2f}x)"
             )

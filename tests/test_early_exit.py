@@ -191,26 +191,36 @@ def test_cli_reports_exit_shares_and_expected_macs(tmp_path: Path, capsys: pytes
 
     from slimfx.cli import main
 
-    code = main(
-        [
-            "compile",
-            "torchvision:resnet18",
-            "--input-shape",
-            "8,3,32,32",
-            "--passes",
-            "add-exits:exits=1,epochs=1",
-            "--calib",
-            "random:3",
-            "--format",
-            "json",
-            "--repeats",
-            "0",
-        ]
+    weights = tmp_path / "weights.pt"
+    torch.save(trained_cnn().state_dict(), weights)
+    tests = str(Path(__file__).parent)
+    (tmp_path / "model.py").write_text(
+        f"import sys, torch\nsys.path.insert(0, {tests!r})\nfrom digits import DigitsCNN\n"
+        f"def build():\n    model = DigitsCNN()\n    model.load_state_dict(torch.load({str(weights)!r}))\n"
+        "    return model.eval()\n"
     )
+    torch.save(calibration(), tmp_path / "calib.pt")
+    argv = ["compile", f"{tmp_path / 'model.py'}:build", "--input-shape", "8,1,8,8", "--passes", "add-exits:exits=1"]
+    code = main([*argv, "--calib", str(tmp_path / "calib.pt"), "--format", "json", "--repeats", "0"])
     out, _ = capsys.readouterr()
     assert code == 0
     exits = json.loads(out)["exits"]
-    assert len(exits["exits"]) == 2 and exits["expected_macs_per_sample"] > 0 and "share" in exits["exits"][0]
+    assert len(exits["exits"]) == 2 and exits["exits"][1]["exit"] == "full model" and exits["exits"][0]["share"] > 0
+
+
+def test_exits_no_row_takes_are_dropped_and_too_many_exits_say_how_many_fit() -> None:
+    model = torchvision.models.resnet18(num_classes=10).eval()  # random weights: no head is ever confident
+    x = torch.randn(40, 3, 32, 32)
+    result = compile(model, x[:8], "add-exits:exits=2,epochs=1", calib_data=list(x.split(20)))
+    (record,) = result.report.passes
+    assert result.report.exits is None and not isinstance(result.module, EarlyExitModel)
+    reasons = [d.reason for d in record.decisions]
+    assert sum("dropped: no held-out row leaves here" in r for r in reasons) == 2
+    assert any(r.startswith("no exit kept") for r in reasons)
+    many = compile(trained_cnn(), split()["test"][0][:2], "add-exits:exits=50", calib_data=calibration())
+    (summary,) = [d for d in many.report.passes[0].decisions if "asked for" in d.reason]
+    planned = len(many.report.exits.stats) + sum("dropped" in d.reason for d in many.report.passes[0].decisions)
+    assert f"exits=50 asked for, but this model has {planned} place(s) to cut" in summary.reason
 
 
 @pytest.mark.parametrize("passes", ["add-exits:exits=2", "fold-bn,quantize,add-exits:exits=2"])

@@ -137,7 +137,26 @@ class AddExits(Pass):
                 progress=ctx.progress,
             )
         heads.eval()
-        plan = self._plan(graph, extractor, heads, cuts, inputs[held], None if labels is None else labels[held], losses)
+        held_labels = None if labels is None else labels[held]
+        plan = self._plan(graph, extractor, heads, cuts, inputs[held], held_labels, losses)
+        while plan.stats and any(stat.share == 0 for stat in plan.stats):  # an exit nobody takes only costs
+            untaken = [stat for stat in plan.stats if stat.share == 0]
+            decisions += [
+                Decision(
+                    stat.node,
+                    Action.DECLINED,
+                    f"exit {stat.exit} dropped: no held-out row leaves here at the entropy threshold that keeps "
+                    f"agreement at {self.agreement:g} ({stat.threshold:.4g}); its head would run on every row "
+                    "for nothing",
+                )
+                for stat in untaken
+            ]
+            kept = [k for k, stat in enumerate(plan.stats) if stat.share > 0]
+            if not kept:
+                return PassResult(False, tuple(decisions) + (self._no_exit_taken(),))
+            cuts, heads = [cuts[k] for k in kept], nn.ModuleList(heads[k] for k in kept)
+            extractor = with_outputs(graph.module, cuts, self.name)
+            plan = self._plan(graph, extractor, heads, cuts, inputs[held], held_labels, losses)
         if timer is not None:
             plan = replace(plan, latency=timer.expected(graph, cuts, [s.share for s in plan.stats]))
         for stat in plan.stats:
@@ -151,6 +170,14 @@ class AddExits(Pass):
                 )
             )
         return PassResult(changed=False, decisions=tuple(decisions), exit_plan=plan)
+
+    def _no_exit_taken(self) -> Decision:
+        return Decision(
+            "model",
+            Action.DECLINED,
+            f"no exit kept: at agreement {self.agreement:g} no held-out row could leave early at any exit; lower "
+            "agreement=, train the heads longer (epochs=) or give more calibration data",
+        )
 
     # -- data ---------------------------------------------------------------------------------
     def _calibration(self, ctx: PassContext) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -208,6 +235,15 @@ class AddExits(Pass):
             free = [n for n in block_ends if n.name not in chosen]
             if free:
                 chosen.append(min(free, key=lambda n: abs(cumulative[n.name] - goal)).name)
+        if block_ends and len(block_ends) < self.exits:
+            decisions.append(
+                Decision(
+                    "model",
+                    Action.SUMMARY,
+                    f"exits={self.exits} asked for, but this model has {len(block_ends)} place(s) to cut (block ends "
+                    f"that dominate the output with work after them): {len(block_ends)} exit(s) planned",
+                )
+            )
         order = {n.name: i for i, n in enumerate(graph.nodes())}
         return sorted(set(chosen), key=order.__getitem__), decisions
 

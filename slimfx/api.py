@@ -124,7 +124,14 @@ class CompileResult:
     report: CompileReport
 
     def export_onnx(self, path: str | Path) -> Path:
-        """Write the compiled module as ONNX (QuantizeLinear/DequantizeLinear where quantized)."""
+        """Write the compiled module as ONNX (QuantizeLinear/DequantizeLinear where quantized).
+        An early-exit model is written as parts beside a manifest, ``PATH`` with the suffix
+        ``.exits.json`` (returned; ``slimfx.OnnxEarlyExit`` runs it)."""
+        if isinstance(self.module, EarlyExitModel):
+            from slimfx.backends.early_exit_onnx import EarlyExitFiles, export_early_exit_onnx
+
+            files = EarlyExitFiles.beside(path, len(self.module.heads))
+            return export_early_exit_onnx(self.module, self.graph.example_inputs, files, files).manifest
         from slimfx.backends.onnx import export_onnx
 
         return export_onnx(self.module, self.graph.example_inputs, path)

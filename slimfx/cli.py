@@ -12,13 +12,18 @@ import sys
 import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import NoReturn
+from typing import TYPE_CHECKING, NoReturn
 
 import torch
 
 from slimfx import parallel
 from slimfx.errors import OutputError, ShapeError, SlimfxError, StrictFailure
 from slimfx.fidelity import DEFAULT_WARN_BELOW
+
+if TYPE_CHECKING:
+    from slimfx.api import CompileResult
+    from slimfx.backends.early_exit_onnx import EarlyExitFiles
+    from slimfx.files.atomic import StagedOutputs
 
 EXIT_BAD_INPUT = 2
 EXIT_STRICT = 1  # --strict and the compile warned
@@ -398,6 +403,7 @@ def cmd_report(args: argparse.Namespace) -> None:
 
 def cmd_compile(args: argparse.Namespace) -> None:
     from slimfx import compile
+    from slimfx.backends.early_exit import EarlyExitModel
     from slimfx.backends.runtimes import choose_runtimes
     from slimfx.files.atomic import StagedOutputs, atomic_write
     from slimfx.files.calib_spec import calibration_batches
@@ -454,7 +460,10 @@ def cmd_compile(args: argparse.Namespace) -> None:
         return
     _clear_progress()
     with StagedOutputs() as outputs:  # every output file, or none (an error or Ctrl-C removes them all)
-        if args.onnx:
+        exit_parts = None
+        if args.onnx and isinstance(result.module, EarlyExitModel):
+            exit_parts = _stage_early_exit_onnx(result, args.onnx, outputs)
+        elif args.onnx:
             staged = outputs.path(args.onnx)
             result.measure_onnx(loaded.module, staged, repeats=max(args.repeats, 1), named=args.onnx)
         if args.output:
@@ -478,6 +487,23 @@ def cmd_compile(args: argparse.Namespace) -> None:
         print(f"saved the compiled model to {args.output}", file=sys.stderr)
     if args.openvino:
         print(f"wrote OpenVINO IR {args.openvino} and {Path(args.openvino).with_suffix('.bin')}", file=sys.stderr)
+    if exit_parts is not None:
+        print(
+            f"wrote the early-exit model as ONNX: the manifest {exit_parts.manifest} and its "
+            f"{len(exit_parts.stages)} stages and {len(exit_parts.heads)} exit heads beside it "
+            "(slimfx.OnnxEarlyExit runs them in onnxruntime)",
+            file=sys.stderr,
+        )
+
+
+def _stage_early_exit_onnx(result: CompileResult, onnx_path: str, outputs: StagedOutputs) -> EarlyExitFiles:
+    """Write an early-exit model's ONNX parts and manifest as staged outputs; their final names."""
+    from slimfx.backends.early_exit_onnx import EarlyExitFiles, export_early_exit_onnx, part_suffixes
+
+    heads = len(result.module.heads)
+    final = EarlyExitFiles.beside(onnx_path, heads)
+    staged = outputs.path(final.manifest, part_suffixes(heads))
+    return export_early_exit_onnx(result.module, result.graph.example_inputs, EarlyExitFiles.at(staged, heads), final)
 
 
 _OUTPUT_SUFFIXES = {"onnx": (".onnx",), "openvino": (".xml",), "html": (".html", ".htm")}
@@ -505,10 +531,10 @@ def _check_outputs(args: argparse.Namespace, exits: bool) -> None:
         if resolved in seen:
             raise OutputError(f"--{flag} and --{seen[resolved]} both write {path}: give each output its own file")
         seen[resolved] = flag
-    if exits and (args.onnx or args.openvino):
+    if exits and args.openvino:
         raise OutputError(
-            "an early-exit model (add-exits) cannot be exported to ONNX or OpenVINO yet: "
-            "save it with -o (slimfx's format), or drop --onnx/--openvino"
+            "an early-exit model (add-exits) cannot be written as one OpenVINO model: --onnx OUT.onnx writes its "
+            "stages and heads as ONNX parts with a manifest, -o saves it in slimfx's format"
         )
 
 

@@ -35,7 +35,7 @@ def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
         (["--onnx", "x/../a.onnx", "--openvino", "b.xml", "-o", "a.onnx.pt", "--html", "a.html"], None),
         (["--openvino", "w.xml", "-o", "w.bin"], "-o writes slimfx's own model format"),
         (["--onnx", "m.pt"], "must end in .onnx"),
-        (["--passes", "add-exits", "--calib", "random:2", "--onnx", "e.onnx"], "early-exit model"),
+        (["--passes", "add-exits", "--calib", "random:2", "--openvino", "e.xml"], "early-exit model"),
     ],
 )
 def test_outputs_are_checked_before_any_work(
@@ -160,3 +160,12 @@ def test_strict_fails_an_unreachable_target_and_writes_nothing(
     assert len(err.strip().splitlines()) == 1 and "pass prune-channels" in out and not out_file.exists()
     code, out, err = run(capsys, "compile", *argv)
     assert code == 0 and out_file.exists() and "cannot be reached" in out
+
+
+def test_ctrl_c_while_torch_loads_is_a_clean_interrupt(tmp_path: Path) -> None:
+    argv = [sys.executable, "-m", "slimfx", "report", *SMALL]
+    proc = subprocess.Popen(argv, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(0.5)  # slimfx itself loads in milliseconds; torch, which the CLI needs, takes seconds
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and "Traceback" not in err and "interrupted" in err

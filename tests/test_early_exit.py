@@ -201,11 +201,15 @@ def test_cli_reports_exit_shares_and_expected_macs(tmp_path: Path, capsys: pytes
     )
     torch.save(calibration(), tmp_path / "calib.pt")
     argv = ["compile", f"{tmp_path / 'model.py'}:build", "--input-shape", "8,1,8,8", "--passes", "add-exits:exits=1"]
-    code = main([*argv, "--calib", str(tmp_path / "calib.pt"), "--format", "json", "--repeats", "0"])
-    out, _ = capsys.readouterr()
+    argv += ["--calib", str(tmp_path / "calib.pt"), "--format", "json", "--repeats", "0"]
+    code = main([*argv, "--onnx", str(tmp_path / "e.onnx")])
+    out, err = capsys.readouterr()
     assert code == 0
     exits = json.loads(out)["exits"]
     assert len(exits["exits"]) == 2 and exits["exits"][1]["exit"] == "full model" and exits["exits"][0]["share"] > 0
+    written = sorted(p.name for p in tmp_path.glob("e.*"))
+    assert written == ["e.exits.head0.onnx", "e.exits.json", "e.exits.stage0.onnx", "e.exits.stage1.onnx"]
+    assert "wrote the early-exit model as ONNX: the manifest" in err and not list(tmp_path.glob(".*tmp*"))
 
 
 def test_exits_no_row_takes_are_dropped_and_too_many_exits_say_how_many_fit() -> None:
@@ -255,3 +259,26 @@ def test_exits_placed_by_predicted_latency_report_the_expected_latency() -> None
     assert latency.expected_ms > 0 and latency.speedup == pytest.approx(latency.full_ms / latency.expected_ms)
     assert "predicted on torch, batch 32" in render_compile(result.report)
     assert result.report.to_dict()["exits"]["latency"]["expected_latency_speedup"] == pytest.approx(latency.speedup)
+
+
+@pytest.mark.parametrize("passes", ["add-exits:exits=2", "fold-bn,quantize,add-exits:exits=2"])
+def test_early_exit_models_export_to_onnx_parts_that_run_back(passes: str, tmp_path: Path) -> None:
+    from slimfx import OnnxEarlyExit
+
+    x_test, _ = split()["test"]
+    result = compile(trained_cnn(), x_test[:2], passes, calib_data=calibration())
+    manifest = result.export_onnx(tmp_path / "m.onnx")
+    heads = len(result.module.heads)
+    parts = [f"m.exits.stage{k}.onnx" for k in range(heads + 1)] + [f"m.exits.head{k}.onnx" for k in range(heads)]
+    assert manifest == tmp_path / "m.exits.json" and sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        ["m.exits.json", *parts]
+    )
+    runner = OnnxEarlyExit(manifest)
+    with torch.no_grad():
+        expected, expected_exits = result.module(x_test, return_exits=True)
+    got, exits = runner(x_test, return_exits=True)
+    same = exits == expected_exits
+    assert float(same.float().mean()) >= 0.97  # onnxruntime's rounding may move a row across a threshold
+    assert float((exits < heads).float().mean()) > 0.2  # rows really leave early in onnxruntime
+    torch.testing.assert_close(got[same], expected[same], atol=0.05, rtol=0.05)
+    assert float((got.argmax(1) == expected.argmax(1)).float().mean()) >= 0.97

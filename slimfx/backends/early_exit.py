@@ -7,7 +7,7 @@ there, and the rest go on. Compute is really skipped: the batch shrinks.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.fx as fx
@@ -38,28 +38,41 @@ class EarlyExitModel(nn.Module):
         self.thresholds = [float(t) for t in thresholds]
 
     def forward(self, *inputs: torch.Tensor, return_exits: bool = False):
-        rows = inputs[0].shape[0]
-        features = self.stages[0](*inputs)
-        remaining = torch.arange(rows, device=inputs[0].device)
-        exits = torch.full((rows,), len(self.heads), dtype=torch.long, device=inputs[0].device)
-        outputs = None
-        for k, head in enumerate(self.heads):
-            logits = head(features)
-            if outputs is None:
-                outputs = logits.new_empty((rows, *logits.shape[1:]))
-            done = prediction_entropy(logits) <= self.thresholds[k]
-            outputs[remaining[done]] = logits[done]
-            exits[remaining[done]] = k
-            if bool(done.all()):
-                return (outputs, exits) if return_exits else outputs
-            if bool(done.any()):
-                keep = ~done
-                remaining, features = remaining[keep], features[keep]
-            features = self.stages[k + 1](features)
-        if outputs is None:
-            outputs = features.new_empty((rows, *features.shape[1:]))
-        outputs[remaining] = features
+        outputs, exits = take_exits(list(self.stages), list(self.heads), self.thresholds, inputs)
         return (outputs, exits) if return_exits else outputs
+
+
+Part = Callable[..., torch.Tensor]
+
+
+def take_exits(
+    stages: Sequence[Part], heads: Sequence[Part], thresholds: Sequence[float], inputs: Sequence[torch.Tensor]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Route a batch through ``stages`` and exit ``heads`` (any callables on tensors: torch
+    modules, or onnxruntime sessions): each row's output from the first exit whose prediction
+    entropy is at most its threshold, else from the last stage; and each row's exit index."""
+    rows = inputs[0].shape[0]
+    features = stages[0](*inputs)
+    remaining = torch.arange(rows, device=inputs[0].device)
+    exits = torch.full((rows,), len(heads), dtype=torch.long, device=inputs[0].device)
+    outputs = None
+    for k, head in enumerate(heads):
+        logits = head(features)
+        if outputs is None:
+            outputs = logits.new_empty((rows, *logits.shape[1:]))
+        done = prediction_entropy(logits) <= thresholds[k]
+        outputs[remaining[done]] = logits[done]
+        exits[remaining[done]] = k
+        if bool(done.all()):
+            return outputs, exits
+        if bool(done.any()):
+            keep = ~done
+            remaining, features = remaining[keep], features[keep]
+        features = stages[k + 1](features)
+    if outputs is None:
+        outputs = features.new_empty((rows, *features.shape[1:]))
+    outputs[remaining] = features
+    return outputs, exits
 
 
 def build_early_exit(module: fx.GraphModule, plan: ExitPlan) -> EarlyExitModel:

@@ -155,7 +155,10 @@ class CompileResult:
         batch = inputs[0].shape[0] if inputs[0].dim() else 1
         baseline = f"onnxruntime fp32, batch {batch}, {torch.get_num_threads()} threads"
         measurement = OnnxMeasurement(
-            str(named or path), Latency(fp32_ms, compiled_ms, baseline), ort_tools.kernel_census(path)
+            str(named or path),
+            Latency(fp32_ms, compiled_ms, baseline),
+            ort_tools.kernel_census(path),
+            ort_tools.trace_warnings(path),
         )
         self.report = replace(self.report, onnx=measurement)
         return measurement

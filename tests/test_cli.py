@@ -221,6 +221,7 @@ BAD_INPUTS = [
     ),
     (["compile", "torchvision:resnet18", "--passes", "prune-channels:criterion=tinet"], "(did you mean 'thinet'?)"),
     (["compile", "torchvision:resnet18", "--passes", "quantize:bits=4"], "for 4-bit weights give weights=int4"),
+    (["compile", "torchvision:resnet18", "--passes", "quantize:help"], "'slimfx passes quantize' lists its options"),
     (["compile", "torchvision:resnet18", "--passes", "fold-bn:ratio=0.5"], "unknown option 'ratio'"),
     (["compile", "torchvision:resnet18", "--passes", "prune-channels:ratio=1.5"], "expected a number in [0, 1)"),
     (

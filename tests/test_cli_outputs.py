@@ -169,3 +169,21 @@ def test_ctrl_c_while_torch_loads_is_a_clean_interrupt(tmp_path: Path) -> None:
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130 and "Traceback" not in err and "interrupted" in err
+
+
+def test_a_branch_baked_into_the_onnx_file_is_a_warning_and_torch_export_stays_quiet(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    source = tmp_path / "gated.py"
+    source.write_text(
+        "import torch\n\nclass Gate(torch.nn.Module):\n    def __init__(self):\n        super().__init__()\n"
+        "        self.lin = torch.nn.Linear(4, 4)\n\n    def forward(self, x):\n"
+        "        return self.lin(x) if x.sum() > 0 else x\n\n"
+        "def build():\n    return torch.nn.Sequential(torch.nn.Linear(4, 4), Gate(), torch.nn.Linear(4, 2)).eval()\n"
+    )
+    argv = [f"{source}:build", "--input-shape", "2,4", "--leaf-module", "1", "--passes", "fold-bn", "--repeats", "1"]
+    code, out, err = run(capsys, "compile", *argv, "--onnx", str(tmp_path / "g.onnx"))
+    assert code == 0 and "holds one side of a branch on a tensor value (gated.py:9" in out
+    assert "def forward" not in err and "Traceback" not in err and "TracerWarning" not in err
+    code, out, _ = run(capsys, "compile", *argv, "--onnx", str(tmp_path / "g.onnx"), "--format", "json")
+    assert json.loads(out)["onnx"]["trace_warnings"][0].startswith("gated.py:9: Converting a tensor")

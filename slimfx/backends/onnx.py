@@ -7,8 +7,11 @@ documented fallback: ``torch.export`` cannot trace the core fake-quant ops in to
 while the TorchScript exporter maps them onto ONNX QuantizeLinear/DequantizeLinear pairs,
 which onnxruntime fuses into int8 kernels. The fallback also takes a float model that
 ``torch.export`` cannot trace; the file's metadata (``slimfx.exporter``) says which one wrote it. The
-fallback's deprecation notice is silenced (slimfx chose it knowingly); every other warning
-reaches the user.
+fallback's deprecation notice is silenced (slimfx chose it knowingly), and so is the log dump
+torch.export writes when it gives up (the fallback follows). What the tracer warns about a
+value it had to take as a constant (a branch on a tensor: one side baked into the file) is
+kept in the file's metadata (``slimfx.trace_warnings``, read by ``trace_warnings``) and
+reported as a warning.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import io
+import logging
 import tempfile
 import warnings
 from collections.abc import Iterator, Sequence
@@ -35,6 +39,7 @@ OPSET = 17  # the TorchScript exporter's
 DYNAMO_OPSET = 18  # the torch.export-based exporter's lowest
 DYNAMO, TORCHSCRIPT = "torch.export", "TorchScript (fallback)"
 EXPORTER_KEY = "slimfx.exporter"  # metadata entry naming the exporter that wrote the file
+TRACE_WARNINGS_KEY = "slimfx.trace_warnings"  # the tracer's warnings about values it took as constants
 # what the TorchScript exporter says about itself; nothing else is silenced
 _FALLBACK_NOTICES = (r".*legacy TorchScript-based ONNX export.*", r"The feature will be removed.*")
 
@@ -61,11 +66,17 @@ def export_onnx(
     if exporter == DYNAMO and not has_quantized_layers(module) and _has_onnxscript():
         with contextlib.suppress(Exception):  # not traceable by torch.export: the fallback below
             model = _export_dynamo(module, tuple(example_inputs))
+    baked: list[str] = []
     try:
         if model is None:
-            model, exporter = onnx.load_from_string(_export_torchscript(module, tuple(example_inputs))), TORCHSCRIPT
+            with _trace_warnings_kept(baked):
+                model = onnx.load_from_string(_export_torchscript(module, tuple(example_inputs)))
+            exporter = TORCHSCRIPT
         fold_constant_quantization(model)
-        onnx.helper.set_model_props(model, {**{p.key: p.value for p in model.metadata_props}, EXPORTER_KEY: exporter})
+        props = {p.key: p.value for p in model.metadata_props} | {EXPORTER_KEY: exporter}
+        if baked:
+            props[TRACE_WARNINGS_KEY] = "\n".join(baked)
+        onnx.helper.set_model_props(model, props)
     except Exception as exc:
         raise BackendError(f"ONNX export failed: {type(exc).__name__}: {str(exc).splitlines()[0]}") from exc
     atomic_write(path, lambda f: f.write(model.SerializeToString()))
@@ -77,20 +88,31 @@ def _names(inputs: Sequence[torch.Tensor]) -> list[str]:
 
 
 def _export_dynamo(module: nn.Module, inputs: tuple[torch.Tensor, ...]) -> Any:
+    """torch.export's ONNX, its progress lines and failure dumps held back; the Python warnings
+    of an export that succeeds are given to the user afterwards."""
     batch = torch.export.Dim("batch")
     shapes = tuple({0: batch} if x.dim() else {} for x in inputs)
-    with torch.no_grad(), contextlib.redirect_stdout(io.StringIO()):  # its progress lines
-        program = torch.onnx.export(
-            module.eval(),
-            inputs,
-            dynamo=True,
-            opset_version=DYNAMO_OPSET,
-            input_names=_names(inputs),
-            output_names=["output"],
-            dynamic_shapes=shapes,
-            verbose=False,
-        )
+    quiet = contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO())
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("default")
+        with torch.no_grad(), quiet[0], quiet[1], _torch_logs_silenced():
+            program = _dynamo_program(module, inputs, shapes)
+    for w in caught:
+        warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
     return program.model_proto
+
+
+def _dynamo_program(module: nn.Module, inputs: tuple[torch.Tensor, ...], shapes: tuple[dict, ...]) -> Any:
+    return torch.onnx.export(
+        module.eval(),
+        inputs,
+        dynamo=True,
+        opset_version=DYNAMO_OPSET,
+        input_names=_names(inputs),
+        output_names=["output"],
+        dynamic_shapes=shapes,
+        verbose=False,
+    )
 
 
 def _export_torchscript(module: nn.Module, inputs: tuple[torch.Tensor, ...]) -> bytes:
@@ -116,6 +138,50 @@ def _fallback_notices_silenced() -> Iterator[None]:
         for notice in _FALLBACK_NOTICES:
             warnings.filterwarnings("ignore", message=notice, category=DeprecationWarning)
         yield
+
+
+@contextlib.contextmanager
+def _torch_logs_silenced() -> Iterator[None]:
+    """Below ERROR, no log record while torch.export tries: when it gives up it logs the graph
+    it was tracing, page after page, and the TorchScript fallback takes over anyway."""
+    previous = logging.root.manager.disable
+    logging.disable(logging.WARNING)
+    try:
+        yield
+    finally:
+        logging.disable(previous)
+
+
+@contextlib.contextmanager
+def _trace_warnings_kept(found: list[str]) -> Iterator[None]:
+    """Collect (instead of printing) the tracer's warnings about values it took as constants,
+    as ``file:line: what`` lines, once each."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", torch.jit.TracerWarning)
+        yield
+    for w in caught:
+        if issubclass(w.category, torch.jit.TracerWarning):
+            line = f"{Path(w.filename).name}:{w.lineno}: {str(w.message).split('. ')[0]}"
+            if line not in found:
+                found.append(line)
+        else:
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+
+
+def trace_warnings(path: str | Path) -> tuple[str, ...]:
+    """The tracer's warnings an exported file carries (a branch baked in), one per line."""
+    onnx, _ = _require()
+    props = {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
+    text = props.get(TRACE_WARNINGS_KEY, "")
+    return tuple(text.splitlines()) if text else ()
+
+
+def baked_branch_warning(path: str | Path, trace_warning: str) -> str:
+    """What a tracer warning in an exported file means for its user."""
+    return (
+        f"{path} holds one side of a branch on a tensor value ({trace_warning}): the file computes what the "
+        "example inputs took, for every input; keep such code out of the exported model or check it on real data"
+    )
 
 
 def _has_onnxscript() -> bool:

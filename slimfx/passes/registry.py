@@ -85,7 +85,7 @@ def _add_option(entry: tuple[str, dict[str, str]], item: str) -> str:
     key, eq, value = item.partition("=")
     key = key.strip()
     if not eq or not key:
-        raise PassSpecError(f"{name}: expected option=value, got {item!r}")
+        raise PassSpecError(f"{name}: expected option=value, got {item!r}; 'slimfx passes {name}' lists its options")
     if key in options:
         raise PassSpecError(f"{name}: option '{key}' given twice")
     options[key] = value.strip()

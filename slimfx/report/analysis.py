@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from slimfx.backends.compare import COMPILED, RuntimeComparison
+from slimfx.backends.onnx import baked_branch_warning
 from slimfx.cost_model.counts import sum_costs
 from slimfx.cost_model.latency import LatencyPrediction
 from slimfx.errors import RewriteError
@@ -359,10 +360,12 @@ class OnnxMeasurement:
     path: str
     latency: Latency
     kernels: dict[str, int]
+    trace_warnings: tuple[str, ...] = ()  # values the exporter took as constants: a branch baked into the file
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "path": self.path,
+            "trace_warnings": list(self.trace_warnings),
             "fp32_ms": self.latency.before_ms,
             "compiled_ms": self.latency.after_ms,
             "speedup": self.latency.speedup,
@@ -464,6 +467,8 @@ class CompileReport:
             f"the compiled model is slower than the original in {name} ({speedup:.2f}x)"
             for name, speedup in self.slower_runtimes()
         ]
+        if self.onnx is not None:
+            lines += [baked_branch_warning(self.onnx.path, w) for w in self.onnx.trace_warnings]
         return tuple(lines)
 
     def to_dict(self, top: int | None = None) -> dict[str, Any]:

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 from tabulate import tabulate
 
 from slimfx.backends.compare import COMPILED, RuntimeComparison
+from slimfx.backends.onnx import baked_branch_warning
 from slimfx.cost_model.device import DeviceProfile
 from slimfx.exits.plan import ExitPlan
 from slimfx.ir.meta import Cost
@@ -199,6 +200,7 @@ def render_compile(result: CompileReport, fmt: str = "table") -> str:
             f"{o.latency.after_ms:.2f} ms, speedup {o.latency.speedup:.2f}x; wrote {o.path} "
             f"(what onnxruntime runs: {counts_text(o.kernels)})"
         )
+        parts.extend(f"WARNING: {baked_branch_warning(o.path, w)}" for w in o.trace_warnings)
         if o.latency.speedup < 1:  # the runtime table below warns about its own rows
             parts.append(
                 f"WARNING: the compiled model is slower than the original in onnxruntime ({o.latency.speedup:.2f}x)"

@@ -261,9 +261,9 @@ def compile(
     }
     torch.manual_seed(seed)
     fixed_rows = int(inputs[0].shape[0]) if graph.fixed_shapes and inputs[0].dim() else None
-    for data, what in ((calib_data, "calib_data"), (train_data, "train_data")):
-        if data is not None and fixed_rows is not None:
-            next(batches(data, inputs, what, fixed_rows), None)  # before any pass runs
+    if train_data is not None:  # every batch checked before any pass runs (calibration and evaluation: below)
+        for _ in batches(train_data, inputs, "train_data", fixed_rows):
+            pass
     evaluation, calibration = choose_eval_set(eval_data, calib_data, inputs, fixed_rows)
     context = PassContext(calibration, inputs, seed, progress, fixed_rows, train_data)
     run = manager.run(graph, context, evaluation)

@@ -231,6 +231,7 @@ BAD_INPUTS = [
     (["report", "torchvision:resnet18", "--format", "xml"], "invalid choice"),
     (["report", "torchvision:resnet18", "--top", "0"], "--top must be at least 1"),
     (["compile", "torchvision:resnet18", "--warn-below", "95"], "a top-1 agreement between 0 and 1"),
+    (["report", "torchvision:resnet18", "--leaf-module", "layer9.0"], "leaf module 'layer9.0' is not a submodule"),
 ]
 
 

@@ -27,6 +27,7 @@ if TYPE_CHECKING:
 
 EXIT_BAD_INPUT = 2
 EXIT_STRICT = 1  # --strict and the compile warned
+EXIT_INTERRUPTED = 130  # Ctrl-C: 128 + SIGINT, as shells report it
 DEFAULT_PASSES = "fold-bn"
 LAYER_TIMING_RUNS = 10  # runs per node for the HTML pages' measured per-layer time
 
@@ -649,6 +650,15 @@ def cmd_passes(args: argparse.Namespace) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run one command; Ctrl-C anywhere, parsing included, is a clean interrupt (status 130)."""
+    try:
+        return _run_command(argv)
+    except KeyboardInterrupt:
+        print("slimfx: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+def _run_command(argv: Sequence[str] | None) -> int:
     warnings.filterwarnings("ignore", category=FutureWarning, module="torchvision")
     warnings.filterwarnings("ignore", category=UserWarning, module="torchvision")
     try:
@@ -670,9 +680,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SlimfxError as exc:
         print(f"slimfx: error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    except KeyboardInterrupt:
-        print("slimfx: interrupted", file=sys.stderr)
-        return 130
     return 0
 
 

@@ -99,6 +99,18 @@ def test_sigint_at_any_moment_leaves_all_outputs_or_none(tmp_path: Path) -> None
         assert proc.returncode in (0, 130) and "Traceback" not in err
 
 
+def test_ctrl_c_while_the_cli_starts_is_a_clean_interrupt(tmp_path: Path) -> None:
+    """SIGINT while torch and NumPy load (torch's own NumPy import would swallow it) or while the
+    parser is built: status 130 and one line, never a traceback and never a run that goes on."""
+    argv = [sys.executable, "-m", "slimfx", "report", *SMALL]
+    for delay in (0.2, 0.4, 0.7, 1.0):
+        proc = subprocess.Popen(argv, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        time.sleep(delay)
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=120)
+        assert (proc.returncode, err, out) == (130, "slimfx: interrupted\n", ""), delay
+
+
 def test_output_files_get_the_umask_permissions(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     old = os.umask(0o027)
     try:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -11,7 +12,7 @@ import torch.nn.functional as F
 from slimfx.demo import Digits, DigitsCNN, load_digits, train_digits_cnn
 from slimfx.train.loop import fit
 
-__all__ = ["DigitsCNN", "calibration", "resnet18_on_digits", "split", "trained_cnn", "upsampled"]
+__all__ = ["DigitsCNN", "calibration", "resnet18_on_digits", "split", "trained_cnn", "upsampled", "write_model_file"]
 
 
 @functools.lru_cache(maxsize=1)
@@ -64,3 +65,17 @@ def train_classifier(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, epoc
 def calibration() -> list[torch.Tensor]:
     """The calibration split in batches of 100."""
     return list(split()["calib"][0].split(100))
+
+
+def write_model_file(folder: Path) -> str:
+    """The trained CNN as a user's file model (``digits_model.py:build``, its weights beside it);
+    returns the spec the command line takes."""
+    weights = folder / "cnn_weights.pt"
+    torch.save(trained_cnn().state_dict(), weights)
+    source = folder / "digits_model.py"
+    source.write_text(
+        f"import sys, torch\nsys.path.insert(0, {str(Path(__file__).parent)!r})\nfrom digits import DigitsCNN\n"
+        f"def build():\n    model = DigitsCNN()\n    model.load_state_dict(torch.load({str(weights)!r}))\n"
+        "    return model.eval()\n"
+    )
+    return f"{source}:build"

@@ -4,13 +4,12 @@ of a pruned and a quantized digits CNN, with accuracy the test computes itself."
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from digits import split, trained_cnn
+from digits import split, trained_cnn, write_model_file
 
 from slimfx import compile
 from slimfx.cli import main
@@ -170,21 +169,8 @@ def test_joint_and_mutual_need_labels() -> None:
 
 
 # -- the command line ----------------------------------------------------------------------------------------
-def write_digits_model(tmp_path) -> str:
-    weights = tmp_path / "cnn_weights.pt"
-    torch.save(trained_cnn().state_dict(), weights)
-    source = tmp_path / "digits_model.py"
-    tests = str(Path(__file__).parent)
-    source.write_text(
-        f"import sys, torch\nsys.path.insert(0, {tests!r})\nfrom digits import DigitsCNN\n"
-        f"def build():\n    model = DigitsCNN()\n    model.load_state_dict(torch.load({str(weights)!r}))\n"
-        "    return model\n"
-    )
-    return f"{source}:build"
-
-
 def test_cli_distills_from_a_train_file(tmp_path, capsys: pytest.CaptureFixture[str]) -> None:
-    model = write_digits_model(tmp_path)
+    model = write_model_file(tmp_path)
     train = tmp_path / "train.pt"
     torch.save(train_batches(), train)
     argv = ["compile", model, "--input-shape", "1,1,8,8", "--repeats", "0"]

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn as nn
-from digits import split, trained_cnn
+from digits import split, trained_cnn, write_model_file
 
 import slimfx
 from slimfx import compile
@@ -191,16 +191,9 @@ def test_cli_reports_exit_shares_and_expected_macs(tmp_path: Path, capsys: pytes
 
     from slimfx.cli import main
 
-    weights = tmp_path / "weights.pt"
-    torch.save(trained_cnn().state_dict(), weights)
-    tests = str(Path(__file__).parent)
-    (tmp_path / "model.py").write_text(
-        f"import sys, torch\nsys.path.insert(0, {tests!r})\nfrom digits import DigitsCNN\n"
-        f"def build():\n    model = DigitsCNN()\n    model.load_state_dict(torch.load({str(weights)!r}))\n"
-        "    return model.eval()\n"
-    )
+    model = write_model_file(tmp_path)
     torch.save(calibration(), tmp_path / "calib.pt")
-    argv = ["compile", f"{tmp_path / 'model.py'}:build", "--input-shape", "8,1,8,8", "--passes", "add-exits:exits=1"]
+    argv = ["compile", model, "--input-shape", "8,1,8,8", "--passes", "add-exits:exits=1"]
     argv += ["--calib", str(tmp_path / "calib.pt"), "--format", "json", "--repeats", "0"]
     code = main([*argv, "--onnx", str(tmp_path / "e.onnx")])
     out, err = capsys.readouterr()

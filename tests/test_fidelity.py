@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn as nn
-from digits import calibration, split, trained_cnn
+from digits import calibration, split, trained_cnn, write_model_file
 
 import slimfx
 from slimfx.cli import main
@@ -131,18 +131,11 @@ def test_cli_prints_accuracy_equal_to_onnxruntime_on_the_file_and_warns(
 ) -> None:
     from slimfx.backends import onnx as ort_tools
 
-    weights = tmp_path / "weights.pt"
-    torch.save(trained_cnn().state_dict(), weights)
-    tests = str(Path(__file__).parent)
-    (tmp_path / "model.py").write_text(
-        f"import sys, torch\nsys.path.insert(0, {tests!r})\nfrom digits import DigitsCNN\n"
-        f"def build():\n    model = DigitsCNN()\n    model.load_state_dict(torch.load({str(weights)!r}))\n"
-        "    return model.eval()\n"
-    )
+    model = write_model_file(tmp_path)
     x, y = split()["test"]
     torch.save(calibration(), tmp_path / "calib.pt")
     torch.save(list(zip(x.split(100), y.split(100))), tmp_path / "test.pt")
-    argv = ["compile", f"{tmp_path / 'model.py'}:build", "--input-shape", "1,1,8,8", "--repeats", "1"]
+    argv = ["compile", model, "--input-shape", "1,1,8,8", "--repeats", "1"]
     argv += ["--passes", "prune-channels:ratio=0.5,fold-bn,quantize", "--calib", str(tmp_path / "calib.pt")]
     argv += ["--eval", str(tmp_path / "test.pt"), "--onnx", str(tmp_path / "out.onnx")]
     assert main(argv) == 0

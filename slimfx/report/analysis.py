@@ -441,8 +441,8 @@ class CompileReport:
             )
         if final.destroyed:
             lines.append(
-                f"WARNING: the output is essentially destroyed (relative output error {final.output_error:.3g} on "
-                f"{final.on}): whatever speed the compiled model has, it does not compute what the original did"
+                f"WARNING: the output is essentially destroyed (relative output error {final.output_error:.3g}): "
+                "whatever speed the compiled model has, it does not compute what the original did"
             )
         return tuple(lines)
 

@@ -15,6 +15,7 @@ from slimfx.cli import main
 from slimfx.data import Batch
 from slimfx.errors import InvalidArgumentError
 from slimfx.fidelity import EvalSet, Fidelity, Judge, choose_eval_set
+from slimfx.report.tables import render_compile, render_report
 
 EXAMPLE = (torch.randn(4, 3),)
 
@@ -97,7 +98,7 @@ def test_every_pass_reports_accuracy_on_the_evaluation_data(digits_run) -> None:
 
 def test_a_fall_in_agreement_is_a_loud_warning_and_a_json_flag(digits_run) -> None:
     _, result, _, _ = digits_run
-    text = slimfx.report.tables.render_compile(result.report)
+    text = render_compile(result.report)
     assert "accuracy 98.99% ->" in text
     assert "WARNING: top-1 agreement with the original is" in text and "first fell below after pass 'prune" in text
     data = json.loads(result.report.to_json())
@@ -150,7 +151,7 @@ def test_cli_prints_accuracy_equal_to_onnxruntime_on_the_file_and_warns(
 
 def test_printing_a_report_gives_the_readable_tables(digits_run) -> None:
     _, result, x, _ = digits_run
-    assert str(result.report) == slimfx.report.tables.render_compile(result.report)
+    assert str(result.report) == render_compile(result.report)
     assert str(result.report).startswith("DigitsCNN: 3 pass(es)") and "PassRecord(" not in str(result.report)
     analysis = slimfx.analyze(trained_cnn(), x[:1])
-    assert str(analysis) == slimfx.report.tables.render_report(analysis) and "MACs" in str(analysis)
+    assert str(analysis) == render_report(analysis) and "MACs" in str(analysis)

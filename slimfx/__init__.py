@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from slimfx import passes, train
-    from slimfx.api import CompileResult, analyze, compile
+    from slimfx.api import CompileResult, analyze, compile, plan_target
     from slimfx.backends.early_exit_onnx import OnnxEarlyExit
     from slimfx.errors import SlimfxError
     from slimfx.files.model_spec import load_model
@@ -20,13 +20,24 @@ _LAZY = {
     "CompileResult": "slimfx.api",
     "analyze": "slimfx.api",
     "compile": "slimfx.api",
+    "plan_target": "slimfx.api",
     "OnnxEarlyExit": "slimfx.backends.early_exit_onnx",
     "SlimfxError": "slimfx.errors",
     "load_model": "slimfx.files.model_spec",
 }
 _SUBMODULES = ("passes", "train", "report")
 
-__all__ = ["CompileResult", "OnnxEarlyExit", "SlimfxError", "analyze", "compile", "load_model", "passes", "train"]
+__all__ = [
+    "CompileResult",
+    "OnnxEarlyExit",
+    "SlimfxError",
+    "analyze",
+    "compile",
+    "load_model",
+    "passes",
+    "plan_target",
+    "train",
+]
 __version__ = "0.1.0"
 
 

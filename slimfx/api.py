@@ -31,6 +31,9 @@ from slimfx.passes.base import DataNeed, Pass, PassContext
 from slimfx.passes.manager import EXACT_TOLERANCE, PassManager, check_data
 from slimfx.passes.registry import resolve_passes
 from slimfx.report.analysis import CompileReport, Int8Timing, Latency, OnnxMeasurement, Report, build_report
+from slimfx.target.plan import Plan
+from slimfx.target.reach import TargetRun
+from slimfx.target.request import check_target_request
 
 Inputs = Sequence[torch.Tensor] | torch.Tensor
 LATENCY_BATCHES = 8  # calibration batches an early-exit model is timed on
@@ -189,7 +192,7 @@ class CompileResult:
 def compile(
     model: nn.Module,
     example_inputs: Inputs,
-    passes: str | Sequence[Pass | str] = "fold-bn",
+    passes: str | Sequence[Pass | str] | None = None,
     *,
     calib_data: Iterable[Any] | torch.Tensor | None = None,
     train_data: Iterable[Any] | torch.Tensor | None = None,
@@ -207,10 +210,19 @@ def compile(
     layer_timing: int = 0,
     profile: str | Path | None = None,
     warn_below: float = DEFAULT_WARN_BELOW,
+    target: str | None = None,
+    max_drop: float | None = None,
 ) -> CompileResult:
     """Run the ``passes`` pipeline on a copy of ``model``; the original is left untouched.
 
-    ``passes`` is a spec string (``"fold-bn,prune-channels:ratio=0.5"``) or pass objects.
+    ``passes`` is a spec string (``"fold-bn,prune-channels:ratio=0.5"``) or pass objects
+    (default ``fold-bn``). ``target`` (``latency=0.5``, ``latency=8ms``, ``macs=0.3``,
+    ``size=2MB``) plans the pipeline instead: channel widths chosen per group by measured
+    sensitivity on ``calib_data`` and predicted cost on ``runtime`` (one runtime; int8 on an
+    int8 runtime, counted toward the target), distillation when ``train_data`` is given, a
+    latency target checked by measuring and re-planned when it misses by more than 10%, and,
+    with ``max_drop`` (points of accuracy, or of top-1 agreement without labels), pruned
+    choices given back until the loss holds (``CompileReport.target`` says how).
     ``calib_data`` (a list of batches, ``(inputs, labels)`` pairs, a DataLoader or one tensor)
     feeds the passes that need data; ``train_data`` (same forms, labels used when present)
     feeds ``distill``. Every pass and the whole pipeline are scored against the original on
@@ -235,11 +247,13 @@ def compile(
     inputs = _as_tuple(example_inputs)
     if not 0 <= warn_below <= 1:
         raise InvalidArgumentError(f"warn_below must be a top-1 agreement between 0 and 1, not {warn_below:g}")
+    goal = check_target_request(target, passes, runtime, calib_data, max_drop)
     manager = PassManager(
-        resolve_passes(passes), tolerance=tolerance, allow_non_finite=allow_non_finite
+        resolve_passes("fold-bn" if passes is None else passes), tolerance=tolerance, allow_non_finite=allow_non_finite
     )  # requirements and order, before any work
     check_data(manager.passes, calib_data, train_data)
-    runtimes = None if runtime is None else choose_runtimes(runtime, any(p.quantizes for p in manager.passes))
+    quantized = any(p.quantizes for p in manager.passes) if goal is None else get_runtime(runtime or "torch").runs_int8
+    runtimes = None if runtime is None else choose_runtimes(runtime, quantized)
     predicted_on = _predicted_runtimes(runtimes)
     for name_ in predicted_on:
         check_prediction_runtime(name_, profile)
@@ -266,7 +280,21 @@ def compile(
             pass
     evaluation, calibration = choose_eval_set(eval_data, calib_data, inputs, fixed_rows)
     context = PassContext(calibration, inputs, seed, progress, fixed_rows, train_data)
-    run = manager.run(graph, context, evaluation)
+    target_report = None
+    if goal is None:
+        run = manager.run(graph, context, evaluation)
+    else:
+        outcome = TargetRun(
+            graph,
+            goal,
+            runtime,
+            context,
+            evaluation,
+            max_drop=max_drop,
+            profile=None if profile is None else str(profile),
+            make_manager=lambda chosen: PassManager(chosen, tolerance=tolerance, allow_non_finite=allow_non_finite),
+        ).reach()
+        run, graph, target_report = outcome.run, outcome.graph, outcome.report
     ensure_costs(graph)
     after = _report(graph, label, layer_timing)
     module = run.module
@@ -308,8 +336,38 @@ def compile(
         torch_int8=int8,
         runtimes=comparison,
         warn_below=warn_below,
+        target=target_report,
     )
     return CompileResult(module, graph, report)
+
+
+def plan_target(
+    model: nn.Module,
+    example_inputs: Inputs,
+    target: str,
+    *,
+    calib_data: Iterable[Any] | torch.Tensor,
+    runtime: str | None = None,
+    leaf_modules: Iterable[LeafSpec] = (),
+    concrete_args: dict[str, Any] | None = None,
+    profile: str | Path | None = None,
+    progress: Any = None,
+    seed: int = 0,
+) -> Plan:
+    """The plan ``compile(target=...)`` would start from, without building the model: per group
+    the width chosen, its predicted saving and sensitivity, the predicted total, and the Pareto
+    front (additive estimate against summed sensitivity at budgets from 0.9 to 0.1)."""
+    inputs = _as_tuple(example_inputs)
+    goal = check_target_request(target, None, runtime, calib_data, None)
+    assert goal is not None
+    check_reusable(calib_data, "calib_data")
+    graph = capture(copy.deepcopy(model), inputs, leaf_modules=leaf_modules, concrete_args=concrete_args)
+    ensure_costs(graph)
+    fixed_rows = int(inputs[0].shape[0]) if graph.fixed_shapes and inputs[0].dim() else None
+    evaluation, calibration = choose_eval_set(None, calib_data, inputs, fixed_rows)
+    context = PassContext(calibration, inputs, seed, progress, fixed_rows)
+    planner = TargetRun(graph, goal, runtime, context, evaluation, profile=None if profile is None else str(profile))
+    return planner.plan()
 
 
 def _predicted_runtimes(runtimes: RuntimeChoice | None) -> tuple[str, ...]:

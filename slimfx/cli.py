@@ -142,10 +142,28 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_arguments(comp)
     comp.add_argument(
         "--passes",
-        default=DEFAULT_PASSES,
         help="pipeline spec: NAME[:option=value,...] items separated by commas, e.g. "
-        "'prune-channels:ratio=0.5,fold-bn,quantize' (default: fold-bn). Passes: "
+        f"'prune-channels:ratio=0.5,fold-bn,quantize' (default: {DEFAULT_PASSES}, or what --target plans). Passes: "
         f"{', '.join(_pass_names())}; 'slimfx passes NAME' lists a pass's options",
+    )
+    comp.add_argument(
+        "--target",
+        metavar="UNIT=VALUE",
+        help="plan the pipeline to reach a budget instead of --passes: latency=0.5 (of the original in the float "
+        "flavour of --runtime) or latency=8ms, macs=0.3, size=0.25 or size=2MB; channel widths per group by "
+        "sensitivity measured on --calib, int8 on an int8 --runtime, distill with --train",
+    )
+    comp.add_argument(
+        "--max-drop",
+        type=float,
+        metavar="POINTS",
+        help="with --target: give back pruned choices until accuracy (labelled --eval or --calib) or top-1 "
+        "agreement fell by at most this many points (default: no bound)",
+    )
+    comp.add_argument(
+        "--plan-only",
+        action="store_true",
+        help="with --target: print the plan and its Pareto front without building the model",
     )
     comp.add_argument("--format", choices=["table", "md", "json"], default="table")
     comp.add_argument(
@@ -403,20 +421,25 @@ def cmd_report(args: argparse.Namespace) -> None:
 
 
 def cmd_compile(args: argparse.Namespace) -> None:
-    from slimfx import compile
+    from slimfx import compile, plan_target
     from slimfx.backends.early_exit import EarlyExitModel
-    from slimfx.backends.runtimes import choose_runtimes
+    from slimfx.backends.runtimes import choose_runtimes, get_runtime
     from slimfx.files.atomic import StagedOutputs, atomic_write
     from slimfx.files.calib_spec import calibration_batches
     from slimfx.files.model_spec import resolve_model
     from slimfx.passes.manager import PassManager, check_data
     from slimfx.passes.registry import resolve_passes
     from slimfx.report.html import compile_html, require_matplotlib
-    from slimfx.report.tables import render_compile
+    from slimfx.report.tables import plan_text, render_compile
+    from slimfx.target.request import check_target_request
 
-    pipeline = PassManager(resolve_passes(args.passes)).passes  # a bad spec or order fails before loading anything
-    check_data(pipeline, args.calib, args.train)  # so does a pass that needs --calib or --train without it
-    quantized = any(p.quantizes for p in pipeline)
+    if args.plan_only and not args.target:
+        raise OutputError("--plan-only prints the plan for a --target: add --target UNIT=VALUE")
+    goal = check_target_request(args.target, args.passes, args.runtime, args.calib, args.max_drop)
+    # a bad spec or order fails before loading anything, and so does a pass needing --calib or --train without it
+    pipeline = PassManager(resolve_passes(args.passes or DEFAULT_PASSES)).passes
+    check_data(pipeline, args.calib, args.train)
+    quantized = any(p.quantizes for p in pipeline) if goal is None else get_runtime(args.runtime or "torch").runs_int8
     _check_outputs(args, exits=any(p.makes_early_exits for p in pipeline))
     if args.profile and not args.runtime:
         raise OutputError("--profile gives the device profile for --runtime predictions: add --runtime R")
@@ -437,6 +460,23 @@ def cmd_compile(args: argparse.Namespace) -> None:
     calib = calibration_batches(args.calib, inputs, seed=args.seed + 1) if args.calib else None
     train = calibration_batches(args.train, inputs, seed=args.seed + 2, flag="--train") if args.train else None
     evaluation = calibration_batches(args.eval, inputs, seed=args.seed + 3, flag="--eval") if args.eval else None
+    if args.plan_only:
+        plan = plan_target(
+            loaded.module,
+            inputs,
+            args.target,
+            calib_data=calib,
+            runtime=args.runtime,
+            leaf_modules=args.leaf_module,
+            concrete_args=dict(args.concrete_arg) or None,
+            profile=args.profile,
+            progress=_terminal_progress() if main_rank else None,
+            seed=args.seed,
+        )
+        _clear_progress()
+        if main_rank:
+            sys.stdout.write(plan_text(plan) if args.format != "json" else plan.to_json())
+        return
     result = compile(
         loaded.module,
         inputs,
@@ -456,6 +496,8 @@ def cmd_compile(args: argparse.Namespace) -> None:
         layer_timing=LAYER_TIMING_RUNS if args.html and args.repeats > 0 and main_rank else 0,
         profile=args.profile,
         warn_below=args.warn_below,
+        target=args.target,
+        max_drop=args.max_drop,
     )
     if not main_rank:  # only rank 0 prints and writes files
         return

@@ -39,3 +39,22 @@ def top1_accuracy(outputs: torch.Tensor, labels: torch.Tensor) -> float | None:
     if outputs.dim() != 2 or outputs.shape[1] < 2 or labels.shape != outputs.shape[:1] or not len(labels):
         return None
     return float((outputs.argmax(1) == labels).double().mean())
+
+
+def kl_divergence(reference: torch.Tensor, candidate: torch.Tensor) -> float:
+    """Mean over rows of KL(softmax(reference) || softmax(candidate)) for class scores
+    (rows, classes), in nats; 0 when they are equal."""
+    if reference.dim() != 2 or candidate.shape != reference.shape:
+        raise ValueError(
+            f"kl_divergence takes two (rows, classes) tensors of one shape, not {reference.shape} and {candidate.shape}"
+        )
+    log_p = torch.log_softmax(reference.detach().double(), 1)
+    log_q = torch.log_softmax(candidate.detach().double(), 1)
+    return float((log_p.exp() * (log_p - log_q)).sum(1).mean().clamp_min(0.0))
+
+
+def output_divergence(reference: torch.Tensor, candidate: torch.Tensor) -> float:
+    """How far ``candidate`` drifted from ``reference``: KL for class scores, else the relative error."""
+    if reference.dim() == 2 and reference.shape[1] >= 2 and candidate.shape == reference.shape:
+        return kl_divergence(reference, candidate)
+    return relative_error(reference, candidate)

@@ -32,6 +32,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("slimfx.quant", "slimfx.exits", "slimfx.train"),
     ("slimfx.backends",),
     ("slimfx.passes",),
+    ("slimfx.target",),
     ("slimfx.report",),
     ("slimfx.api",),
     ("slimfx", "slimfx.cli", "slimfx.demo"),

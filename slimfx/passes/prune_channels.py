@@ -19,7 +19,9 @@ from slimfx.backends.profiler import ProfiledRuntime
 from slimfx.cost_model.counts import ensure_costs, total_cost
 from slimfx.cost_model.latency import LatencyPrediction, PredictedRuntime
 from slimfx.cost_model.planner import Item, Option, allocate
+from slimfx.cost_model.target import Target, parse_target
 from slimfx.details import Details
+from slimfx.errors import InvalidArgumentError, PassError
 from slimfx.ir.channels import ChannelAnalysis, ChannelGroup, LiteralArgument, analyze_channels
 from slimfx.ir.graph import Graph
 from slimfx.ir.rewrite import Rewriter, snapshot
@@ -85,6 +87,16 @@ class _Plan:
     removed: torch.Tensor | None = None  # local positions, once chosen
 
 
+@dataclass(frozen=True)
+class PrunableGroup:
+    """A group this configuration may prune: its first source layer (the ``keep`` key), the
+    group's name in reports, and how many channels it has."""
+
+    source: str
+    name: str
+    channels: int
+
+
 @register
 @dataclass(frozen=True)
 class PruneChannels(Pass):
@@ -112,6 +124,8 @@ class PruneChannels(Pass):
         "or N ms (overrides ratio)",
         "runtime": "the runtime target-latency and round-to=auto predict on (this machine's device profile)",
         "exclude": "module-path patterns (fnmatch: layer4.*) whose groups are left alone",
+        "keep": "the width each named group keeps, by its first source layer (conv1@32,layer1.0.conv1@16; "
+        "what the target planner chooses); groups not named keep theirs; overrides ratio and targets",
     }
 
     ratio: float = 0.5
@@ -123,8 +137,13 @@ class PruneChannels(Pass):
     target_latency: str | None = None
     runtime: PredictedRuntime = "torch"
     exclude: tuple[str, ...] = ()
+    keep: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
+        for entry in self.keep:
+            source, at, width = entry.rpartition("@")
+            if not at or not source or not width.isdigit() or int(width) < 1:
+                raise self.invalid("keep", entry, "SOURCE@WIDTH: a group's first source layer, the channels it keeps")
         if not 0 <= self.ratio < 1:
             raise self.invalid("ratio", self.ratio, "a number in [0, 1)")
         if self.min_channels < 1:
@@ -161,7 +180,9 @@ class PruneChannels(Pass):
             else:
                 plans.append(plan_or_reason)
         summary: list[Decision] = []
-        if self.target_latency is not None and timer is not None:
+        if self.keep:
+            warnings = self._keep_widths(plans, analysis, decisions)
+        elif self.target_latency is not None and timer is not None:
             warnings, summary = self._choose_for_latency(plans, analysis, graph, contributions, timer, int(step))
         else:
             warnings = self._choose(plans, analysis, layer_macs, graph, int(step))
@@ -184,6 +205,19 @@ class PruneChannels(Pass):
                 f"prune-channels: {len(broken)} group(s) left unpruned because the pruned graph would not run"
             )
         return PassResult(changed=bool(removed.any()), decisions=ordered, warnings=tuple(warnings))
+
+    def prunable_groups(self, graph: Graph, ctx: PassContext | None = None) -> list[PrunableGroup]:
+        """The groups this configuration may prune (the others are declined by ``run``, with why)."""
+        ensure_costs(graph)
+        analysis = analyze_channels(graph)
+        layer_macs = {name: _macs(graph, name) for name in analysis.layers}
+        scores, contributions = self._scores(graph, analysis, ctx or PassContext())
+        found = []
+        for group in analysis.groups:
+            plan = self._plan(group, analysis, scores, contributions, layer_macs)
+            if not isinstance(plan, str) and group.sources:
+                found.append(PrunableGroup(group.sources[0], group.name, len(plan.scores)))
+        return found
 
     def _runnable(
         self, graph: Graph, analysis: ChannelAnalysis, plans: list[_Plan], contributions: dict
@@ -288,7 +322,7 @@ class PruneChannels(Pass):
         for the pruned graph (built on a copy, priced from the layers' width sweeps) is within
         the target."""
         before = timer.original.total_ms
-        budget = parse_latency_target(self.target_latency or "", self.invalid).budget_ms(before)
+        budget = parse_latency_target(self.target_latency or "", self.invalid).budget(before)
         layer_ms = timer.layer_ms(analysis)
         items = [_unit_item(i, plan, saved=_per_unit(analysis, plan.group, layer_ms)) for i, plan in enumerate(plans)]
 
@@ -334,6 +368,25 @@ class PruneChannels(Pass):
             f"{self.min_channels} and the groups that can be pruned; best reachable is {best:,} MACs "
             f"({best / total:.3f} of the original)"
         ]
+
+    def _keep_widths(self, plans: list[_Plan], analysis: ChannelAnalysis, decisions: dict[int, Decision]) -> list[str]:
+        """Each named group keeps the width ``keep`` gives it (least important channels out first)."""
+        widths = {source: int(width) for source, _, width in (e.rpartition("@") for e in self.keep)}
+        by_source = {plan.group.sources[0]: plan for plan in plans if plan.group.sources}
+        unknown = [s for s in widths if s not in by_source]
+        if unknown:
+            declined = {g.sources[0]: d.reason for g in analysis.groups if g.sources and (d := decisions.get(g.index))}
+            why = "; ".join(f"{s}: {declined[s]}" if s in declined else f"{s}: no group starts there" for s in unknown)
+            raise PassError(f"prune-channels: keep names groups it cannot prune ({why})")
+        for plan in plans:
+            plan.removed = choose_removed(plan.scores, 0, plan.rows)
+        for source, width in widths.items():
+            plan = by_source[source]
+            total = len(plan.scores)
+            if width > total:
+                raise PassError(f"prune-channels: keep={source}@{width}, but the group has {total} channels")
+            plan.removed = choose_removed(plan.scores, total - width, plan.rows)
+        return []
 
     def _apply(self, plans: list[_Plan], items: list[Item], chosen: dict[str, int], step: int) -> None:
         """Remove, from each plan, as many channels as its item's chosen option says."""
@@ -511,32 +564,15 @@ def _stat(values: torch.Tensor, fn) -> float | None:
 
 
 # -- latency targets ---------------------------------------------------------------------------
-@dataclass(frozen=True)
-class LatencyTarget:
-    """``0.5`` (a fraction of the original's predicted latency) or ``8ms``."""
-
-    fraction: float | None = None
-    ms: float | None = None
-
-    def budget_ms(self, original_ms: float) -> float:
-        return self.ms if self.ms is not None else (self.fraction or 1.0) * original_ms
-
-
-def parse_latency_target(text: str, invalid: Any) -> LatencyTarget:
-    """A latency target from its spec text; ``invalid(option, value, expected)`` builds the error."""
-    raw = text.strip().lower()
+def parse_latency_target(text: str, invalid: Any) -> Target:
+    """A latency target from its spec text (``0.5`` or ``8ms``); ``invalid(option, value, expected)``
+    builds the error."""
     try:
-        if raw.endswith("ms"):
-            ms = float(raw[:-2])
-            if ms > 0:
-                return LatencyTarget(ms=ms)
-        else:
-            fraction = float(raw)
-            if 0 < fraction <= 1:
-                return LatencyTarget(fraction=fraction)
-    except ValueError:
-        pass
-    raise invalid("target-latency", text, "a fraction of the original's predicted latency in (0, 1], or N ms (8ms)")
+        return parse_target(f"latency={text}")
+    except InvalidArgumentError:
+        raise invalid(
+            "target-latency", text, "a fraction of the original's predicted latency in (0, 1], or N ms (8ms)"
+        ) from None
 
 
 @dataclass

@@ -22,6 +22,7 @@ from slimfx.fidelity import DEFAULT_WARN_BELOW, Fidelity
 from slimfx.ir.graph import Graph
 from slimfx.ir.meta import Cost
 from slimfx.passes.manager import PassRecord
+from slimfx.target.reach import TargetReport
 
 REPORT_SCHEMA = "slimfx.report/1"
 COMPILE_SCHEMA = "slimfx.compile/1"
@@ -411,6 +412,7 @@ class CompileReport:
     torch_int8: Int8Timing | None = None
     runtimes: RuntimeComparison | None = None  # the original and compiled model in each runtime asked for
     warn_below: float = DEFAULT_WARN_BELOW  # top-1 agreement under which the report warns
+    target: TargetReport | None = None  # how a compile to a target got there
 
     def __str__(self) -> str:
         """The readable tables ``slimfx compile`` prints."""
@@ -469,6 +471,8 @@ class CompileReport:
         ]
         if self.onnx is not None:
             lines += [baked_branch_warning(self.onnx.path, w) for w in self.onnx.trace_warnings]
+        if self.target is not None:
+            lines += list(self.target.warnings)
         return tuple(lines)
 
     def to_dict(self, top: int | None = None) -> dict[str, Any]:
@@ -486,6 +490,7 @@ class CompileReport:
             "onnx": self.onnx.to_dict() if self.onnx else None,
             "torch_int8": self.torch_int8.to_dict() if self.torch_int8 else None,
             "runtimes": self.runtimes.to_dict() if self.runtimes else None,
+            "target": self.target.to_dict() if self.target else None,
         }
 
     def to_json(self, top: int | None = None) -> str:

@@ -12,10 +12,13 @@ from tabulate import tabulate
 
 from slimfx.backends.compare import COMPILED, RuntimeComparison
 from slimfx.backends.onnx import baked_branch_warning
+from slimfx.backends.runtimes import get_runtime
 from slimfx.cost_model.device import DeviceProfile
 from slimfx.exits.plan import ExitPlan
 from slimfx.ir.meta import Cost
 from slimfx.passes.manager import PassRecord
+from slimfx.target.plan import Plan
+from slimfx.target.reach import TargetReport
 
 if TYPE_CHECKING:  # report.analysis renders its reports with this module: type names only here
     from slimfx.report.analysis import CompileReport, Int8Timing, KindRow, NodeRow, Report
@@ -183,6 +186,8 @@ def render_compile(result: CompileReport, fmt: str = "table") -> str:
     ]
     for record in result.passes:
         parts.append(_pass_text(record, tablefmt))
+    if result.target:
+        parts.append(target_text(result.target, tablefmt))
     if result.exits:
         parts.append(_exits_text(result.exits, tablefmt))
     parts.append(f"the compiled model vs the original on {result.fidelity.on}: {result.fidelity.text()}")
@@ -211,6 +216,80 @@ def render_compile(result: CompileReport, fmt: str = "table") -> str:
         parts.append(runtimes_text(result.runtimes, tablefmt))
     parts.extend(result.notes)
     return "\n".join(parts).rstrip() + "\n"
+
+
+def _figure(value: float, unit: str) -> str:
+    if unit == "ms":
+        return f"{value:.3f} ms"
+    return si(value, "MACs" if unit == "MACs" else "B")
+
+
+def plan_text(plan: Plan, tablefmt: str = "simple") -> str:
+    """A plan: per group the width chosen among those considered, with its predicted saving
+    and sensitivity; the predicted total against the budget; the Pareto front."""
+    unit = plan.target.symbol
+    where = f" on {plan.runtime}" + (" (int8)" if plan.quantizes else "")
+    rows = [
+        [
+            c.chosen.source,
+            c.chosen.channels,
+            c.chosen.width if c.pruned else "kept",
+            ", ".join(str(a.width) for a in c.alternatives[1:]),
+            _figure(c.chosen.saved, unit) if c.pruned else "-",
+            f"{c.chosen.sensitivity:.4f}" if c.pruned else "-",
+        ]
+        for c in plan.choices
+    ]
+    table = tabulate(
+        rows,
+        headers=["group", "channels", "chosen", "widths considered", "predicted saving (alone)", "sensitivity (KL)"],
+        tablefmt=tablefmt,
+    )
+    status = "within the budget" if plan.met else "the budget cannot be reached: the best reachable plan"
+    front = tabulate(
+        [[_figure(p.budget, unit), _figure(p.estimate, unit), f"{p.sensitivity:.4f}"] for p in plan.front],
+        headers=["budget", "plan (additive estimate)", "summed sensitivity"],
+        tablefmt=tablefmt,
+    )
+    return (
+        f"plan for {plan.target}{where}: original {_figure(plan.original, unit)}, budget {_figure(plan.budget, unit)}, "
+        f"predicted {_figure(plan.predicted, unit)} ({status}; summed sensitivity {plan.sensitivity:.4f})\n"
+        f"{table}\n\nPareto front (savings of candidates measured alone, summed):\n{front}\n"
+    )
+
+
+def target_text(report: TargetReport, tablefmt: str = "simple") -> str:
+    """How a target was reached: the plan, each latency measurement, each give-back, the totals."""
+    unit = report.unit
+    parts = [plan_text(report.plan, tablefmt)]
+    if report.corrections:
+        rows = [
+            [i, _figure(c.budget, unit), _figure(c.predicted, unit), _figure(c.measured, unit), _figure(c.goal, unit)]
+            for i, c in enumerate(report.corrections, 1)
+        ]
+        headers = ["build", "planned for (predicted)", "plan predicted", "measured", "goal (measured)"]
+        parts.append("latency checks (each build timed in the runtime):\n" + tabulate(rows, headers, tablefmt=tablefmt))
+    for g in report.give_backs:
+        names = ", ".join(f"{c.chosen.source} ({c.chosen.width} -> {c.chosen.channels})" for c in g.returned)
+        parts.append(
+            f"given back after a loss of {g.drop:.2f} points (max-drop {report.max_drop:g}), worst sensitivity per "
+            f"{unit} saved first: {names}"
+        )
+    runtime = report.plan.runtime
+    if unit == "ms":
+        original = f"the original {_figure(report.original_measured, unit)} in {get_runtime(runtime).float_flavour}"
+        measured = f"measured {_figure(report.measured, unit)} in {runtime}"
+    else:
+        original = f"the original {_figure(report.original_measured, unit)}"
+        measured = f"counted {_figure(report.measured, unit)}"
+    drop = "" if report.drop is None else f"; lost {report.drop:.2f} points"
+    parts.append(
+        f"target {report.plan.target}: goal {_figure(report.goal, unit)} ({original}), predicted "
+        f"{_figure(report.plan.predicted, unit)}, {measured} ({report.measured / report.original_measured:.3f} of the "
+        f"original){drop}"
+    )
+    parts.extend(f"WARNING: {w}" for w in report.warnings)
+    return "\n".join(parts) + "\n"
 
 
 def _predicted_cell(predicted_ms: float | None, measured_ms: float | None) -> str:

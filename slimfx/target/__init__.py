@@ -1,0 +1,1 @@
+"""Compile to a target: candidates with measured sensitivity, one plan, a model built to it."""

@@ -10,6 +10,7 @@ really smaller.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -208,16 +209,7 @@ class PruneChannels(Pass):
 
     def prunable_groups(self, graph: Graph, ctx: PassContext | None = None) -> list[PrunableGroup]:
         """The groups this configuration may prune (the others are declined by ``run``, with why)."""
-        ensure_costs(graph)
-        analysis = analyze_channels(graph)
-        layer_macs = {name: _macs(graph, name) for name in analysis.layers}
-        scores, contributions = self._scores(graph, analysis, ctx or PassContext())
-        found = []
-        for group in analysis.groups:
-            plan = self._plan(group, analysis, scores, contributions, layer_macs)
-            if not isinstance(plan, str) and group.sources:
-                found.append(PrunableGroup(group.sources[0], group.name, len(plan.scores)))
-        return found
+        return PruneTrials(self, graph, ctx).groups()
 
     def _runnable(
         self, graph: Graph, analysis: ChannelAnalysis, plans: list[_Plan], contributions: dict
@@ -607,11 +599,46 @@ class _LatencyTimer:
 
     def predict_pruned(self, graph: Graph, modules: dict, arguments: list) -> float:
         """The predicted ms of ``graph`` with these edits, on a copy (nothing new is measured)."""
-        trial = snapshot(graph)
-        with Rewriter(trial, "prune-channels (trial)") as rewriter:
-            for layer_node, module in modules.items():
-                rewriter.replace_module(trial.node(layer_node), module)
-            for literal, value in arguments:
-                rewriter.set_argument(trial.node(literal.node), literal.position, literal.keyword, value)
-        ensure_costs(trial)
-        return self.profiled.predict(trial).total_ms
+        return self.profiled.predict(_edited_copy(graph, modules, arguments)).total_ms
+
+
+def _edited_copy(graph: Graph, modules: dict, arguments: list) -> Graph:
+    """A copy of ``graph`` with pruned layers and literal arguments put in, costs counted."""
+    trial = snapshot(graph)
+    with Rewriter(trial, "prune-channels (trial)") as rewriter:
+        for layer_node, module in modules.items():
+            rewriter.replace_module(trial.node(layer_node), module)
+        for literal, value in arguments:
+            rewriter.set_argument(trial.node(literal.node), literal.position, literal.keyword, value)
+    ensure_costs(trial)
+    return trial
+
+
+class PruneTrials:
+    """Pruned copies of one graph at chosen widths per group, for planners that try many: the
+    channel analysis and the importance scores are made once (``run`` makes them each time)."""
+
+    def __init__(self, config: PruneChannels, graph: Graph, ctx: PassContext | None = None):
+        ensure_costs(graph)
+        self.config, self.graph = config, graph
+        self.analysis = analyze_channels(graph)
+        layer_macs = {name: _macs(graph, name) for name in self.analysis.layers}
+        scores, self.contributions = config._scores(graph, self.analysis, ctx or PassContext())
+        self.plans: dict[str, _Plan] = {}
+        for group in self.analysis.groups:
+            plan = config._plan(group, self.analysis, scores, self.contributions, layer_macs)
+            if not isinstance(plan, str) and group.sources:
+                self.plans[group.sources[0]] = plan
+
+    def groups(self) -> list[PrunableGroup]:
+        """The groups the configuration may prune."""
+        return [PrunableGroup(source, p.group.name, len(p.scores)) for source, p in self.plans.items()]
+
+    def pruned(self, widths: Mapping[str, int]) -> Graph:
+        """A copy of the graph with each named group cut to its width (least important out first)."""
+        for source, plan in self.plans.items():
+            total = len(plan.scores)
+            plan.removed = choose_removed(plan.scores, total - widths.get(source, total), plan.rows)
+        removed = _removed_units(list(self.plans.values()), self.analysis)
+        modules, arguments = _edits(self.graph, self.analysis, removed, self.contributions, self.config.criterion)
+        return _edited_copy(self.graph, modules, arguments)

@@ -17,11 +17,9 @@ import torch
 
 from slimfx.data import Batch
 from slimfx.ir.graph import Graph
-from slimfx.ir.rewrite import snapshot
 from slimfx.ir.verify import run_outputs
 from slimfx.metrics import output_divergence
-from slimfx.passes.base import PassContext
-from slimfx.passes.prune_channels import PrunableGroup, PruneChannels
+from slimfx.passes.prune_channels import PrunableGroup, PruneChannels, PruneTrials
 from slimfx.target.meter import Meter
 
 KEEP_FRACTIONS = (0.875, 0.75, 0.625, 0.5, 0.375, 0.25)  # the widths offered, as shares of the channels
@@ -92,7 +90,8 @@ class CandidateTable:
         self.reference = self._outputs(graph)
         self.original = meter.original(graph)  # the original's figure, fp32
         self.base = meter.of_float(graph)  # the same at the deployed weight width: what savings start from
-        self.groups = PruneChannels().prunable_groups(graph)
+        self.trials = PruneTrials(PruneChannels(), graph)
+        self.groups = self.trials.groups()
         self._measured: dict[tuple[str, int], Candidate] = {}
 
     def build(self) -> list[GroupCandidates]:
@@ -123,11 +122,7 @@ class CandidateTable:
 
     def pruned(self, widths: dict[str, int]) -> Graph:
         """A copy of the graph with each named group pruned to its width."""
-        trial = snapshot(self.graph)
-        keep = tuple(f"{source}@{width}" for source, width in widths.items())
-        if keep:
-            PruneChannels(keep=keep).run(trial, PassContext(example_inputs=self.graph.example_inputs))
-        return trial
+        return self.trials.pruned(widths)
 
     def _outputs(self, graph: Graph) -> list[torch.Tensor]:
         per_batch = [run_outputs(graph.module, b.inputs) for b in self.batches]

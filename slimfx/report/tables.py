@@ -282,7 +282,13 @@ def target_text(report: TargetReport, tablefmt: str = "simple") -> str:
     else:
         original = f"the original {_figure(report.original_measured, unit)}"
         measured = f"counted {_figure(report.measured, unit)}"
-    drop = "" if report.drop is None else f"; lost {report.drop:.2f} points"
+    what = "accuracy" if report.labelled else "top-1 agreement"
+    if report.drop is None:
+        drop = ""
+    elif report.drop >= 0:
+        drop = f"; {what} lost {report.drop:.2f} points"
+    else:
+        drop = f"; {what} gained {-report.drop:.2f} points"
     parts.append(
         f"target {report.plan.target}: goal {_figure(report.goal, unit)} ({original}), predicted "
         f"{_figure(report.plan.predicted, unit)}, {measured} ({report.measured / report.original_measured:.3f} of the "

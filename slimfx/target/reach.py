@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -76,6 +77,7 @@ class TargetReport:
     original_measured: float
     max_drop: float | None
     drop: float | None  # points the built model lost (accuracy with labels, else agreement)
+    labelled: bool = False  # whether ``drop`` is in accuracy (else top-1 agreement)
 
     @property
     def unit(self) -> str:
@@ -127,6 +129,7 @@ class TargetReport:
             "on_target": self.on_target,
             "max_drop": self.max_drop,
             "drop": self.drop,
+            "drop_in": "accuracy" if self.labelled else "agreement",
             "plan": self.plan.to_dict(),
             "corrections": [dataclasses.asdict(c) for c in self.corrections],
             "given_back": [{"drop": g.drop, "groups": [c.chosen.source for c in g.returned]} for g in self.give_backs],
@@ -208,8 +211,9 @@ class TargetRun:
             graph, run = self._build(plan)
             drop = drop_points(run.fidelity)
         measured = self._figure(run.module, graph)
+        labelled = run.fidelity.accuracy is not None
         report = TargetReport(
-            plan, tuple(corrections), tuple(give_backs), goal, measured, original, self.max_drop, drop
+            plan, tuple(corrections), tuple(give_backs), goal, measured, original, self.max_drop, drop, labelled
         )
         return TargetOutcome(graph, run, report)
 
@@ -267,6 +271,7 @@ class TargetRun:
 
     def _measure_ms(self, module: nn.Module, runtime: str | None = None) -> float:
         name = runtime or self.runtime or "torch"
-        with Workspace(self.graph.example_inputs) as workspace:
+        with warnings.catch_warnings(), Workspace(self.graph.example_inputs) as workspace:
+            warnings.simplefilter("ignore")  # the exporter's notes on a build only timed, not the file the user gets
             session = get_runtime(name).session(module, workspace)
             return session.latency_ms(self.graph.example_inputs, REPEATS)

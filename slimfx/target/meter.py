@@ -7,6 +7,7 @@ quantized (min-max on one batch: scales do not change which kernels run) and pre
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch.nn as nn
@@ -54,7 +55,13 @@ class Meter:
     deployed_side: ProfiledRuntime | None = None
 
     @staticmethod
-    def open(target: Target, runtime: str | None, graph: Graph, progress=None, profile=None) -> Meter:
+    def open(
+        target: Target,
+        runtime: str | None,
+        graph: Graph,
+        progress: Callable[[str], None] | None = None,
+        profile: str | None = None,
+    ) -> Meter:
         """A meter for ``graph``'s target; for latency, the profiles measured for its layers first."""
         quantizes = runtime is not None and get_runtime(runtime).runs_int8
         meter = Meter(target, runtime, quantizes)

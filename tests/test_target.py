@@ -223,3 +223,18 @@ def test_cli_plan_only_prints_the_plan_and_writes_nothing(tmp_path, capsys: pyte
     assert plan["met"] and plan["predicted"] <= plan["budget"] and len(plan["front"]) == 10
     assert main(["compile", model, "--input-shape", "1,1,8,8", "--plan-only"]) == 2
     assert "--plan-only prints the plan for a --target" in capsys.readouterr().err
+
+
+def test_keep_names_only_groups_that_can_be_pruned_at_widths_they_have() -> None:
+    from slimfx.errors import PassError, PassSpecError
+
+    x = split()["test"][0][:1]
+    with pytest.raises(PassSpecError, match="SOURCE@WIDTH"):
+        slimfx.compile(trained_cnn(), x, "prune-channels:keep=block1.0")
+    with pytest.raises(PassError, match=r"head: unprunable: model output"):
+        slimfx.compile(trained_cnn(), x, "prune-channels:keep=head@5")
+    with pytest.raises(PassError, match="the group has 16 channels"):
+        slimfx.compile(trained_cnn(), x, "prune-channels:keep=block1.0@20")
+    result = slimfx.compile(trained_cnn(), x, "prune-channels:keep=block1.0@8,block3.0@40")
+    kept = {d.target: d.details.channels_after for d in result.report.passes[0].decisions if d.details is not None}
+    assert kept["block1.0"] == 8 and kept["block3.0"] == 40 and kept["block2.0"] == 32

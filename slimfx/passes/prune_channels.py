@@ -87,6 +87,14 @@ class _Plan:
     macs_per_unit: torch.Tensor
     removed: torch.Tensor | None = None  # local positions, once chosen
 
+    @property
+    def channels(self) -> int:
+        return len(self.scores)
+
+    def keep(self, width: int) -> None:
+        """Remove all but ``width`` channels, the least important first."""
+        self.removed = choose_removed(self.scores, self.channels - width, self.rows)
+
 
 @dataclass(frozen=True)
 class PrunableGroup:
@@ -370,14 +378,13 @@ class PruneChannels(Pass):
             declined = {g.sources[0]: d.reason for g in analysis.groups if g.sources and (d := decisions.get(g.index))}
             why = "; ".join(f"{s}: {declined[s]}" if s in declined else f"{s}: no group starts there" for s in unknown)
             raise PassError(f"prune-channels: keep names groups it cannot prune ({why})")
-        for plan in plans:
-            plan.removed = choose_removed(plan.scores, 0, plan.rows)
         for source, width in widths.items():
-            plan = by_source[source]
-            total = len(plan.scores)
-            if width > total:
-                raise PassError(f"prune-channels: keep={source}@{width}, but the group has {total} channels")
-            plan.removed = choose_removed(plan.scores, total - width, plan.rows)
+            if width > by_source[source].channels:
+                raise PassError(
+                    f"prune-channels: keep={source}@{width}, but the group has {by_source[source].channels} channels"
+                )
+        for plan in plans:
+            plan.keep(widths.get(plan.group.sources[0], plan.channels) if plan.group.sources else plan.channels)
         return []
 
     def _apply(self, plans: list[_Plan], items: list[Item], chosen: dict[str, int], step: int) -> None:
@@ -632,13 +639,12 @@ class PruneTrials:
 
     def groups(self) -> list[PrunableGroup]:
         """The groups the configuration may prune."""
-        return [PrunableGroup(source, p.group.name, len(p.scores)) for source, p in self.plans.items()]
+        return [PrunableGroup(source, p.group.name, p.channels) for source, p in self.plans.items()]
 
     def pruned(self, widths: Mapping[str, int]) -> Graph:
         """A copy of the graph with each named group cut to its width (least important out first)."""
         for source, plan in self.plans.items():
-            total = len(plan.scores)
-            plan.removed = choose_removed(plan.scores, total - widths.get(source, total), plan.rows)
+            plan.keep(widths.get(source, plan.channels))
         removed = _removed_units(list(self.plans.values()), self.analysis)
         modules, arguments = _edits(self.graph, self.analysis, removed, self.contributions, self.config.criterion)
         return _edited_copy(self.graph, modules, arguments)

@@ -111,12 +111,32 @@ def test_bits_auto_meets_a_size_budget_and_lists_the_widths() -> None:
     assert "cannot be met" in unreachable.report.passes[1].warnings[0]
 
 
+def test_layer_weights_set_one_layers_scheme_and_name_what_cannot_take_one() -> None:
+    model, x = trained_cnn(), split()["test"][0]
+    spec = "quantize:layer-weights=block3.0@ternary,exclude=head"
+    result = compile(model, x[:2], spec, calib_data=calibration())
+    bits = {d.target: d.details.bits for d in result.report.passes[1].decisions if d.action == "quantized"}
+    assert {k: v for k, v in bits.items() if k.startswith("block") and "output" not in k} == {
+        "block1.0": 8,
+        "block2.0": 8,
+        "block3.0": 2,
+        "block4.0": 8,
+    }
+    with pytest.raises(PassError, match=r"'head@int4' names no quantized layer \(it is left in float: excluded"):
+        compile(model, x[:2], "quantize:layer-weights=head@int4,exclude=head", calib_data=calibration())
+    with pytest.raises(PassError, match=r"'block9@int4' names no quantized layer \(no such conv or linear layer"):
+        compile(model, x[:2], "quantize:layer-weights=block9@int4", calib_data=calibration())
+
+
 @pytest.mark.parametrize(
     ("spec", "message"),
     [
         ("quantize:bits=auto", "exactly one of target-size or target-macs-bits"),
         ("quantize:target-size=0.2", "a budget only with bits=auto"),
         ("quantize:bits=auto,target-size=2", "option 'target-size'"),
+        ("quantize:layer-weights=block1.0", "LAYER@SCHEME with a scheme among"),
+        ("quantize:layer-weights=block1.0@int3", "LAYER@SCHEME with a scheme among"),
+        ("quantize:layer-weights=block1.0@int4,bits=auto,target-size=0.2", "or bits=auto, not both"),
     ],
 )
 def test_mixed_precision_options_are_checked(spec: str, message: str) -> None:

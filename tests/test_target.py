@@ -16,9 +16,14 @@ from slimfx.cli import main
 from slimfx.cost_model.planner import Item, Option, allocate
 from slimfx.cost_model.target import Target, parse_target
 from slimfx.errors import DataError, InvalidArgumentError
-from slimfx.passes.prune_channels import PrunableGroup
-from slimfx.target.candidates import Candidate, GroupCandidates, offered_widths
+from slimfx.ir.capture import capture
+from slimfx.metrics import relative_error
+from slimfx.quant.schemes import SCHEME_BITS
+from slimfx.target.candidates import ItemCandidates, PruneCandidate, QuantCandidate, offered_widths
+from slimfx.target.meter import stored_bytes
 from slimfx.target.plan import given_back, make_plan
+from slimfx.target.quant_trials import QuantTrials
+from slimfx.target.settings import Settings
 
 
 # -- targets -----------------------------------------------------------------------------------
@@ -109,40 +114,68 @@ def test_widths_follow_the_runtime_step_and_stay_narrower() -> None:
     assert offered_widths(10, 1) == [9, 8, 6, 5, 4, 2]
 
 
-def _table() -> list[GroupCandidates]:
-    def group(name: str, channels: int, savings: list[float], sensitivities: list[float]) -> GroupCandidates:
-        options = [Candidate(name, channels, channels, 0.0, 0.0)]
+def _table() -> list[ItemCandidates]:
+    """Two channel groups and one layer's quantization, with made-up savings and sensitivities."""
+
+    def group(name: str, channels: int, savings: list[float], sensitivities: list[float]) -> ItemCandidates:
+        options = [PruneCandidate(name, 0.0, 0.0, channels, channels)]
         options += [
-            Candidate(name, channels - 8 * (k + 1), channels, s, p)
+            PruneCandidate(name, s, p, channels - 8 * (k + 1), channels)
             for k, (s, p) in enumerate(zip(savings, sensitivities))
         ]
-        return GroupCandidates(PrunableGroup(name, name, channels), tuple(options))
+        return ItemCandidates(name, tuple(options))
 
-    return [group("a", 32, [2.0, 4.0, 5.0], [0.1, 0.5, 2.0]), group("b", 32, [1.0, 3.0, 6.0], [0.01, 0.3, 3.0])]
+    layer = ItemCandidates("a", (QuantCandidate("a", 0.0, 0.0, "float"), QuantCandidate("a", 3.0, 0.05, "int8")))
+    return [group("a", 32, [2.0, 4.0, 5.0], [0.1, 0.5, 2.0]), group("b", 32, [1.0, 3.0, 6.0], [0.01, 0.3, 3.0]), layer]
 
 
-def _additive(table: list[GroupCandidates], base: float):
-    saved = {(c.source, c.width): c.saved for g in table for c in g.options}
-    return lambda widths: base - sum(saved[(s, w)] for s, w in widths.items())
+def _additive(table: list[ItemCandidates], base: float):
+    """Prices settings as the base less the savings of the options they take."""
+    saved = {(t.technique, c.item, c.setting): c.saved for t in table for c in t.options}
+
+    def total(settings: Settings) -> float:
+        pruned = sum(saved[("prune", s, f"{w}/32")] for s, w in settings.widths.items())
+        quantized = [t.item for t in table if t.technique == "quantize" and t.item not in settings.float_layers]
+        return base - pruned - (sum(saved[("quantize", i, "int8")] for i in quantized) if settings.quantize else 0.0)
+
+    return total
 
 
 def test_a_plans_predicted_total_is_the_sum_of_its_choices() -> None:
     table = _table()
-    plan = make_plan(table, parse_target("macs=0.6"), "torch", False, 20.0, 20.0, 12.0, _additive(table, 20.0))
+    plan = make_plan(table, parse_target("macs=0.6"), "torch", True, 20.0, 20.0, 12.0, _additive(table, 20.0))
     assert plan.met and plan.predicted <= 12.0
     assert plan.predicted == pytest.approx(20.0 - sum(c.chosen.saved for c in plan.choices))
     assert plan.sensitivity == pytest.approx(sum(c.chosen.sensitivity for c in plan.choices))
-    assert set(plan.keep) == {f"{c.chosen.source}@{c.chosen.width}" for c in plan.choices if c.pruned}
+    assert set(plan.keep) == {f"{c.chosen.item}@{c.chosen.width}" for c in plan.changed_by("prune")}
+    assert plan.changed_by("quantize") and plan.settings.quantize and not plan.settings.float_layers
 
 
 def test_giving_back_returns_the_worst_sensitivity_per_unit_saved_first() -> None:
     table = _table()
-    plan = make_plan(table, parse_target("macs=0.45"), "torch", False, 20.0, 20.0, 9.0, _additive(table, 20.0))
-    prices = sorted(((c.price, c.chosen.source) for c in plan.choices if c.pruned), reverse=True)
-    smaller, returned = given_back(plan, 1, _additive(table, 20.0))
-    assert [c.chosen.source for c in returned] == [prices[0][1]]
-    assert not next(c for c in smaller.choices if c.chosen.source == prices[0][1]).pruned
-    assert smaller.predicted > plan.predicted
+    plan = make_plan(table, parse_target("macs=0.45"), "torch", True, 20.0, 20.0, 9.0, _additive(table, 20.0))
+    changed = [c for c in plan.choices if c.changed]
+    assert len(changed) == 3
+    by_price = sorted(changed, key=lambda c: c.price, reverse=True)
+    smaller, returned = given_back(plan, 2, _additive(table, 20.0))
+    assert list(returned) == by_price[:2]
+    assert [c for c in smaller.choices if c.changed] == [by_price[2]] and smaller.predicted > plan.predicted
+    everything, _ = given_back(smaller, 1, _additive(table, 20.0))
+    assert not any(c.changed for c in everything.choices) and not everything.settings.quantize
+
+
+def test_settings_say_which_layers_stay_float_and_which_store_narrower_weights() -> None:
+    layer = (QuantCandidate("a", 0.0, 0.0, "float"), QuantCandidate("a", 3.0, 0.05, "int4"))
+    other = (QuantCandidate("b", 0.0, 0.0, "float"), QuantCandidate("b", 3.0, 0.05, "int8"))
+    from slimfx.target.plan import Choice, settings_of
+
+    settings = settings_of((Choice(layer[1], layer), Choice(other[0], other)), quantizes=True)
+    assert settings.quantize and settings.float_layers == ("b",) and dict(settings.layer_weights) == {"a": "int4"}
+    assert settings.weight_bits(["a", "b", "c"]) == {"a": 4, "b": 32, "c": 8}
+    quantize = settings.quantize_pass()
+    assert quantize.exclude == ("b",) and quantize.layer_weights == ("a@int4",)
+    assert settings_of((Choice(layer[0], layer),), quantizes=True).quantize_pass() is None
+    assert settings_of((), quantizes=True).quantize  # no per-layer choices (a MACs target): all int8
 
 
 # -- end to end on the trained digits CNN ------------------------------------------------------
@@ -173,6 +206,61 @@ def test_accuracy_control_gives_back_until_the_drop_holds(digits_eval: list) -> 
     fidelity = result.report.fidelity
     assert target.drop == pytest.approx(100 * (fidelity.original_accuracy - fidelity.accuracy))
     assert any("given back to keep the loss within max-drop 1" in w for w in result.report.warnings())
+
+
+def test_a_size_target_on_an_int8_runtime_chooses_weight_widths_per_layer(digits_eval: list) -> None:
+    x = split()["test"][0][:1]
+    result = slimfx.compile(
+        trained_cnn(),
+        x,
+        target="size=0.15",
+        runtime="onnxruntime-int8",
+        calib_data=calibration(),
+        eval_data=digits_eval,
+    )
+    target = result.report.target
+    schemes = {c.chosen.item: c.chosen.setting for c in target.plan.choices if c.chosen.technique == "quantize"}
+    assert set(schemes) == {"block1.0", "block2.0", "block3.0", "block4.0", "head"}
+    assert set(schemes.values()) - {"float", "int8"}, "0.15 of fp32 needs some weights narrower than int8"
+    assert target.measured == pytest.approx(target.plan.predicted) and target.measured <= target.goal
+    assert target.goal == pytest.approx(0.15 * stored_bytes(trained_cnn()))
+    quantize = result.report.passes[-1]
+    bits = {
+        d.target: d.details.bits for d in quantize.decisions if d.action == "quantized" and "output" not in d.target
+    }
+    assert {k: v for k, v in bits.items() if k in schemes} == {
+        k: SCHEME_BITS[v] for k, v in schemes.items() if v != "float"
+    }
+
+
+def test_one_layer_is_quantized_alone_and_restored_after() -> None:
+    x = split()["test"][0][:64]
+    graph = capture(trained_cnn(), (x,))
+    before = graph.module(x)
+    trials = QuantTrials(graph, [(x,)])
+    assert trials.layers == ["block1.0", "block2.0", "block3.0", "block4.0", "head"]
+    low, high = trials.ranges["block2.0"]
+    assert low >= 0 < high  # the ReLU'd input of the second conv
+    with trials.quantized("block2.0", "binary"):
+        binary = graph.module(x)
+    with trials.quantized("block2.0", "int8"):
+        int8 = graph.module(x)
+    assert torch.equal(graph.module(x), before)
+    assert 0 < relative_error(before, int8) < 0.05 < relative_error(before, binary)
+
+
+def test_stored_bytes_count_each_weight_at_its_deployed_width() -> None:
+    model = trained_cnn()
+    fp32 = sum(p.numel() for p in model.parameters()) * 4
+    assert stored_bytes(model) == fp32
+    weights = {n: m.weight.numel() for n, m in model.named_modules() if n in ("block1.0", "head")}
+    assert stored_bytes(model, {"block1.0": 4, "head": 8}) == fp32 - weights["block1.0"] * 3.5 - weights["head"] * 3
+    x = split()["test"][0][:2]
+    result = slimfx.compile(model, x, "quantize:layer-weights=head@binary", calib_data=calibration())
+    inner = {n: m for n, m in result.module.named_modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))}
+    counted = sum(m.weight.numel() * (1 if n == "head.layer" else 8) / 8 for n, m in inner.items())
+    others = sum(p.numel() * 4 for p in result.module.parameters()) - sum(m.weight.numel() * 4 for m in inner.values())
+    assert stored_bytes(result.module) == counted + others
 
 
 def test_an_unreachable_target_builds_the_best_plan_and_warns(digits_eval: list) -> None:

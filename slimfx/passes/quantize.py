@@ -24,7 +24,7 @@ import torch.nn as nn
 from slimfx import parallel
 from slimfx.cost_model.counts import ensure_costs
 from slimfx.details import Details
-from slimfx.errors import NonFiniteError
+from slimfx.errors import NonFiniteError, PassSpecError
 from slimfx.ir import ops
 from slimfx.ir.graph import Graph
 from slimfx.ir.rewrite import Rewriter
@@ -105,6 +105,7 @@ class Quantize(Pass):
         "target_size": "with bits=auto: weight bytes at most this fraction of fp32",
         "target_macs_bits": "with bits=auto: MACs x weight bits at most this fraction of all-8-bit",
         "exclude": "module-path patterns (fnmatch: layer4.*) left in float",
+        "layer_weights": "LAYER@SCHEME entries: a layer's weight scheme instead of weights= (layer1.0.conv1@int4)",
         "bf16": "layers run in bf16 instead of int8: module-path patterns, or auto (by measured SQNR)",
         "bf16_below": "with bf16=auto: int8 output SQNR (dB) under which a layer runs in bf16",
         "fold_bn": "insert fold-bn before quantize (false keeps the BatchNorms)",
@@ -130,6 +131,7 @@ class Quantize(Pass):
     target_size: float | None = None
     target_macs_bits: float | None = None
     exclude: tuple[str, ...] = ()
+    layer_weights: tuple[str, ...] = ()
     bf16: tuple[str, ...] = ()
     bf16_below: float = 30.0
     fold_bn: bool = True
@@ -144,6 +146,14 @@ class Quantize(Pass):
         if self.act_bits == 1 and self.weights != "binary":
             raise self.invalid(
                 "act-bits", self.act_bits, "8 unless weights=binary (binary activations go with binary weights)"
+            )
+        for entry in self.layer_weights:
+            layer, at, scheme = entry.rpartition("@")
+            if not at or not layer or scheme not in SCHEMES:
+                raise self.invalid("layer-weights", entry, f"LAYER@SCHEME with a scheme among {', '.join(SCHEMES)}")
+        if self.layer_weights and self.bits == "auto":
+            raise self.invalid(
+                "layer-weights", ",".join(self.layer_weights), "per-layer schemes or bits=auto, not both"
             )
         if "auto" in self.bf16 and len(self.bf16) > 1:
             raise self.invalid("bf16", ",".join(self.bf16), "auto alone, or module-path patterns (layer1.*, *)")
@@ -181,6 +191,7 @@ class Quantize(Pass):
         schemes, warnings = {n.name: self.weights for n in targets}, []
         if self.bits == "auto":
             schemes, warnings = self._mixed_precision(graph, targets, ctx)
+        schemes |= self._layer_schemes(targets, decisions)
         macs = {n.name: graph.info(n).cost.cost.macs for n in targets}
         points = self._insert_quantizers(graph, targets, schemes)
         if not points:
@@ -465,6 +476,20 @@ class Quantize(Pass):
             ]
         )
         return {name: _WIDTH_SCHEME[bits] for name, bits in widths.items()}, warnings
+
+    def _layer_schemes(self, targets: list[fx.Node], decisions: dict[str, Decision | None]) -> dict[str, str]:
+        """Node name -> scheme for the ``layer_weights`` entries; an entry naming no layer that
+        is quantized is an error (with why, when the layer was declined)."""
+        by_path = {str(n.target): n.name for n in targets}
+        declined = {d.target: d.reason for d in decisions.values() if d is not None}
+        schemes = {}
+        for entry in self.layer_weights:
+            layer, _, scheme = entry.rpartition("@")
+            if layer not in by_path:
+                why = f"it is left in float: {declined[layer]}" if layer in declined else "no such conv or linear layer"
+                raise PassSpecError(f"quantize: layer-weights entry '{entry}' names no quantized layer ({why})")
+            schemes[by_path[layer]] = scheme
+        return schemes
 
     def _targets(self, graph: Graph) -> tuple[list[fx.Node], dict[str, Decision | None]]:
         for node in graph.nodes():

@@ -225,24 +225,25 @@ def _figure(value: float, unit: str) -> str:
 
 
 def plan_text(plan: Plan, tablefmt: str = "simple") -> str:
-    """A plan: per group the width chosen among those considered, with its predicted saving
-    and sensitivity; the predicted total against the budget; the Pareto front."""
+    """A plan: per item (channel group, layer's quantization) the option chosen among those
+    considered, with its predicted saving and sensitivity; the predicted total against the
+    budget; the Pareto front."""
     unit = plan.target.symbol
     where = f" on {plan.runtime}" + (" (int8)" if plan.quantizes else "")
     rows = [
         [
-            c.chosen.source,
-            c.chosen.channels,
-            c.chosen.width if c.pruned else "kept",
-            ", ".join(str(a.width) for a in c.alternatives[1:]),
-            _figure(c.chosen.saved, unit) if c.pruned else "-",
-            f"{c.chosen.sensitivity:.4f}" if c.pruned else "-",
+            c.chosen.item,
+            c.chosen.technique,
+            c.chosen.setting if c.changed else f"{c.chosen.setting} (no change)",
+            ", ".join(a.setting for a in c.alternatives[1:]),
+            _figure(c.chosen.saved, unit) if c.changed else "-",
+            f"{c.chosen.sensitivity:.4f}" if c.changed else "-",
         ]
         for c in plan.choices
     ]
     table = tabulate(
         rows,
-        headers=["group", "channels", "chosen", "widths considered", "predicted saving (alone)", "sensitivity (KL)"],
+        headers=["group or layer", "technique", "chosen", "considered", "predicted saving (alone)", "sensitivity (KL)"],
         tablefmt=tablefmt,
     )
     status = "within the budget" if plan.met else "the budget cannot be reached: the best reachable plan"
@@ -270,7 +271,7 @@ def target_text(report: TargetReport, tablefmt: str = "simple") -> str:
         headers = ["build", "planned for (predicted)", "plan predicted", "measured", "goal (measured)"]
         parts.append("latency checks (each build timed in the runtime):\n" + tabulate(rows, headers, tablefmt=tablefmt))
     for g in report.give_backs:
-        names = ", ".join(f"{c.chosen.source} ({c.chosen.width} -> {c.chosen.channels})" for c in g.returned)
+        names = ", ".join(f"{c.chosen.item} ({c.chosen.setting} -> {c.alternatives[0].setting})" for c in g.returned)
         parts.append(
             f"given back after a loss of {g.drop:.2f} points (max-drop {report.max_drop:g}), worst sensitivity per "
             f"{unit} saved first: {names}"

@@ -2,12 +2,18 @@
 
 Float trials (pruned only) are priced on the chosen runtime's float flavour; the plan's own
 total is priced as it will be deployed: on an int8 runtime the pruned graph is folded and
-quantized (min-max on one batch: scales do not change which kernels run) and predicted there.
+quantized as the plan says (min-max on one batch: scales do not change which kernels run) and
+predicted there; bytes count each layer's weights at the width the plan stores them.
+
+Predicted milliseconds are anchored to measurement: once the original has been timed in the
+float flavour (and, all int8, in an int8 runtime), every prediction on that side is scaled by
+measured over predicted for the original, so that per-layer predictions that run high or low
+on this machine (a lone int8 kernel timed with its conversions) do not steer the plan.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import torch.nn as nn
@@ -23,7 +29,8 @@ from slimfx.ir.graph import Graph
 from slimfx.ir.rewrite import snapshot
 from slimfx.passes.base import PassContext
 from slimfx.passes.fold_bn import FoldBatchNorm
-from slimfx.passes.quantize import Quantize
+from slimfx.quant.layers import Bf16Layer, QuantizedLayer, stored_weight_bits
+from slimfx.target.settings import FLOAT_BITS, Settings
 
 
 def check_target_runtime(target: Target, runtime: str | None) -> None:
@@ -53,6 +60,8 @@ class Meter:
     quantizes: bool
     float_side: ProfiledRuntime | None = None
     deployed_side: ProfiledRuntime | None = None
+    float_scale: float = 1.0  # measured / predicted ms of the original, float flavour
+    deployed_scale: float = 1.0  # the same for the all-int8 original on an int8 runtime
 
     @staticmethod
     def open(
@@ -75,53 +84,80 @@ class Meter:
         return meter
 
     @property
+    def plans_quantization(self) -> bool:
+        """Whether each layer's quantization is planned (int8 runtime, latency or size target);
+        for a MACs target int8 changes nothing counted, so every layer is quantized."""
+        return self.quantizes and self.target.unit in ("latency", "size")
+
+    @property
     def where(self) -> str:
         """The runtime the deployed figure is on, as reports name it."""
         return self.runtime or "torch"
 
     def original(self, graph: Graph) -> float:
         """The original's figure: latency predicted in the runtime's float flavour, MACs, fp32 bytes."""
-        if self.target.unit == "size":
-            return float(stored_bytes(graph.module, 4))
         return self.of_float(graph)
 
     def of_float(self, graph: Graph) -> float:
-        """A float (unquantized) graph's figure; bytes at the width the deployed model stores."""
+        """A float (unquantized) graph's figure."""
         ensure_costs(graph)
         if self.target.unit == "macs":
             return float(total_cost(graph).macs)
         if self.target.unit == "size":
-            return float(stored_bytes(graph.module, 1 if self.quantizes else 4))
+            return stored_bytes(graph.module)
         assert self.float_side is not None
-        return self.float_side.predict(graph).total_ms
+        return self.float_side.predict(graph).total_ms * self.float_scale
 
-    def of_plan(self, pruned: Graph, ctx: PassContext) -> float:
-        """The figure of ``pruned`` as it will be deployed (folded and quantized on an int8 runtime)."""
-        if self.target.unit != "latency" or not self.quantizes:
+    def anchor(self, graph: Graph, float_ms: float, int8_ms: float | None, ctx: PassContext) -> None:
+        """Scale later predictions by the original's measured ms over its predicted ms: in the
+        float flavour (``float_ms``) and, on an int8 runtime, all int8 (``int8_ms``)."""
+        self.float_scale = 1.0
+        self.float_scale = float_ms / self.of_float(graph)
+        if int8_ms is not None:
+            self.deployed_scale = 1.0
+            self.deployed_scale = int8_ms / self.of_plan(graph, Settings(quantize=True), ctx)
+
+    def of_plan(self, pruned: Graph, settings: Settings, ctx: PassContext) -> float:
+        """The figure of ``pruned`` deployed with ``settings`` (folded and quantized as they say)."""
+        if self.target.unit == "size":  # counted as deployed: BatchNorm folded, weights at their widths
+            folded = snapshot(pruned)
+            FoldBatchNorm().run(folded, ctx)
+            layers = [str(n.target) for n in folded.nodes() if n.op == "call_module"]
+            return stored_bytes(folded.module, settings.weight_bits(layers))
+        if self.target.unit != "latency" or not settings.quantize:
             return self.of_float(pruned)
-        deployed = quantized_copy(pruned, ctx)
+        deployed = quantized_copy(pruned, ctx, settings)
         assert self.deployed_side is not None
         self.deployed_side.fill(deployed)
-        return self.deployed_side.predict(deployed).total_ms
+        return self.deployed_side.predict(deployed).total_ms * self.deployed_scale
 
 
-def quantized_copy(graph: Graph, ctx: PassContext) -> Graph:
-    """``graph`` folded and quantized on a copy, calibrated min-max on the first batch: the
-    deployed structure, for pricing only (the real build calibrates properly)."""
+def quantized_copy(graph: Graph, ctx: PassContext, settings: Settings, calib: str = "minmax") -> Graph:
+    """``graph`` folded and quantized by ``settings`` on a copy. By default calibrated min-max on
+    the first batch: the deployed structure, for pricing (scales do not change which kernels
+    run; the real build calibrates properly); with ``calib``, on every batch of ``ctx``."""
     trial = snapshot(graph)
-    first = next(ctx.batches("target planner"))
-    quick = PassContext([first.inputs], ctx.example_inputs, ctx.seed, None, ctx.fixed_rows)
-    FoldBatchNorm().run(trial, quick)
-    Quantize(calib="minmax").run(trial, quick)
+    if calib == "minmax":
+        first = next(ctx.batches("target planner"))
+        ctx = PassContext([first.inputs], ctx.example_inputs, ctx.seed, None, ctx.fixed_rows)
+    FoldBatchNorm().run(trial, ctx)
+    quantize = settings.quantize_pass(calib=calib)
+    if quantize is not None:
+        quantize.run(trial, ctx)
     ensure_costs(trial)
     return trial
 
 
-def stored_bytes(module: nn.Module, weight_bytes: int) -> int:
-    """Bytes of the parameters: conv and linear weights at ``weight_bytes`` each, the rest fp32."""
-    total = 0
-    for layer in module.modules():
+def stored_bytes(module: nn.Module, layer_bits: Mapping[str, int] | None = None) -> float:
+    """Bytes of the parameters: each conv and linear weight at ``layer_bits[module path]``
+    (fp32 if absent; a quantized layer's at its scheme's width), every other parameter fp32."""
+    bits = dict(layer_bits or {})
+    for path, layer in module.named_modules():
+        if isinstance(layer, QuantizedLayer | Bf16Layer):
+            bits[f"{path}.layer" if path else "layer"] = stored_weight_bits(layer)
+    total = 0.0
+    for path, layer in module.named_modules():
         for name, parameter in layer.named_parameters(recurse=False):
-            width = weight_bytes if name == "weight" and isinstance(layer, ops.CONVS + (nn.Linear,)) else 4
-            total += parameter.numel() * width
+            weight = name == "weight" and isinstance(layer, ops.CONVS + (nn.Linear,))
+            total += parameter.numel() * (bits.get(path, FLOAT_BITS) if weight else FLOAT_BITS) / 8
     return total

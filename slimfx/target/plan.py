@@ -1,10 +1,12 @@
-"""A plan: per group the width chosen by the planner's allocator, what it is predicted to
-save and its sensitivity, and the plan's predicted total priced as deployed.
+"""A plan: per item (a channel group, a layer's quantization) the option chosen by the
+planner's allocator, what it is predicted to save and its sensitivity, and the plan's
+predicted total priced as deployed.
 
 The allocator (``cost_model.planner.allocate``) orders the moves by added sensitivity per
 unit saved, on the candidates' savings measured alone; the total of a prefix of those moves
-is not their sum (two pruned groups share layers, and int8 changes every kernel), so the
-shortest prefix whose deployed total meets the budget is found by pricing the plan itself.
+is not their sum (two pruned groups share layers, a float layer between int8 ones adds
+quantizers), so the shortest prefix whose deployed total meets the budget is found by pricing
+the plan itself.
 """
 
 from __future__ import annotations
@@ -17,26 +19,33 @@ from typing import Any
 
 from slimfx.cost_model.planner import Item, Option, allocate
 from slimfx.cost_model.target import Target
-from slimfx.target.candidates import Candidate, GroupCandidates
+from slimfx.target.candidates import Candidate, ItemCandidates, PruneCandidate, QuantCandidate
+from slimfx.target.settings import FLOAT, Settings
 
 FRONT_FRACTIONS = (0.9, 0.75, 0.6, 0.5, 0.4, 0.3, 0.25, 0.2, 0.15, 0.1)
+
+DeployedTotal = Callable[[Settings], float]
 
 
 @dataclass(frozen=True)
 class Choice:
-    """One group in a plan: the chosen candidate and the ones it was chosen among."""
+    """One item in a plan: the chosen candidate and the ones it was chosen among (the first
+    of them changes nothing)."""
 
     chosen: Candidate
     alternatives: tuple[Candidate, ...]
 
     @property
-    def pruned(self) -> bool:
-        return self.chosen.width < self.chosen.channels
+    def changed(self) -> bool:
+        return self.chosen != self.alternatives[0]
 
     @property
     def price(self) -> float:
         """Sensitivity per unit saved: what giving this choice back recovers per unit lost."""
         return self.chosen.sensitivity / max(self.chosen.saved, 1e-12)
+
+    def given_back(self) -> Choice:
+        return Choice(self.alternatives[0], self.alternatives)
 
 
 @dataclass(frozen=True)
@@ -48,13 +57,24 @@ class FrontPoint:
     sensitivity: float
 
 
+def settings_of(choices: Sequence[Choice], quantizes: bool) -> Settings:
+    """The passes' settings for ``choices``. On an int8 runtime without quantization choices
+    (a MACs target) every layer is quantized."""
+    widths = {c.chosen.item: c.chosen.width for c in choices if isinstance(c.chosen, PruneCandidate) and c.changed}
+    layers = [c.chosen for c in choices if isinstance(c.chosen, QuantCandidate)]
+    float_layers = tuple(q.item for q in layers if q.scheme == FLOAT)
+    narrow = {q.item: q.scheme for q in layers if q.scheme not in (FLOAT, "int8")}
+    quantize = quantizes and (not layers or len(float_layers) < len(layers))
+    return Settings(widths, quantize, float_layers if quantize else (), narrow if quantize else {})
+
+
 @dataclass(frozen=True)
 class Plan:
-    """Per group the chosen width; the original's figure, the budget and the predicted total."""
+    """Per item the chosen option; the original's figure, the budget and the predicted total."""
 
     target: Target
     runtime: str
-    quantizes: bool
+    quantizes: bool  # whether the runtime runs int8
     original: float
     budget: float
     predicted: float
@@ -63,15 +83,25 @@ class Plan:
     front: tuple[FrontPoint, ...] = field(default=())
 
     @property
+    def settings(self) -> Settings:
+        return settings_of(self.choices, self.quantizes)
+
+    @property
     def keep(self) -> tuple[str, ...]:
         """``prune-channels:keep`` entries for the pruned groups."""
-        return tuple(c.chosen.keep for c in self.choices if c.pruned)
+        return self.settings.keep
 
     @property
     def sensitivity(self) -> float:
         return sum(c.chosen.sensitivity for c in self.choices)
 
+    def changed_by(self, technique: str) -> tuple[Choice, ...]:
+        return tuple(c for c in self.choices if c.changed and c.chosen.technique == technique)
+
     def to_dict(self) -> dict[str, Any]:
+        def candidate(c: Candidate) -> dict[str, Any]:
+            return {"technique": c.technique, "setting": c.setting, **dataclasses.asdict(c)}
+
         return {
             "quantizes": self.quantizes,
             "original": self.original,
@@ -80,8 +110,7 @@ class Plan:
             "met": self.met,
             "sensitivity": self.sensitivity,
             "choices": [
-                {**dataclasses.asdict(c.chosen), "alternatives": [dataclasses.asdict(a) for a in c.alternatives]}
-                for c in self.choices
+                {**candidate(c.chosen), "alternatives": [candidate(a) for a in c.alternatives]} for c in self.choices
             ],
             "front": [dataclasses.asdict(p) for p in self.front],
         }
@@ -89,35 +118,32 @@ class Plan:
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2) + "\n"
 
-    def widths(self) -> dict[str, int]:
-        return {c.chosen.source: c.chosen.width for c in self.choices if c.pruned}
 
-
-def items(table: Sequence[GroupCandidates]) -> list[Item]:
-    """The allocator's items: a group's options, costing minus what they save."""
-    return [Item(g.group.source, tuple(Option(-c.saved, c.sensitivity) for c in g.options)) for g in table]
+def items(table: Sequence[ItemCandidates]) -> list[Item]:
+    """The allocator's items: an item's options, costing minus what they save."""
+    return [Item(t.key, tuple(Option(-c.saved, c.sensitivity) for c in t.options)) for t in table]
 
 
 def make_plan(
-    table: Sequence[GroupCandidates],
+    table: Sequence[ItemCandidates],
     target: Target,
     runtime: str,
     quantizes: bool,
     original: float,
     base: float,
     budget: float,
-    deployed_total: Callable[[Mapping[str, int]], float],
+    deployed_total: DeployedTotal,
 ) -> Plan:
-    """The plan for ``budget``; ``deployed_total(widths)`` prices a plan as deployed. ``original``
-    is the original's figure, ``base`` the same with no group pruned as deployed, where the
+    """The plan for ``budget``; ``deployed_total(settings)`` prices a plan as deployed.
+    ``original`` is the original's figure, ``base`` the unchanged float model's, where the
     candidates' savings start from."""
-    by_source = {g.group.source: g for g in table}
 
-    def widths_of(chosen: Mapping[str, int]) -> dict[str, int]:
-        return {s: by_source[s].options[i].width for s, i in chosen.items() if i > 0}
+    def choices_of(chosen: Mapping[str, int]) -> tuple[Choice, ...]:
+        return tuple(Choice(t.options[chosen[t.key]], t.options) for t in table)
 
-    allocation = allocate(items(table), budget, fixed_cost=base, measure=lambda c: deployed_total(widths_of(c)))
-    choices = tuple(Choice(g.options[allocation.chosen[g.group.source]], g.options) for g in table)
+    allocation = allocate(
+        items(table), budget, fixed_cost=base, measure=lambda c: deployed_total(settings_of(choices_of(c), quantizes))
+    )
     return Plan(
         target,
         runtime,
@@ -126,33 +152,28 @@ def make_plan(
         budget,
         allocation.total,
         allocation.met,
-        choices,
+        choices_of(allocation.chosen),
         pareto_front(table, original, base),
     )
 
 
-def pareto_front(table: Sequence[GroupCandidates], original: float, base: float) -> tuple[FrontPoint, ...]:
+def pareto_front(table: Sequence[ItemCandidates], original: float, base: float) -> tuple[FrontPoint, ...]:
     """For budgets from 0.9 to 0.1 of the original: the additive estimate (the candidates'
-    savings summed, on the float flavour for latency) of the plan the allocator finds, and its
-    summed sensitivity. Nothing is priced or built: a quick picture of the trade."""
+    savings summed) of the plan the allocator finds, and its summed sensitivity. Nothing is
+    priced or built: a quick picture of the trade."""
     points = []
     for fraction in FRONT_FRACTIONS:
         allocation = allocate(items(table), fraction * original, fixed_cost=base)
-        sensitivity = sum(g.options[allocation.chosen[g.group.source]].sensitivity for g in table)
+        sensitivity = sum(t.options[allocation.chosen[t.key]].sensitivity for t in table)
         points.append(FrontPoint(fraction * original, allocation.total, sensitivity))
     return tuple(points)
 
 
-def given_back(
-    plan: Plan, count: int, deployed_total: Callable[[Mapping[str, int]], float]
-) -> tuple[Plan, tuple[Choice, ...]]:
-    """``plan`` with its ``count`` pruned choices of the worst sensitivity per unit saved
-    returned to full width (re-priced as deployed), and those choices, worst first."""
-    worst = sorted((c for c in plan.choices if c.pruned), key=lambda c: c.price, reverse=True)[:count]
-    returned = {c.chosen.source for c in worst}
-    choices = tuple(
-        Choice(c.alternatives[0], c.alternatives) if c.chosen.source in returned else c for c in plan.choices
-    )
-    widths = {c.chosen.source: c.chosen.width for c in choices if c.pruned}
-    total = deployed_total(widths)
+def given_back(plan: Plan, count: int, deployed_total: DeployedTotal) -> tuple[Plan, tuple[Choice, ...]]:
+    """``plan`` with its ``count`` changed choices of the worst sensitivity per unit saved
+    returned to no change (full width, float), re-priced as deployed, and those choices,
+    worst first."""
+    worst = sorted((c for c in plan.choices if c.changed), key=lambda c: c.price, reverse=True)[:count]
+    choices = tuple(c.given_back() if c in worst else c for c in plan.choices)
+    total = deployed_total(settings_of(choices, plan.quantizes))
     return dataclasses.replace(plan, choices=choices, predicted=total, met=total <= plan.budget), tuple(worst)

@@ -1,23 +1,26 @@
 """Reach a target: plan, build, measure, correct, and give back under an accuracy bound.
 
 1. Measure every candidate (``candidates.CandidateTable``) and plan for the budget.
-2. Latency targets only: build the plan's structure (pruned, folded, quantized min-max on
-   an int8 runtime), time it and the original in the runtime, and when the measured ratio
+2. Latency targets only: build the plan's structure (pruned, folded, quantized min-max as the
+   plan says on an int8 runtime), time it and the original in the runtime, and when the measured ratio
    misses the target by more than ``LATENCY_TOLERANCE``, scale the predicted budget by the
    miss and plan again (at most ``CORRECTIONS`` times).
 3. Build the model for real through the pass manager: prune to the plan, distil when training
-   data is given, fold BatchNorm, quantize on an int8 runtime; every pass verified and scored.
+   data is given, fold BatchNorm, quantize the layers the plan quantizes on an int8 runtime;
+   every pass verified and scored.
 4. With ``max_drop``: while accuracy (labels) or top-1 agreement (none) fell by more than
-   ``max_drop`` points, give back the pruned choices of the worst sensitivity per unit saved
-   and build again (at most ``GIVE_BACK_ROUNDS`` times); each give-back is reported.
+   ``max_drop`` points, give back the choices (a pruned group to full width, a quantized layer
+   to float) of the worst sensitivity per unit saved and build again (at most
+   ``GIVE_BACK_ROUNDS`` times); each give-back is reported.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+import statistics
 import warnings
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,15 +37,16 @@ from slimfx.passes.distill import Distill
 from slimfx.passes.fold_bn import FoldBatchNorm
 from slimfx.passes.manager import PassManager, PipelineResult
 from slimfx.passes.prune_channels import PruneChannels
-from slimfx.passes.quantize import Quantize
 from slimfx.target.candidates import CandidateTable
 from slimfx.target.meter import Meter, quantized_copy, stored_bytes
 from slimfx.target.plan import Choice, Plan, given_back, make_plan
+from slimfx.target.settings import Settings
 
 LATENCY_TOLERANCE = 0.10  # a measured latency within this share of the target is on it
 CORRECTIONS = 3
 GIVE_BACK_ROUNDS = 4
 REPEATS = 20
+SESSIONS = 3
 
 
 @dataclass(frozen=True)
@@ -57,7 +61,7 @@ class Correction:
 
 @dataclass(frozen=True)
 class GiveBack:
-    """Choices returned to full width after a build fell more than ``max_drop``."""
+    """Choices returned to no change (full width, float) after a build fell more than ``max_drop``."""
 
     drop: float  # points lost by the build before this give-back
     returned: tuple[Choice, ...]
@@ -96,13 +100,13 @@ class TargetReport:
         if self.give_backs and not self.on_target:
             returned = sum(len(g.returned) for g in self.give_backs)
             found.append(
-                f"target {self.plan.target} not met: {returned} pruned choice(s) were given back to keep the loss "
+                f"target {self.plan.target} not met: {returned} choice(s) were given back to keep the loss "
                 f"within max-drop {self.max_drop:g} (measured {self.measured:.4g} {self.unit}, goal {self.goal:.4g})"
             )
         elif not self.plan.met and not self.on_target:
             found.append(
                 f"target {self.plan.target} cannot be reached by pruning the groups that can be pruned"
-                f"{' and int8' if self.plan.quantizes else ''}: the best reachable plan is built "
+                f"{' and quantizing every layer' if self.plan.quantizes else ''}: the best reachable plan is built "
                 f"(measured {self.measured:.4g} {self.unit}, goal {self.goal:.4g})"
             )
         elif not self.on_target:
@@ -132,7 +136,13 @@ class TargetReport:
             "drop_in": "accuracy" if self.labelled else "agreement",
             "plan": self.plan.to_dict(),
             "corrections": [dataclasses.asdict(c) for c in self.corrections],
-            "given_back": [{"drop": g.drop, "groups": [c.chosen.source for c in g.returned]} for g in self.give_backs],
+            "given_back": [
+                {
+                    "drop": g.drop,
+                    "choices": [{"technique": c.chosen.technique, "item": c.chosen.item} for c in g.returned],
+                }
+                for g in self.give_backs
+            ],
             "warnings": list(self.warnings),
         }
 
@@ -172,8 +182,16 @@ class TargetRun:
         self.evaluation, self.max_drop, self.make_manager = evaluation, max_drop, make_manager
         ensure_costs(graph)
         self.meter = Meter.open(target, runtime, graph, ctx.progress, profile)
+        self.original_measured = self._original_measured()
+        if target.unit == "latency":
+            int8_ms = (
+                self._measure_ms(quantized_copy(graph, ctx, Settings(quantize=True)).module)
+                if self.meter.quantizes
+                else None
+            )
+            self.meter.anchor(graph, self.original_measured, int8_ms, ctx)
         step = max(int(self.meter.float_side.profile.channel_step), 1) if self.meter.float_side else 1
-        self.table = CandidateTable(graph, self.meter, list(ctx.batches("target")), step, ctx.progress)
+        self.table = CandidateTable(graph, self.meter, ctx, step, ctx.progress)
 
     def plan(self, budget: float | None = None) -> Plan:
         """The plan for ``budget`` (default: the target's, on the original's predicted figure)."""
@@ -192,7 +210,7 @@ class TargetRun:
 
     def reach(self) -> TargetOutcome:
         plan = self.plan()
-        original = self._original_measured()
+        original = self.original_measured
         goal = self.target.budget(original)
         corrections: list[Correction] = []
         if self.target.unit == "latency":
@@ -201,10 +219,10 @@ class TargetRun:
         give_backs: list[GiveBack] = []
         drop = drop_points(run.fidelity)
         while self.max_drop is not None and drop is not None and drop > self.max_drop:
-            pruned = sum(c.pruned for c in plan.choices)
-            if not pruned or len(give_backs) == GIVE_BACK_ROUNDS:
+            changed = sum(c.changed for c in plan.choices)
+            if not changed or len(give_backs) == GIVE_BACK_ROUNDS:
                 break
-            count = pruned if len(give_backs) == GIVE_BACK_ROUNDS - 1 else max(1, math.ceil(pruned / 4))
+            count = changed if len(give_backs) == GIVE_BACK_ROUNDS - 1 else max(1, math.ceil(changed / 4))
             plan, returned = given_back(plan, count, self._deployed_total)
             give_backs.append(GiveBack(drop, returned))
             self.ctx.report_progress(f"target: {drop:.2f} points lost, giving back {len(returned)} choice(s)")
@@ -231,47 +249,57 @@ class TargetRun:
         return plan, corrections
 
     def _passes(self, plan: Plan) -> list[Pass]:
-        passes: list[Pass] = [PruneChannels(keep=plan.keep)] if plan.keep else []
+        settings = plan.settings
+        passes: list[Pass] = [PruneChannels(keep=settings.keep)] if settings.widths else []
         if self.ctx.train_data is not None:
             passes.append(Distill())
         passes.append(FoldBatchNorm())
-        if self.meter.quantizes:
-            passes.append(Quantize())
+        quantize = settings.quantize_pass()
+        if quantize is not None:
+            passes.append(quantize)
         return passes
 
     def _build(self, plan: Plan) -> tuple[Graph, PipelineResult]:
-        self.ctx.report_progress(f"target: building the plan ({len(plan.keep)} group(s) pruned)")
+        settings = plan.settings
+        floats = f", {len(settings.float_layers)} layer(s) in float" if settings.float_layers else ""
+        self.ctx.report_progress(f"target: building the plan ({len(settings.widths)} group(s) pruned{floats})")
         graph = snapshot(self.graph)
         run = self.make_manager(self._passes(plan)).run(graph, self.ctx, self.evaluation)
         return graph, run
 
     def _structure(self, plan: Plan) -> Graph:
         """The plan's deployed structure, quickly: pruned, and folded and quantized min-max on int8."""
-        pruned = self.table.pruned(plan.widths())
-        return quantized_copy(pruned, self.ctx) if self.meter.quantizes else pruned
+        settings = plan.settings
+        pruned = self.table.pruned(dict(settings.widths))
+        return quantized_copy(pruned, self.ctx, settings) if settings.quantize else pruned
 
-    def _deployed_total(self, widths: Mapping[str, int]) -> float:
-        return self.meter.of_plan(self.table.pruned(dict(widths)), self.ctx)
+    def _deployed_total(self, settings: Settings) -> float:
+        return self.meter.of_plan(self.table.pruned(dict(settings.widths)), settings, self.ctx)
 
     # -- measuring -------------------------------------------------------------------------
     def _original_measured(self) -> float:
         if self.target.unit != "latency":
-            return self._figure(self.graph.module, self.graph, original=True)
+            return self._figure(self.graph.module, self.graph)
         flavour = get_runtime(self.runtime or "torch").float_flavour
         self.ctx.report_progress(f"target: measuring the original in {flavour}")
         return self._measure_ms(self.graph.module, flavour)
 
-    def _figure(self, module: nn.Module, graph: Graph, original: bool = False) -> float:
+    def _figure(self, module: nn.Module, graph: Graph) -> float:
         if self.target.unit == "latency":
             return self._measure_ms(module)
         ensure_costs(graph)
         if self.target.unit == "macs":
             return float(total_cost(graph).macs)
-        return float(stored_bytes(graph.module, 1 if self.meter.quantizes and not original else 4))
+        return stored_bytes(module)
 
     def _measure_ms(self, module: nn.Module, runtime: str | None = None) -> float:
+        """The median over ``SESSIONS`` sessions of each one's median over ``REPEATS`` runs (one
+        session's figure is steady, a new session's can differ by 15%: memory placement)."""
         name = runtime or self.runtime or "torch"
         with warnings.catch_warnings(), Workspace(self.graph.example_inputs) as workspace:
             warnings.simplefilter("ignore")  # the exporter's notes on a build only timed, not the file the user gets
-            session = get_runtime(name).session(module, workspace)
-            return session.latency_ms(self.graph.example_inputs, REPEATS)
+            figures = [
+                get_runtime(name).session(module, workspace).latency_ms(self.graph.example_inputs, REPEATS)
+                for _ in range(SESSIONS)
+            ]
+            return statistics.median(figures)

@@ -217,12 +217,13 @@ def compile(
 
     ``passes`` is a spec string (``"fold-bn,prune-channels:ratio=0.5"``) or pass objects
     (default ``fold-bn``). ``target`` (``latency=0.5``, ``latency=8ms``, ``macs=0.3``,
-    ``size=2MB``) plans the pipeline instead: channel widths chosen per group by measured
-    sensitivity on ``calib_data`` and predicted cost on ``runtime`` (one runtime; int8 on an
-    int8 runtime, counted toward the target), distillation when ``train_data`` is given, a
-    latency target checked by measuring and re-planned when it misses by more than 10%, and,
-    with ``max_drop`` (points of accuracy, or of top-1 agreement without labels), pruned
-    choices given back until the loss holds (``CompileReport.target`` says how).
+    ``size=2MB``) plans the pipeline instead: channel widths per group and, on an int8
+    runtime, int8 for the whole model (latency) or a weight width per layer (size), chosen by
+    measured sensitivity on ``calib_data`` and predicted cost on ``runtime`` (one runtime),
+    distillation when ``train_data`` is given, a latency target checked by measuring and
+    re-planned when it misses by more than 10%, and, with ``max_drop`` (points of accuracy, or
+    of top-1 agreement without labels), choices given back until the loss holds
+    (``CompileReport.target`` says how).
     ``calib_data`` (a list of batches, ``(inputs, labels)`` pairs, a DataLoader or one tensor)
     feeds the passes that need data; ``train_data`` (same forms, labels used when present)
     feeds ``distill``. Every pass and the whole pipeline are scored against the original on
@@ -355,8 +356,10 @@ def plan_target(
     seed: int = 0,
 ) -> Plan:
     """The plan ``compile(target=...)`` would start from, without building the model: per group
-    the width chosen, its predicted saving and sensitivity, the predicted total, and the Pareto
-    front (additive estimate against summed sensitivity at budgets from 0.9 to 0.1)."""
+    or layer the option chosen, its predicted saving and sensitivity, the predicted total, and
+    the Pareto front (additive estimate against summed sensitivity at budgets from 0.9 to 0.1).
+    A latency target times the original in the runtime first (float, and all int8 on an int8
+    runtime): the predictions are anchored to those measurements."""
     inputs = _as_tuple(example_inputs)
     goal = check_target_request(target, None, runtime, calib_data, None)
     assert goal is not None

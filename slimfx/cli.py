@@ -17,7 +17,8 @@ from typing import TYPE_CHECKING, NoReturn
 import torch
 
 from slimfx import parallel
-from slimfx.errors import OutputError, ShapeError, SlimfxError, StrictFailure
+from slimfx.demo import TARGET as DEMO_TARGET
+from slimfx.errors import InvalidArgumentError, OutputError, ShapeError, SlimfxError, StrictFailure
 from slimfx.fidelity import DEFAULT_WARN_BELOW
 
 if TYPE_CHECKING:
@@ -262,8 +263,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser(
         "demo",
-        help="train a small CNN on scikit-learn's digits, compile it (prune, distill, int8) and show accuracy "
-        "and measured speed in every installed runtime",
+        help="train a small CNN on scikit-learn's digits, compile it to a latency target (planned pruning and "
+        "int8, distillation, at most 1 point lost) and show accuracy and measured speed",
     )
     demo.add_argument(
         "--model",
@@ -274,6 +275,11 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--trust-model-file", action="store_true", help="as for compile")
     demo.add_argument("--seed", type=int, default=0, help="seed for random weights and inputs (default 0)")
     demo.add_argument("--repeats", type=int, default=20, help="timed runs per runtime (median; default 20)")
+    demo.add_argument("--target", default=DEMO_TARGET, help=f"the trained demo's target (default {DEMO_TARGET})")
+    demo.add_argument(
+        "--runtime",
+        help="the runtime the trained demo aims at (default onnxruntime-int8, torch-int8 without onnxruntime)",
+    )
     return parser
 
 
@@ -633,8 +639,19 @@ def cmd_demo(args: argparse.Namespace) -> None:
     if args.model is None:
         from slimfx.demo import run_demo
 
-        run_demo(lambda text: sys.stdout.write(text), repeats=max(args.repeats, 1), progress=_terminal_progress())
+        run_demo(
+            lambda text: sys.stdout.write(text),
+            repeats=max(args.repeats, 1),
+            target=args.target,
+            runtime=args.runtime,
+            progress=_terminal_progress(),
+        )
         return
+    if args.target != DEMO_TARGET or args.runtime is not None:
+        raise InvalidArgumentError(
+            "--target and --runtime aim the trained demo; with --model the demo runs a fixed pipeline in every "
+            "installed runtime (for a target on your model: slimfx compile MODEL --target ... --runtime ...)"
+        )
     _demo_on_model(args)
 
 

@@ -160,6 +160,7 @@ def test_giving_back_returns_the_worst_sensitivity_per_unit_saved_first() -> Non
     smaller, returned = given_back(plan, 2, _additive(table, 20.0))
     assert list(returned) == by_price[:2]
     assert [c for c in smaller.choices if c.changed] == [by_price[2]] and smaller.predicted > plan.predicted
+    assert smaller.given_back == 2 and plan.given_back == 0
     everything, _ = given_back(smaller, 1, _additive(table, 20.0))
     assert not any(c.changed for c in everything.choices) and not everything.settings.quantize
 

@@ -246,7 +246,12 @@ def plan_text(plan: Plan, tablefmt: str = "simple") -> str:
         headers=["group or layer", "technique", "chosen", "considered", "predicted saving (alone)", "sensitivity (KL)"],
         tablefmt=tablefmt,
     )
-    status = "within the budget" if plan.met else "the budget cannot be reached: the best reachable plan"
+    if plan.met:
+        status = "within the budget"
+    elif plan.given_back:
+        status = f"over the budget: {plan.given_back} choice(s) given back for accuracy"
+    else:
+        status = "the budget cannot be reached: the best reachable plan"
     front = tabulate(
         [[_figure(p.budget, unit), _figure(p.estimate, unit), f"{p.sensitivity:.4f}"] for p in plan.front],
         headers=["budget", "plan (additive estimate)", "summed sensitivity"],

@@ -81,6 +81,7 @@ class Plan:
     met: bool
     choices: tuple[Choice, ...]
     front: tuple[FrontPoint, ...] = field(default=())
+    given_back: int = 0  # choices returned to no change for accuracy since the plan was made
 
     @property
     def settings(self) -> Settings:
@@ -108,6 +109,7 @@ class Plan:
             "budget": self.budget,
             "predicted": self.predicted,
             "met": self.met,
+            "given_back": self.given_back,
             "sensitivity": self.sensitivity,
             "choices": [
                 {**candidate(c.chosen), "alternatives": [candidate(a) for a in c.alternatives]} for c in self.choices
@@ -176,4 +178,7 @@ def given_back(plan: Plan, count: int, deployed_total: DeployedTotal) -> tuple[P
     worst = sorted((c for c in plan.choices if c.changed), key=lambda c: c.price, reverse=True)[:count]
     choices = tuple(c.given_back() if c in worst else c for c in plan.choices)
     total = deployed_total(settings_of(choices, plan.quantizes))
-    return dataclasses.replace(plan, choices=choices, predicted=total, met=total <= plan.budget), tuple(worst)
+    smaller = dataclasses.replace(
+        plan, choices=choices, predicted=total, met=total <= plan.budget, given_back=plan.given_back + len(worst)
+    )
+    return smaller, tuple(worst)

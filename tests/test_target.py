@@ -179,6 +179,17 @@ def test_settings_say_which_layers_stay_float_and_which_store_narrower_weights()
     assert settings_of((), quantizes=True).quantize  # no per-layer choices (a MACs target): all int8
 
 
+def test_the_next_budget_scales_by_the_miss_then_interpolates_across_the_goal() -> None:
+    from slimfx.target.reach import next_budget
+
+    assert next_budget([(9.0, 12.0)], 9.0) == pytest.approx(9.0 * 9.0 / 12.0)
+    assert next_budget([(4.0, 3.0), (6.0, 4.0)], 9.0) == pytest.approx(6.0 * 9.0 / 4.0)
+    # a resnet50 run here: 9.03 -> 12.92 ms measured, 6.31 -> 6.57 ms; the goal 9.03 ms lies between
+    assert next_budget([(9.029, 12.922), (6.308, 6.574)], 9.029) == pytest.approx(7.36, abs=0.01)
+    # the closest checks on either side are used
+    assert next_budget([(10.0, 20.0), (8.0, 11.0), (4.0, 5.0), (6.0, 8.0)], 10.0) == pytest.approx(7.33, abs=0.01)
+
+
 # -- end to end on the trained digits CNN ------------------------------------------------------
 @pytest.fixture(scope="module")
 def digits_eval() -> list:

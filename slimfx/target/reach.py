@@ -2,9 +2,10 @@
 
 1. Measure every candidate (``candidates.CandidateTable``) and plan for the budget.
 2. Latency targets only: build the plan's structure (pruned, folded, quantized min-max as the
-   plan says on an int8 runtime), time it and the original in the runtime, and when the measured ratio
-   misses the target by more than ``LATENCY_TOLERANCE``, scale the predicted budget by the
-   miss and plan again (at most ``CORRECTIONS`` times).
+   plan says on an int8 runtime), time it, and when it misses the goal by more than
+   ``CHECK_TOLERANCE``, plan again for a budget scaled by the miss, or, once checks fell on
+   both sides of the goal, interpolated between them (``next_budget``; at most
+   ``CORRECTIONS`` measurements; the measured plan closest to the goal is built).
 3. Build the model for real through the pass manager: prune to the plan, distil when training
    data is given, fold BatchNorm, quantize the layers the plan quantizes on an int8 runtime;
    every pass verified and scored.
@@ -43,6 +44,7 @@ from slimfx.target.plan import Choice, Plan, given_back, make_plan
 from slimfx.target.settings import Settings
 
 LATENCY_TOLERANCE = 0.10  # a measured latency within this share of the target is on it
+CHECK_TOLERANCE = LATENCY_TOLERANCE / 2  # what the latency checks aim within
 CORRECTIONS = 3
 GIVE_BACK_ROUNDS = 4
 REPEATS = 20
@@ -163,6 +165,19 @@ def drop_points(fidelity: Fidelity) -> float | None:
     return None if fidelity.agreement is None else 100 * (1 - fidelity.agreement)
 
 
+def next_budget(checks: Sequence[tuple[float, float]], goal: float) -> float:
+    """The predicted budget to plan for next, from the (budget, measured ms) of the checks so
+    far: between the closest checks on either side of ``goal``, the straight line's budget at
+    ``goal``; with all on one side, the last budget scaled by goal over its measurement."""
+    over = [c for c in checks if c[1] > goal]
+    under = [c for c in checks if c[1] <= goal]
+    if over and under:
+        (b1, m1), (b2, m2) = min(over, key=lambda c: c[1]), max(under, key=lambda c: c[1])
+        return b2 + (goal - m2) * (b1 - b2) / (m1 - m2)
+    budget, measured = checks[-1]
+    return budget * goal / measured
+
+
 class TargetRun:
     """Reaches ``target`` from the captured ``graph`` (left untouched: every build is on a copy)."""
 
@@ -237,16 +252,24 @@ class TargetRun:
 
     # -- steps -----------------------------------------------------------------------------
     def _correct(self, plan: Plan, goal: float) -> tuple[Plan, list[Correction]]:
-        """Re-plan until the measured structure is within ``LATENCY_TOLERANCE`` of ``goal``."""
-        corrections = []
+        """Re-plan until the measured structure is within ``CHECK_TOLERANCE`` of ``goal`` (half
+        the tolerance the result is judged by: the final build's own measurement has noise too);
+        the measured plan closest to the goal is kept (every plan kept was measured)."""
+        corrections: list[Correction] = []
+        closest: tuple[float, Plan] | None = None
         for _ in range(CORRECTIONS):
             measured = self._measure_ms(self._structure(plan).module)
             corrections.append(Correction(plan.budget, plan.predicted, measured, goal))
-            if abs(measured / goal - 1) <= LATENCY_TOLERANCE or (not plan.met and measured > goal):
+            miss = abs(measured / goal - 1)
+            if closest is None or miss < closest[0]:
+                closest = (miss, plan)
+            if miss <= CHECK_TOLERANCE or (not plan.met and measured > goal):
                 break
-            self.ctx.report_progress(f"target: measured {measured:.3f} ms against {goal:.3f} ms; planning again")
-            plan = self.plan(plan.budget * goal / measured)
-        return plan, corrections
+            if len(corrections) < CORRECTIONS:
+                self.ctx.report_progress(f"target: measured {measured:.3f} ms against {goal:.3f} ms; planning again")
+                plan = self.plan(next_budget([(c.budget, c.measured) for c in corrections], goal))
+        assert closest is not None
+        return closest[1], corrections
 
     def _passes(self, plan: Plan) -> list[Pass]:
         settings = plan.settings

@@ -111,6 +111,26 @@ def test_bits_auto_meets_a_size_budget_and_lists_the_widths() -> None:
     assert "cannot be met" in unreachable.report.passes[1].warnings[0]
 
 
+def test_weight_range_reduced_stores_7_bit_integers_and_auto_follows_the_cpu() -> None:
+    from slimfx.cost_model.device import Machine
+
+    model, x = trained_cnn(), split()["test"][0]
+    layers = {}
+    for weight_range in ("full", "reduced", "auto"):
+        result = compile(model, x[:2], f"quantize:weight-range={weight_range}", calib_data=calibration())
+        conv = result.module.get_submodule("block3.0")
+        weight, scale = conv.weight_grid()
+        layers[weight_range] = int((weight / scale.reshape(-1, 1, 1, 1)).round().abs().max())
+        record = result.report.passes[-1]
+        reduced = any("7-bit range" in d.reason for d in record.decisions)
+        assert reduced == (layers[weight_range] == 63)
+    assert layers["full"] == 127 and layers["reduced"] == 63
+    assert layers["auto"] == (63 if Machine.here().int8_saturates else 127)
+    assert Machine("x", 2, ("avx2", "fma")).int8_saturates
+    assert not Machine("x", 2, ("avx2", "avx512f", "avx512_vnni")).int8_saturates
+    assert not Machine("arm", 2, ()).int8_saturates
+
+
 def test_layer_weights_set_one_layers_scheme_and_name_what_cannot_take_one() -> None:
     model, x = trained_cnn(), split()["test"][0]
     spec = "quantize:layer-weights=block3.0@ternary,exclude=head"

@@ -69,6 +69,12 @@ class Machine:
     def describe(self) -> str:
         return f"{self.cpu}, {self.cores} cores, {' '.join(self.isa) or 'no AVX2'}"
 
+    @property
+    def int8_saturates(self) -> bool:
+        """Whether this CPU's int8 kernels sum uint8 x int8 pairs in int16 (x86 with AVX2 but no
+        VNNI: onnxruntime's and fbgemm's u8s8 paths saturate with full-range weights)."""
+        return "avx2" in self.isa and not {"avx512_vnni", "avx_vnni", "amx_int8"} & set(self.isa)
+
 
 def library_versions() -> dict[str, str]:
     """The versions a profile depends on (a package that is not installed is left out)."""

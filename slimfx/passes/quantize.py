@@ -23,6 +23,7 @@ import torch.nn as nn
 
 from slimfx import parallel
 from slimfx.cost_model.counts import ensure_costs
+from slimfx.cost_model.device import Machine
 from slimfx.details import Details
 from slimfx.errors import NonFiniteError, PassSpecError
 from slimfx.ir import ops
@@ -36,7 +37,14 @@ from slimfx.passes.fold_bn import FoldBatchNorm
 from slimfx.passes.registry import register
 from slimfx.quant.attention import AttentionParts, why_not_inlined
 from slimfx.quant.calibrate import AbsHistogram, threshold
-from slimfx.quant.layers import ActivationQuant, Bf16Layer, QuantizedLayer, activation_qparams
+from slimfx.quant.layers import (
+    REDUCED_QMAX,
+    WEIGHT_QMAX,
+    ActivationQuant,
+    Bf16Layer,
+    QuantizedLayer,
+    activation_qparams,
+)
 from slimfx.quant.mixed import allocate_widths
 from slimfx.quant.placement import grid_source, is_pool, sole_relu_user
 from slimfx.quant.schemes import SCHEMES, quantize_weight
@@ -106,6 +114,8 @@ class Quantize(Pass):
         "target_macs_bits": "with bits=auto: MACs x weight bits at most this fraction of all-8-bit",
         "exclude": "module-path patterns (fnmatch: layer4.*) left in float",
         "layer_weights": "LAYER@SCHEME entries: a layer's weight scheme instead of weights= (layer1.0.conv1@int4)",
+        "weight_range": "int8 weights on 8 bits (full), 7 bits (reduced: no int16 saturation on CPUs without "
+        "VNNI), or auto (reduced where this CPU lacks VNNI)",
         "bf16": "layers run in bf16 instead of int8: module-path patterns, or auto (by measured SQNR)",
         "bf16_below": "with bf16=auto: int8 output SQNR (dB) under which a layer runs in bf16",
         "fold_bn": "insert fold-bn before quantize (false keeps the BatchNorms)",
@@ -132,6 +142,7 @@ class Quantize(Pass):
     target_macs_bits: float | None = None
     exclude: tuple[str, ...] = ()
     layer_weights: tuple[str, ...] = ()
+    weight_range: Literal["auto", "full", "reduced"] = "auto"
     bf16: tuple[str, ...] = ()
     bf16_below: float = 30.0
     fold_bn: bool = True
@@ -173,6 +184,11 @@ class Quantize(Pass):
                 raise self.invalid(
                     name, value, "a fraction in (0, 1] (of the fp32 weight bytes / of the 8-bit MACs x bits)"
                 )
+
+    @property
+    def reduced_range(self) -> bool:
+        """int8 weights on 7 bits: asked for, or ``auto`` on a CPU whose int8 kernels saturate."""
+        return self.weight_range == "reduced" or (self.weight_range == "auto" and Machine.here().int8_saturates)
 
     def requires(self) -> tuple[Pass, ...]:
         """BatchNorms are folded first (exact), as every int8 deployment does: the folded
@@ -258,7 +274,12 @@ class Quantize(Pass):
                     relu = sole_relu_user(graph, node)
                     activation = ops.relu_type(relu, graph.submodule)() if relu is not None else None
                     layer = QuantizedLayer(
-                        graph.submodule(node), activation, schemes[node.name], self.block_size, self.act_bits
+                        graph.submodule(node),
+                        activation,
+                        schemes[node.name],
+                        self.block_size,
+                        self.act_bits,
+                        REDUCED_QMAX if self.reduced_range else WEIGHT_QMAX,
                     )
                     rewriter.replace_module(node, layer)
                     if relu is not None:
@@ -387,7 +408,10 @@ class Quantize(Pass):
         sqnr = "not measured" if error is None else f"{error:.1f} dB"
         with_relu = f" with {fused} fused" if fused else ""
         output = "float output (the model's)" if out_t is None else f"uint8 output, threshold {out_t:.4g}"
-        reason = f"{scheme} ({stored.bits}-bit) weights{with_relu}; input on {how}; {output}; output SQNR {sqnr}"
+        width = f"{scheme} ({stored.bits}-bit) weights"
+        if scheme == "int8" and module.weight_qmax == REDUCED_QMAX:
+            width = "int8 weights on a 7-bit range (weight-range: this CPU has no VNNI, full-range int8 would saturate)"
+        reason = f"{width}{with_relu}; input on {how}; {output}; output SQNR {sqnr}"
         return Decision(point.label, Action.QUANTIZED, reason, macs, macs, details=details)
 
     def _to_bf16(

@@ -30,10 +30,14 @@ def activation_qparams(threshold: float, non_negative: bool) -> tuple[float, int
     return 2 * threshold / (ACT_QMAX - ACT_QMIN), 128
 
 
-def weight_scales(weight: torch.Tensor) -> torch.Tensor:
-    """Per-output-channel symmetric int8 scales: max |w| of the channel / 127."""
+REDUCED_QMAX = 63  # 7-bit weights: uint8 x int8 pair sums stay within int16 on CPUs without VNNI
+
+
+def weight_scales(weight: torch.Tensor, qmax: int = WEIGHT_QMAX) -> torch.Tensor:
+    """Per-output-channel symmetric scales: max |w| of the channel / ``qmax`` (127, or 63 for
+    the reduced range), so the stored integers lie in [-qmax, qmax] of the int8 type."""
     top = weight.detach().abs().reshape(weight.shape[0], -1).amax(1)
-    return (top / WEIGHT_QMAX).clamp_min(1e-12).float()
+    return (top / qmax).clamp_min(1e-12).float()
 
 
 class QuantizedLayer(nn.Module):
@@ -52,16 +56,18 @@ class QuantizedLayer(nn.Module):
         scheme: str = "int8",
         block_size: int = 16,
         act_bits: int = 8,
+        weight_qmax: int = WEIGHT_QMAX,
     ):
         super().__init__()
         self.layer = layer
         self.activation = activation
         self.scheme, self.block_size, self.act_bits = scheme, int(block_size), int(act_bits)
+        self.weight_qmax = int(weight_qmax)  # int8 weights' largest integer: 127, or 63 (reduced range)
         self.input_scale: float | None = None
         self.input_zero_point = 0
         self.output_scale: float | None = None
         self.output_zero_point = 0
-        self.register_buffer("weight_scale", weight_scales(layer.weight))
+        self.register_buffer("weight_scale", weight_scales(layer.weight, self.weight_qmax))
         self.register_buffer("weight_zero_point", torch.zeros(layer.weight.shape[0], dtype=torch.int32))
 
     def freeze(

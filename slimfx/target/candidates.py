@@ -138,8 +138,8 @@ class CandidateTable:
         self.graph, self.meter, self.ctx, self.step, self.progress = graph, meter, ctx, step, progress
         self.batches = sensitivity_batches(list(ctx.batches("target")))
         self.reference = self._outputs(graph)
-        self.original = meter.original(graph)  # the original's figure, fp32
         self.base = meter.of_float(graph)  # the unchanged float model's figure: what savings start from
+        self.original = self.base  # the original's figure, what a relative target is a fraction of
         self.trials = PruneTrials(PruneChannels(), graph)
         self.groups = self.trials.groups()
         per_layer = meter.plans_quantization and meter.target.unit == "size"

@@ -94,12 +94,9 @@ class Meter:
         """The runtime the deployed figure is on, as reports name it."""
         return self.runtime or "torch"
 
-    def original(self, graph: Graph) -> float:
-        """The original's figure: latency predicted in the runtime's float flavour, MACs, fp32 bytes."""
-        return self.of_float(graph)
-
     def of_float(self, graph: Graph) -> float:
-        """A float (unquantized) graph's figure."""
+        """A float (unquantized) graph's figure; of the original, what fractions are of:
+        latency in the runtime's float flavour, MACs, fp32 bytes."""
         ensure_costs(graph)
         if self.target.unit == "macs":
             return float(total_cost(graph).macs)

@@ -1,5 +1,6 @@
 """Every torchvision classification model captures, gets shapes on every node and a report,
-and prunes at ratio 0.3 (or declines each group with a reason) and still runs; one model per
+and prunes at ratio 0.3 (or declines each group with a reason) and still runs, and the structure
+rewrites rewrite or decline each layer with a reason; one model per
 family quantizes, lowers onto torch's int8 kernels and (conv families) exports to int8 ONNX.
 
 One test per model builds it once and checks both, to keep the corpus lean in CI.
@@ -108,3 +109,23 @@ def test_quantizes(name: str, tmp_path) -> None:
 
         kernels = ort_tools.kernel_census(result.export_onnx(tmp_path / f"{name}.onnx"))
         assert kernels.get("QLinearConv", 0) > 0 and kernels.get("Conv", 0) == 0, kernels
+
+
+# The structure rewrites on every classifier but the three largest (40, 20 and 12 s each here,
+# a fifth of the whole sweep's time), with loose options so that each finds layers to rewrite.
+REWRITE_SKIPPED = ("regnet_y_128gf", "vit_h_14", "wide_resnet101_2")
+
+
+@pytest.mark.corpus
+@pytest.mark.parametrize("name", [n for n in CLASSIFIERS if n not in REWRITE_SKIPPED])
+def test_rewrites_rewrite_or_decline_with_a_reason(name: str) -> None:
+    model = torchvision.models.get_model(name, weights=None).eval()
+    x = input_for(name)
+    result = compile(model, x, passes="crelu:similarity=0.3,mixconv:energy=0.9,fire")
+    with torch.no_grad():
+        assert result.module(x).shape == (1, 1000)
+    for record in result.report.passes[1:]:  # after the fold-bn that crelu inserts
+        for decision in record.decisions:
+            assert decision.action in ("rewritten", "declined", "summary") and decision.reason, decision
+            if decision.action == "rewritten":
+                assert decision.macs_after < decision.macs_before, decision

@@ -28,7 +28,7 @@ LAYERS: list[tuple[str, ...]] = [
         "slimfx.parallel",
     ),
     ("slimfx.ir", "slimfx.data", "slimfx.fidelity"),
-    ("slimfx.cost_model", "slimfx.lowrank", "slimfx.prune", "slimfx.files"),
+    ("slimfx.cost_model", "slimfx.lowrank", "slimfx.prune", "slimfx.rewrites", "slimfx.files"),
     ("slimfx.quant", "slimfx.exits", "slimfx.train"),
     ("slimfx.backends",),
     ("slimfx.passes",),
@@ -43,6 +43,9 @@ PASS_INFRASTRUCTURE = {
     "slimfx.passes.manager",
     "slimfx.passes.registry",
     "slimfx.passes.candidates",
+    "slimfx.passes.channel_order",
+    "slimfx.passes.layer_rewrite",
+    "slimfx.passes.rewrite_speed",
 }
 
 

@@ -51,6 +51,7 @@ from slimfx.cost_model.latency import (
     rules_for,
 )
 from slimfx.errors import BackendError
+from slimfx.ir.capture import capture
 from slimfx.ir.graph import Graph
 from slimfx.ir.rewrite import GraphBuilder
 from slimfx.quant.layers import ActivationQuant, QuantizedLayer, activation_qparams
@@ -682,3 +683,11 @@ def sequence_ms(
             bench.close()
         profiled.keep()
     return sum(profile.tables[c.key()].ms for c in configs)
+
+
+def module_ms(module: nn.Module, in_shape: tuple[int, ...], runtime: str, progress: Progress = None) -> float:
+    """Predicted ms of ``module``'s kernels on an input of ``in_shape``, the module captured as
+    a graph and predicted like a model (fusion rules, tables measured and kept), without the
+    per-call overhead a model pays once: what a rewrite compares a layer with its replacement by."""
+    graph = capture(copy.deepcopy(module).eval(), (torch.zeros(in_shape),), fallback=False)
+    return predict_latency(graph, runtime, progress=progress).kernels_ms

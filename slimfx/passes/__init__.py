@@ -2,9 +2,12 @@
 
 from slimfx.passes import (  # noqa: F401  (registers the passes)
     add_exits,
+    crelu,
     distill,
     factorize_convs,
+    fire,
     fold_bn,
+    mixconv,
     prune_channels,
     quantize,
 )

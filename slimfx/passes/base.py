@@ -25,6 +25,7 @@ class Action(enum.StrEnum):
     REMOVED = "removed"
     PRUNED = "pruned"
     FACTORIZED = "factorized"
+    REWRITTEN = "rewritten"  # a structure rewrite (mixconv, crelu, group-convs, fire, ...)
     QUANTIZED = "quantized"
     EXIT = "exit"
     TRAINED = "trained"  # weights trained (distillation), structure unchanged

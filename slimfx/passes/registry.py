@@ -120,7 +120,7 @@ def make_pass(name: str, options: dict[str, str]) -> Pass:
 
 
 def convert(pass_name: str, option: str, raw: str, kind: Any) -> Any:
-    """Convert ``raw`` to ``kind`` (bool, int, float, str, Literal, tuple[str, ...], X | None,
+    """Convert ``raw`` to ``kind`` (bool, int, float, str, Literal, tuple[str, ...], tuple[int, ...], X | None,
     and unions such as ``int | Literal["auto"]``, whose members are tried in order)."""
     origin, args = typing.get_origin(kind), typing.get_args(kind)
     if origin in (Union, types.UnionType):
@@ -148,7 +148,8 @@ def convert(pass_name: str, option: str, raw: str, kind: Any) -> Any:
             )
         return raw
     if origin is tuple:
-        return tuple(v.strip() for v in raw.split(",") if v.strip())
+        items = tuple(v.strip() for v in raw.split(",") if v.strip())
+        return tuple(convert(pass_name, option, item, args[0]) for item in items) if args[0] is not str else items
     if kind is bool:
         lowered = raw.lower()
         if lowered in ("true", "1", "yes", "on"):
@@ -196,7 +197,7 @@ def type_text(kind: Any) -> str:
     if origin is Literal:
         return "|".join(map(str, args))
     if origin is tuple:
-        return "names (comma-separated)"
+        return "integers (comma-separated)" if args[0] is int else "names (comma-separated)"
     if kind is bool:
         return "true|false"
     return getattr(kind, "__name__", str(kind))

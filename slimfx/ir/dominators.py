@@ -16,15 +16,20 @@ def output_dominators(graph: Graph) -> list[fx.Node]:
     Cutting the graph right after such a node splits it into a part that computes it and a
     part that needs nothing else from the first (constants aside): no residual branch or
     concat is cut in half. Uses networkx's dominator algorithm on the data-flow graph.
+    Attributes (parameters read as tensors: a layer scale, a class token) are left out: they
+    are constants every part can read (``ir.rewrite.split_at`` does), not values crossing a cut.
     """
     g = nx.DiGraph()
     g.add_node(_SOURCE)
     for node in graph.nodes():
+        if node.op == "get_attr":
+            continue
         g.add_node(node.name)
-        if node.op == "placeholder" or (node.op == "get_attr"):
-            g.add_edge(_SOURCE, node.name)  # every value without inputs hangs off one source
+        if node.op == "placeholder":
+            g.add_edge(_SOURCE, node.name)  # every input hangs off one source
         for arg in node.all_input_nodes:
-            g.add_edge(arg.name, node.name)
+            if arg.op != "get_attr":
+                g.add_edge(arg.name, node.name)
     output = next(n for n in graph.nodes() if n.op == "output")
     idom = nx.immediate_dominators(g, _SOURCE)
     chain, current = [], output.name

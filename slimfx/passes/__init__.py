@@ -4,6 +4,7 @@ from slimfx.passes import (  # noqa: F401  (registers the passes)
     add_exits,
     crelu,
     distill,
+    drop_blocks,
     factorize_convs,
     fire,
     fold_bn,

@@ -12,7 +12,16 @@ import torch.nn.functional as F
 from slimfx.demo import Digits, DigitsCNN, load_digits, train_digits_cnn
 from slimfx.train.loop import fit
 
-__all__ = ["DigitsCNN", "calibration", "resnet18_on_digits", "split", "trained_cnn", "upsampled", "write_model_file"]
+__all__ = [
+    "DigitsCNN",
+    "calibration",
+    "classifier_on_digits",
+    "resnet18_on_digits",
+    "split",
+    "trained_cnn",
+    "upsampled",
+    "write_model_file",
+]
 
 
 @functools.lru_cache(maxsize=1)
@@ -41,12 +50,20 @@ def upsampled(x: torch.Tensor, size: int = 32) -> torch.Tensor:
 def resnet18_on_digits(epochs: int = 4) -> tuple[nn.Module, dict[str, tuple[torch.Tensor, torch.Tensor]]]:
     """torchvision's resnet18 (10 classes) trained on the digits upsampled to 32x32, and the
     splits at that size."""
+    return classifier_on_digits("resnet18", epochs)
+
+
+def classifier_on_digits(
+    name: str, epochs: int = 4, lr: float = 1e-3
+) -> tuple[nn.Module, dict[str, tuple[torch.Tensor, torch.Tensor]]]:
+    """A torchvision classifier (10 classes) trained on the digits upsampled to 32x32, and the
+    splits at that size."""
     import torchvision
 
     data = {k: (upsampled(x), y) for k, (x, y) in split().items()}
     torch.manual_seed(0)
-    model = torchvision.models.resnet18(weights=None, num_classes=10)
-    train_classifier(model, *data["train"], epochs=epochs, lr=1e-3)
+    model = torchvision.models.get_model(name, weights=None, num_classes=10)
+    train_classifier(model, *data["train"], epochs=epochs, lr=lr)
     return model.eval(), data
 
 

@@ -37,7 +37,7 @@ def _permute_every_free_group(model: torch.nn.Module, x: torch.Tensor) -> tuple[
             if why_not_reorder(graph, analysis, group) is not None:
                 continue
             layer = analysis.layers[next(n for n in group.members if analysis.layers[n].target == group.sources[0])]
-            sigma = unit_permutation(analysis, layer, torch.randperm(len(layer.out_units)))
+            sigma = unit_permutation(analysis, layer.out_units, torch.randperm(len(layer.out_units)))
             reorder_channels(rewriter, graph, analysis, sigma)
             permuted += 1
     return permuted, relative_error(graph.run(x), expected)
@@ -71,4 +71,4 @@ def test_unit_permutation_refuses_a_non_permutation() -> None:
     analysis = analyze_channels(graph)
     layer = next(iter(analysis.layers.values()))
     with pytest.raises(ValueError, match="not a permutation"):
-        unit_permutation(analysis, layer, torch.zeros(len(layer.out_units), dtype=torch.long))
+        unit_permutation(analysis, layer.out_units, torch.zeros(len(layer.out_units), dtype=torch.long))

@@ -261,3 +261,76 @@ def test_fire_on_resnet18_rewrites_convs_side_by_side_and_declines_with_reasons(
 def test_fire_refuses_bad_options(spec: str, match: str) -> None:
     with pytest.raises(PassSpecError, match=match):
         slimfx.compile(nn.Conv2d(3, 3, 3), torch.randn(1, 3, 8, 8), spec)
+
+
+# -- group-convs ---------------------------------------------------------------------------------
+def test_learned_groups_find_a_shuffled_block_diagonal_weight() -> None:
+    from slimfx.rewrites.grouping import kept_share, learned_groups
+
+    blocks = torch.block_diag(*[torch.rand(6, 4) + 0.1 for _ in range(4)])  # (24, 16), 4 blocks
+    rows, cols = torch.randperm(24), torch.randperm(16)
+    magnitude = blocks[rows][:, cols]
+    out_group, in_group = learned_groups(magnitude, 4, free_outputs=True, free_inputs=True)
+    assert kept_share(magnitude, out_group, in_group) == pytest.approx(1.0)
+    assert torch.bincount(out_group).tolist() == [6] * 4 and torch.bincount(in_group).tolist() == [4] * 4
+
+
+def test_learned_groups_keep_more_than_contiguous_blocks_on_a_dense_weight() -> None:
+    from slimfx.rewrites.grouping import kept_share, learned_groups
+
+    magnitude = torch.rand(32, 32) ** 4
+    contiguous = kept_share(magnitude, torch.arange(32) // 8, torch.arange(32) // 8)
+    learned = kept_share(magnitude, *learned_groups(magnitude, 4, free_outputs=True, free_inputs=True))
+    condensed = kept_share(magnitude, *learned_groups(magnitude, 4, free_outputs=False, free_inputs=True))
+    assert learned > condensed > contiguous
+
+
+class _BlockDiagonalNet(nn.Module):
+    """A conv whose weight is block-diagonal (4 groups) under shuffles of both its sides."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem, self.conv, self.head = nn.Conv2d(3, 16, 1), nn.Conv2d(16, 32, 3, padding=1), nn.Linear(32, 5)
+        mask = torch.block_diag(*[torch.ones(8, 4)] * 4)[torch.randperm(32)][:, torch.randperm(16)]
+        self.conv.weight.data *= mask[:, :, None, None]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.relu(self.conv(torch.relu(self.stem(x)))).mean((2, 3)))
+
+
+def test_group_convs_is_exact_on_a_shuffled_block_diagonal_conv() -> None:
+    model = _BlockDiagonalNet().eval()
+    x = torch.randn(2, 3, 10, 10)
+    result = slimfx.compile(model, x, "group-convs:groups=4")
+    decisions = {d.target: d for d in result.report.passes[0].decisions}
+    conv = decisions["conv"]
+    assert conv.action == "rewritten" and conv.details.kept_share == pytest.approx(1.0)
+    assert conv.details.outputs_reordered and conv.details.inputs_reordered
+    assert set(conv.details.reordered) == {"stem", "head"}
+    assert conv.macs_after == conv.macs_before // 4
+    assert dict(result.module.named_modules())["conv"].groups == 4
+    with torch.no_grad():
+        assert relative_error(result.module(x), model(x)) < 1e-4
+
+
+def test_group_convs_declines_widths_groups_do_not_divide_and_refuses_hopeless_groups() -> None:
+    result = slimfx.compile(_BlockDiagonalNet().eval(), torch.randn(1, 3, 8, 8), "group-convs:groups=4")
+    assert "does not divide its 3 inputs" in result.report.passes[0].decisions[0].reason
+    with pytest.raises(PassError, match="groups=5 divides the input and output channels of no conv"):
+        slimfx.compile(_BlockDiagonalNet().eval(), torch.randn(1, 3, 8, 8), "group-convs:groups=5")
+    with pytest.raises(PassSpecError, match="groups"):
+        slimfx.compile(_BlockDiagonalNet().eval(), torch.randn(1, 3, 8, 8), "group-convs:groups=1")
+
+
+def test_group_convs_side_by_side_on_resnet18_keep_orders_consistent() -> None:
+    model = torchvision.models.resnet18(num_classes=10).eval()
+    for module in model.modules():  # make every dense conv block-diagonal in its present order
+        if isinstance(module, nn.Conv2d) and module.in_channels % 4 == 0:
+            mask = torch.block_diag(*[torch.ones(module.out_channels // 4, module.in_channels // 4)] * 4)
+            module.weight.data *= mask[:, :, None, None]
+    x = torch.randn(2, 3, 32, 32)
+    result = slimfx.compile(model, x, "group-convs:groups=4")
+    rewritten = _rewritten(result, "group-convs")
+    assert len(rewritten) == 19 and all(d.details.kept_share == pytest.approx(1.0) for d in rewritten)
+    with torch.no_grad():
+        assert relative_error(result.module(x), model(x)) < 1e-4

@@ -8,6 +8,7 @@ from slimfx.passes import (  # noqa: F401  (registers the passes)
     factorize_convs,
     fire,
     fold_bn,
+    group_convs,
     mixconv,
     prune_channels,
     quantize,

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 
 import torch
+import torch.nn as nn
 
 from slimfx.backends.profiler import ProfiledRuntime
 from slimfx.cost_model.counts import ensure_costs, total_cost
@@ -117,10 +119,15 @@ class DropBlocks(Pass):
         chosen = self._choose(graph, trials, timer)
         with Rewriter(graph, self.name) as rewriter:
             for trial in chosen:
-                rewriter.bypass(graph.node(trial.block.add), graph.node(trial.block.input))
-        decisions = [
-            Decision(b.name, Action.DECLINED, why) for b in found if b.name in kept
-        ] + self._decisions(trials, chosen)
+                add, skip = graph.node(trial.block.add), graph.node(trial.block.input)
+                for user in list(add.users):
+                    module = graph.submodule(user) if user.op == "call_module" else None
+                    if getattr(module, "inplace", False):  # now on the skip, which others read: not in place
+                        rewriter.replace_module(user, _out_of_place(module))
+                rewriter.bypass(add, skip)
+        decisions = [Decision(b.name, Action.DECLINED, why) for b in found if b.name in kept] + self._decisions(
+            trials, chosen
+        )
         order = {b.name: i for i, b in enumerate(found)}
         decisions.sort(key=lambda d: order.get(d.target, len(order)))
         if timer is not None:
@@ -227,6 +234,13 @@ class DropBlocks(Pass):
                 )
             )
         return decisions
+
+
+def _out_of_place(module: nn.Module) -> nn.Module:
+    """A copy of an in-place activation that returns a new tensor."""
+    new = copy.copy(module)
+    new.inplace = False
+    return new
 
 
 def _counted(graph: Graph, name: str) -> bool:

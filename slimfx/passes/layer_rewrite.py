@@ -1,51 +1,62 @@
 """The shape every structure rewrite shares, in three steps over a graph's candidate layers.
 
 1. **Plan** each layer from its own weights (``LayerRewrite.plan``): a ``RewritePlan`` saying
-   in which order its replacement writes the layer's output channels, or a declined decision.
-2. **Reorder**: each planned order becomes a unit permutation of the layer's channel group
-   (one plan per group: a later plan whose group is taken, or cannot be reordered, gets
-   ``without_reorder``); all of them are applied at once to every layer they move, the
-   planned layers included (their outputs then come out in the planned order).
+   in which order its replacement writes the layer's output channels (and, for a grouped
+   conv, reads its inputs), or a declined decision. Each order becomes a unit permutation of
+   that side's channel group; one plan per group, the first in graph order: a later plan
+   whose group is taken or cannot be reordered gets ``without_reorder``, and a plan can ask
+   (``RewriteRun.side_free``, ``current_index``) how a side stands before choosing.
+2. **Reorder**: all permutations are applied at once to every layer they move, the planned
+   layers included (their channels then come in the planned order).
 3. **Build** each replacement from its layer's reordered module (``LayerRewrite.build``),
    so layers rewritten side by side never read channels in a stale order.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import ClassVar
+from dataclasses import dataclass, field
+from typing import ClassVar, Literal
 
 import torch
 import torch.fx as fx
 import torch.nn as nn
 
 from slimfx.cost_model.counts import ensure_costs
-from slimfx.ir.channels import ChannelAnalysis, analyze_channels
+from slimfx.ir.channels import ChannelAnalysis, ChannelGroup, analyze_channels
 from slimfx.ir.graph import Graph
 from slimfx.ir.rewrite import Rewriter
 from slimfx.passes.base import Action, Decision, Pass, PassContext, PassResult
 from slimfx.passes.candidates import layer_candidates
-from slimfx.passes.channel_order import group_of_outputs, reorder_channels, why_not_reorder
-from slimfx.rewrites.permute import moves, unit_permutation
+from slimfx.passes.channel_order import reorder_channels, why_not_reorder
+from slimfx.rewrites.permute import moves, side_index, unit_permutation
+
+Side = Literal["out", "in"]
 
 
 @dataclass(frozen=True)
 class RewritePlan:
     """A layer's planned rewrite: ``order[p]`` is the original output channel its replacement
-    writes at position ``p`` (None: the order is kept). Passes add what building needs."""
+    writes at position ``p``, ``input_order[p]`` the input channel it reads there (None: that
+    side's order is kept). Passes add what building needs."""
 
     order: torch.Tensor | None
+    input_order: torch.Tensor | None = field(default=None, kw_only=True)
 
 
 @dataclass
 class RewriteRun:
     """One run of a rewrite pass: the graph, its channel analysis (from before any change),
-    the rewriter and the context."""
+    the rewriter, the context, the groups already given an order and the permutation so far."""
 
     graph: Graph
     analysis: ChannelAnalysis
     rewriter: Rewriter
     ctx: PassContext
+    taken: set[int] = field(default_factory=set)
+    sigma: torch.Tensor = field(default_factory=lambda: torch.arange(0))
+
+    def __post_init__(self) -> None:
+        self.sigma = torch.arange(self.analysis.num_units)
 
     def macs(self, node: fx.Node) -> int:
         return self.graph.info(node).cost.cost.macs
@@ -56,6 +67,43 @@ class RewriteRun:
     def declined(self, node: fx.Node, why: str) -> Decision:
         macs = self.macs(node)
         return Decision(str(node.target), Action.DECLINED, why, macs, macs)
+
+    def units(self, node: fx.Node, side: Side) -> torch.Tensor:
+        layer = self.analysis.layers[node.name]
+        return layer.out_units if side == "out" else layer.in_units
+
+    def side_free(self, node: fx.Node, side: Side) -> str | None:
+        """Why layer ``node``'s channels on ``side`` cannot be given a new order, or None."""
+        units = self.units(node, side)
+        if not len(units):
+            return "it has no channels there"
+        groups = torch.unique(self.analysis.unit_group[units]).tolist()
+        if len(groups) != 1:
+            return "they come from several channel groups"
+        group = self.group(groups[0])
+        why = why_not_reorder(self.graph, self.analysis, group)
+        if why is None and group.index in self.taken:
+            why = "its channels are already reordered for another layer of this pass"
+        if why is None and len(torch.unique(units)) != len(units):
+            why = "a channel appears twice among them"
+        return why
+
+    def current_index(self, node: fx.Node, side: Side) -> torch.Tensor:
+        """Which of the layer's original channels on ``side`` each position will hold, given
+        the orders planned so far."""
+        return side_index(self.units(node, side), self.sigma)
+
+    def claim(self, node: fx.Node, side: Side, order: torch.Tensor) -> torch.Tensor:
+        """Give ``side`` of layer ``node`` the planned order; returns that side's permutation."""
+        units = self.units(node, side)
+        self.taken.add(int(self.analysis.unit_group[units[0]]))
+        sigma = unit_permutation(self.analysis, units, order)
+        identity = torch.arange(self.analysis.num_units)
+        self.sigma = torch.where(sigma != identity, sigma, self.sigma)  # groups are disjoint
+        return sigma
+
+    def group(self, index: int) -> ChannelGroup | None:
+        return next((g for g in self.analysis.groups if g.index == index), None)
 
 
 class LayerRewrite(Pass):
@@ -78,11 +126,11 @@ class LayerRewrite(Pass):
         raise NotImplementedError
 
     def without_reorder(self, run: RewriteRun, node: fx.Node, plan: RewritePlan, why: str) -> RewritePlan | Decision:
-        """The plan when the layer's channels cannot be reordered (``why``): declined by default."""
+        """The plan when the layer's output channels cannot be reordered (``why``): declined by default."""
         return run.declined(node, why)
 
     def build(self, run: RewriteRun, node: fx.Node, plan: RewritePlan, reordered: tuple[str, ...]) -> Decision:
-        """Replace ``node``, whose module now writes its outputs in the planned order."""
+        """Replace ``node``, whose module now reads and writes its channels in the planned order."""
         raise NotImplementedError
 
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
@@ -106,56 +154,46 @@ class LayerRewrite(Pass):
             for name in order:
                 if name in found.declined:
                     decisions[name] = run.declined(graph.node(name), found.declined[name])
-            plans = self._plans(run, eligible, decisions)
-            sigmas = {name: self._sigma(run, name, plan) for name, plan in plans.items()}
-            identity = torch.arange(analysis.num_units)
-            combined = identity.clone()
-            for sigma in sigmas.values():
-                if sigma is not None:  # the groups are disjoint: each sigma moves its own units
-                    combined = torch.where(sigma != identity, sigma, combined)
-            reorder_channels(rewriter, graph, analysis, combined)
+            plans, sigmas = self._plans(run, eligible, decisions)
+            reorder_channels(rewriter, graph, analysis, run.sigma)
             for name, plan in plans.items():
-                sigma = sigmas[name]
-                moved = () if sigma is None else self._moved(analysis, sigma, name)
+                moved = self._moved(analysis, sigmas[name], name)
                 decisions[name] = self.build(run, graph.node(name), plan, moved)
         changed = any(d.action is Action.REWRITTEN for d in decisions.values())
         return PassResult(changed=changed, decisions=tuple(decisions[name] for name in order))
 
     def _plans(
         self, run: RewriteRun, eligible: list[fx.Node], decisions: dict[str, Decision]
-    ) -> dict[str, RewritePlan]:
-        """Plan every eligible layer; one reorder per channel group, the first in graph order."""
+    ) -> tuple[dict[str, RewritePlan], dict[str, list[torch.Tensor]]]:
+        """Plan every eligible layer and claim the orders it asks for, in graph order."""
         plans: dict[str, RewritePlan] = {}
-        taken: set[int] = set()
+        sigmas: dict[str, list[torch.Tensor]] = {}
         for node in eligible:
             run.ctx.report_progress(f"{self.name}: {node.target}")
             plan = self.plan(run, node)
             if isinstance(plan, RewritePlan) and plan.order is not None:
-                group = group_of_outputs(run.analysis, run.analysis.layers[node.name])
-                why = why_not_reorder(run.graph, run.analysis, group)
-                if why is None and group.index in taken:
-                    why = "its channels are already reordered for another layer of this pass"
-                if why is None:
-                    taken.add(group.index)
-                else:
+                why = run.side_free(node, "out")
+                if why is not None:
                     plan = self.without_reorder(run, node, plan, why)
-            if isinstance(plan, RewritePlan):
-                plans[node.name] = plan
-            else:
+            if not isinstance(plan, RewritePlan):
                 decisions[node.name] = plan
-        return plans
+                continue
+            if plan.input_order is not None and run.side_free(node, "in") is not None:
+                raise RuntimeError(f"{self.name}: planned an input order for {node.target}, whose inputs are not free")
+            sigmas[node.name] = [
+                run.claim(node, side, side_order)
+                for side, side_order in (("out", plan.order), ("in", plan.input_order))
+                if side_order is not None
+            ]
+            plans[node.name] = plan
+        return plans, sigmas
 
     @staticmethod
-    def _sigma(run: RewriteRun, name: str, plan: RewritePlan) -> torch.Tensor | None:
-        if plan.order is None:
-            return None
-        return unit_permutation(run.analysis, run.analysis.layers[name], plan.order)
-
-    @staticmethod
-    def _moved(analysis: ChannelAnalysis, sigma: torch.Tensor, name: str) -> tuple[str, ...]:
-        """The other layers ``sigma`` moves."""
+    def _moved(analysis: ChannelAnalysis, sigmas: list[torch.Tensor], name: str) -> tuple[str, ...]:
+        """The other layers the plan's permutations move."""
         return tuple(
             layer.target
             for layer in analysis.layers.values()
-            if layer.node != name and (moves(layer.in_units, sigma) or moves(layer.out_units, sigma))
+            if layer.node != name
+            and any(moves(layer.in_units, sigma) or moves(layer.out_units, sigma) for sigma in sigmas)
         )

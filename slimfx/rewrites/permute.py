@@ -34,23 +34,31 @@ def why_not_permutable(analysis: ChannelAnalysis, group: ChannelGroup) -> str | 
         parts = literal.part_units if isinstance(literal, SplitSizes) else (literal.units,)
         if any(units & set(p.tolist()) for p in parts):
             return f"node '{literal.node}' splits or slices these channels at fixed positions"
+    members = torch.zeros(analysis.num_units, dtype=torch.bool)
+    members[group.units] = True
     for layer in analysis.layers_of(group):
         if layer.groups > 1 and not layer.per_channel:
             return f"grouped conv '{layer.target}' ({layer.groups} groups) reads or writes these channels"
+        for units in (layer.in_units, layer.out_units):
+            inside = units[members[units]]
+            counts = torch.bincount(inside, minlength=analysis.num_units)[group.units]
+            if len(inside) and int(counts.min()) != int(counts.max()):
+                return f"layer '{layer.target}' reads some of these channels more often than others"
     return None
 
 
-def unit_permutation(analysis: ChannelAnalysis, layer: LayerChannels, order: torch.Tensor) -> torch.Tensor:
-    """The unit permutation that puts ``layer``'s output channel ``order[p]`` at position ``p``.
-
-    ``layer`` must create its output channels (a conv or linear); every other place its units
-    appear follows. Raises ValueError when ``order`` is not a permutation of its channels.
-    """
-    count = len(layer.out_units)
+def unit_permutation(analysis: ChannelAnalysis, units: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
+    """The unit permutation that puts channel ``order[p]`` of a tensor whose channels are
+    ``units`` (one layer side: a conv's outputs or inputs) at position ``p``; every other place
+    those units appear follows. Raises ValueError when ``order`` is not a permutation of the
+    channels or a unit appears twice among them."""
+    count = len(units)
     if sorted(order.tolist()) != list(range(count)):
-        raise ValueError(f"{layer.target}: order is not a permutation of its {count} output channels")
+        raise ValueError(f"order is not a permutation of the {count} channels")
+    if len(torch.unique(units)) != count:
+        raise ValueError("a channel unit appears twice among these channels: they cannot be reordered alone")
     sigma = torch.arange(analysis.num_units)
-    sigma[layer.out_units] = layer.out_units[order]
+    sigma[units] = units[order]
     return sigma
 
 

@@ -121,7 +121,8 @@ REWRITE_SKIPPED = ("regnet_y_128gf", "vit_h_14", "wide_resnet101_2")
 def test_rewrites_rewrite_or_decline_with_a_reason(name: str) -> None:
     model = torchvision.models.get_model(name, weights=None).eval()
     x = input_for(name)
-    result = compile(model, x, passes="crelu:similarity=0.3,mixconv:energy=0.9,fire,group-convs:groups=2")
+    passes = "crelu:similarity=0.3,mixconv:energy=0.9,fire,group-convs:groups=2,octave"
+    result = compile(model, x, passes=passes, calib_data=[x])
     with torch.no_grad():
         assert result.module(x).shape == (1, 1000)
     for record in result.report.passes[1:]:  # after the fold-bn that crelu inserts

@@ -334,3 +334,42 @@ def test_group_convs_side_by_side_on_resnet18_keep_orders_consistent() -> None:
     assert len(rewritten) == 19 and all(d.details.kept_share == pytest.approx(1.0) for d in rewritten)
     with torch.no_grad():
         assert relative_error(result.module(x), model(x)) < 1e-4
+
+
+# -- octave --------------------------------------------------------------------------------------
+def test_the_half_resolution_mix_keeps_a_kernel_sum_and_constant_maps_exact() -> None:
+    from slimfx.rewrites.octave import half_resolution_mix, octave_conv
+
+    mix = half_resolution_mix(3)
+    kernel = torch.randn(3, 3)
+    assert (mix @ kernel @ mix.T).sum() == pytest.approx(float(kernel.sum()), rel=1e-5)
+    conv = nn.Conv2d(6, 8, 3, padding=1)
+    octave = octave_conv(conv, 3, 4)
+    x = torch.randn(1, 6, 1, 1).expand(1, 6, 16, 16)  # constant maps: nothing is lost at half resolution
+    with torch.no_grad():
+        assert relative_error(octave(x)[..., 2:-2, 2:-2], conv(x)[..., 2:-2, 2:-2]) < 1e-5
+
+
+def test_octave_moves_the_smoothest_channels_to_half_resolution() -> None:
+    model = torchvision.models.resnet18(num_classes=10).eval()
+    calib = [torch.randn(4, 3, 32, 32)]
+    result = slimfx.compile(model, calib[0], "octave:alpha=0.25", calib_data=calib)
+    decisions = {d.target: d for d in result.report.passes[0].decisions}
+    assert "stride 2x2" in decisions["conv1"].reason and "stride 2x2" in decisions["layer2.0.conv1"].reason
+    first = decisions["layer1.0.conv1"]
+    assert first.action == "rewritten" and (first.details.low_inputs, first.details.low_outputs) == (16, 16)
+    assert first.macs_after < first.macs_before and 0 < first.details.output_error < 1
+    modules = dict(result.module.named_modules())
+    assert {"layer1.0.conv1.hh", "layer1.0.conv1.lh", "layer1.0.conv1.hl", "layer1.0.conv1.ll"} <= set(modules)
+    assert modules["layer1.0.conv1.ll"].in_channels == 16
+    with torch.no_grad():
+        assert result.module(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+
+
+def test_octave_refuses_bad_alpha_and_needs_calibration_data() -> None:
+    from slimfx.errors import DataError
+
+    with pytest.raises(PassSpecError, match="alpha"):
+        slimfx.compile(nn.Conv2d(3, 3, 3), torch.randn(1, 3, 8, 8), "octave:alpha=1")
+    with pytest.raises(DataError, match="calibration"):
+        slimfx.compile(nn.Conv2d(3, 3, 3, padding=1), torch.randn(1, 3, 8, 8), "octave")

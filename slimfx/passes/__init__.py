@@ -10,6 +10,7 @@ from slimfx.passes import (  # noqa: F401  (registers the passes)
     fold_bn,
     group_convs,
     mixconv,
+    octave,
     prune_channels,
     quantize,
 )

@@ -82,10 +82,13 @@ class GroupConvs(LayerRewrite):
         return None
 
     def check(self, graph: Graph, eligible: list[fx.Node]) -> None:
-        dense = [
+        dense = [  # a stem reading the model's input (3 channels) says nothing about the option
             graph.submodule(n)
             for n in graph.nodes()
-            if n.op == "call_module" and isinstance(graph.submodule(n), nn.Conv2d) and graph.submodule(n).groups == 1
+            if n.op == "call_module"
+            and isinstance(graph.submodule(n), nn.Conv2d)
+            and graph.submodule(n).groups == 1
+            and n.args[0].op != "placeholder"
         ]
         if dense and not any(c.in_channels % self.groups == 0 and c.out_channels % self.groups == 0 for c in dense):
             widths = sorted({(c.in_channels, c.out_channels) for c in dense})[:6]

@@ -15,7 +15,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import ClassVar, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 import torch.fx as fx
@@ -54,6 +54,7 @@ class RewriteRun:
     ctx: PassContext
     taken: set[int] = field(default_factory=set)
     sigma: torch.Tensor = field(default_factory=lambda: torch.arange(0))
+    prepared: Any = None  # what the pass's ``prepare`` measured for its plans
 
     def __post_init__(self) -> None:
         self.sigma = torch.arange(self.analysis.num_units)
@@ -122,6 +123,11 @@ class LayerRewrite(Pass):
     def check(self, graph: Graph, eligible: list[fx.Node]) -> None:
         """Refuse options no layer of this model can take, before any change (raise PassError)."""
 
+    def prepare(self, run: RewriteRun, eligible: list[fx.Node]) -> Any:
+        """What planning needs measured first (activations on calibration data, say), kept as
+        ``run.prepared``; nothing by default."""
+        return None
+
     def plan(self, run: RewriteRun, node: fx.Node) -> RewritePlan | Decision:
         raise NotImplementedError
 
@@ -154,6 +160,7 @@ class LayerRewrite(Pass):
             for name in order:
                 if name in found.declined:
                     decisions[name] = run.declined(graph.node(name), found.declined[name])
+            run.prepared = self.prepare(run, eligible) if eligible else None
             plans, sigmas = self._plans(run, eligible, decisions)
             reorder_channels(rewriter, graph, analysis, run.sigma)
             for name, plan in plans.items():

@@ -16,7 +16,7 @@ def progress_bar(done: int, total: int, width: int = 24) -> str:
 
 
 def fit(
-    params: Iterable[torch.nn.Parameter],
+    params: Iterable[torch.nn.Parameter] | Iterable[dict[str, Any]],
     batches: Sequence[Any],
     batch_loss: Callable[[Any], torch.Tensor],
     *,
@@ -27,7 +27,8 @@ def fit(
     after_epoch: Callable[[int, float], None] | None = None,
     shuffle: bool = False,
 ) -> list[float]:
-    """Minimize ``batch_loss(batch)`` with Adam for ``epochs``; returns the mean loss of each epoch.
+    """Minimize ``batch_loss(batch)`` with Adam for ``epochs`` (``params``: parameters, or Adam
+    parameter groups with their own ``lr``); returns the mean loss of each epoch.
 
     ``after_epoch(epoch, mean_loss)`` runs after each epoch (held-out evaluation, keeping the
     best weights). With ``shuffle`` the batches are visited in a new order each epoch, drawn

@@ -85,8 +85,7 @@ def test_spec_parses_names_options_and_lists() -> None:
     [
         (
             "fold-bm",
-            "unknown pass 'fold-bm'; did you mean 'fold-bn'? valid passes: add-exits, crelu, distill, "
-            "factorize-convs, fire",
+            "unknown pass 'fold-bm'; did you mean 'fold-bn'? valid passes: add-exits, crelu, distill, drop-blocks",
         ),
         ("test-scale:size=2", "unknown option 'size'; valid options: factor, mode, at, quiet"),
         ("test-scale:factor=big", "invalid value 'big' for 'factor'; expected float"),
